@@ -1,0 +1,173 @@
+"""Calibration and evaluation text: named hub sources, local files, and an offline default.
+
+Every source yields two disjoint parts, `calibration` and `evaluation`. Calibration batches are
+drawn reproducibly (seed) from the calibration part only; evaluation windows from the evaluation
+part only. Asking for more tokens than a part has is an error, never a silent repeat.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from workbench.models import DATA_CACHE
+
+SPLITS = ("calibration", "evaluation")
+
+
+@dataclass(frozen=True)
+class HubSource:
+    """A text corpus on the Hugging Face hub: which repo, config, splits and text field."""
+
+    path: str
+    name: str | None
+    calibration_split: str
+    evaluation_split: str
+    text_field: str
+    data_files: dict[str, str] | None = None
+    joiner: str = "\n\n"
+
+
+HUB_SOURCES: dict[str, HubSource] = {
+    "wikitext2": HubSource("Salesforce/wikitext", "wikitext-2-raw-v1", "train", "test", "text", joiner=""),
+    "c4": HubSource(
+        "allenai/c4", None, "train", "validation", "text",
+        data_files={
+            "train": "en/c4-train.00000-of-01024.json.gz",
+            "validation": "en/c4-validation.00000-of-00008.json.gz",
+        },
+    ),
+    "ptb": HubSource("ptb-text-only/ptb_text_only", "penn_treebank", "train", "test", "sentence", joiner="\n"),
+}
+
+OFFLINE_SOURCE = "pydoc"
+SOURCES = (OFFLINE_SOURCE, *HUB_SOURCES)
+# Every k-th pydoc topic (in sorted key order) goes to the evaluation part.
+_PYDOC_EVAL_EVERY = 5
+
+
+def _pydoc_text(split: str) -> str:
+    """CPython's own language-reference text (ships with every Python), split by topic."""
+    from pydoc_data.topics import topics
+
+    keys = sorted(topics)
+    chosen = [k for i, k in enumerate(keys) if (i % _PYDOC_EVAL_EVERY == 0) == (split == "evaluation")]
+    return "\n\n".join(topics[k].strip() for k in chosen)
+
+
+def _hub_text(src: HubSource, split: str, hub_root: str | os.PathLike | None) -> str:
+    from datasets import load_dataset
+
+    path = src.path
+    root = hub_root or os.environ.get("WORKBENCH_HUB_MIRROR")
+    if root:  # a local folder laid out the way the hub serves the repository
+        path = str(Path(root) / src.path)
+    hub_split = src.calibration_split if split == "calibration" else src.evaluation_split
+    kwargs = {"cache_dir": str(DATA_CACHE / "datasets")}
+    if src.data_files:
+        kwargs["data_files"] = {hub_split: src.data_files[hub_split]}
+    ds = load_dataset(path, src.name, split=hub_split, **kwargs)
+    return src.joiner.join(ds[src.text_field])
+
+
+def _local_text(path: Path, split: str) -> str:
+    """A local file or a folder of .txt files; the last 10 % of paragraphs form the evaluation part."""
+    files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
+    if not files:
+        raise FileNotFoundError(f"no .txt files under {path}")
+    paragraphs = [p for f in files for p in f.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+    if len(paragraphs) < 2:
+        raise ValueError(f"{path} has {len(paragraphs)} paragraph(s); at least 2 are needed to split it")
+    cut = max(1, int(round(len(paragraphs) * 0.9)))
+    cut = min(cut, len(paragraphs) - 1)
+    part = paragraphs[:cut] if split == "calibration" else paragraphs[cut:]
+    return "\n\n".join(part)
+
+
+def load_text(source: str = OFFLINE_SOURCE, split: str = "calibration", *, hub_root=None) -> str:
+    """Raw text of one part (`calibration` or `evaluation`) of a named source or local path."""
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} is not allowed; allowed: {list(SPLITS)}")
+    if source == OFFLINE_SOURCE:
+        return _pydoc_text(split)
+    if source in HUB_SOURCES:
+        return _hub_text(HUB_SOURCES[source], split, hub_root)
+    path = Path(source)
+    if path.exists():
+        return _local_text(path, split)
+    raise ValueError(f"source={source!r} is neither a named source {list(SOURCES)} nor an existing file or folder")
+
+
+def _tokenize(tokenizer, text: str) -> torch.Tensor:
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def token_stream(tokenizer, source: str = OFFLINE_SOURCE, split: str = "calibration", *, hub_root=None) -> torch.Tensor:
+    """All tokens of one part, cached in memory per (tokenizer, source, split)."""
+    key = (getattr(tokenizer, "name_or_path", ""), len(tokenizer), source, split, str(hub_root))
+    if key not in _TOKEN_CACHE:
+        _TOKEN_CACHE[key] = _tokenize(tokenizer, load_text(source, split, hub_root=hub_root))
+    return _TOKEN_CACHE[key]
+
+
+_TOKEN_CACHE: dict[tuple, torch.Tensor] = {}
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    source: str = OFFLINE_SOURCE
+    num_samples: int = 128
+    seq_len: int = 128
+    seed: int = 0
+    batch_size: int = 4
+
+    def __post_init__(self):
+        for name in ("num_samples", "seq_len", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be a positive integer")
+
+
+def calibration_samples(tokenizer, cfg: CalibrationConfig, *, hub_root=None) -> torch.Tensor:
+    """`num_samples × seq_len` token ids: disjoint windows of the calibration part, chosen by seed."""
+    tokens = token_stream(tokenizer, cfg.source, "calibration", hub_root=hub_root)
+    n_windows = tokens.numel() // cfg.seq_len
+    if cfg.num_samples > n_windows:
+        raise ValueError(
+            f"num_samples={cfg.num_samples} × seq_len={cfg.seq_len} needs {cfg.num_samples * cfg.seq_len} tokens; "
+            f"the calibration part of {cfg.source!r} has {tokens.numel()} ({n_windows} windows). "
+            "Use fewer or shorter samples, or a larger source."
+        )
+    gen = torch.Generator().manual_seed(cfg.seed)
+    starts = torch.randperm(n_windows, generator=gen)[: cfg.num_samples] * cfg.seq_len
+    return torch.stack([tokens[s : s + cfg.seq_len] for s in starts.tolist()])
+
+
+def evaluation_windows(
+    tokenizer, source: str = OFFLINE_SOURCE, seq_len: int = 128, max_windows: int | None = None, *, hub_root=None
+) -> torch.Tensor:
+    """Consecutive non-overlapping windows of the evaluation part (the first `max_windows`)."""
+    if seq_len < 2:
+        raise ValueError(f"seq_len={seq_len} must be at least 2 to predict a token")
+    tokens = token_stream(tokenizer, source, "evaluation", hub_root=hub_root)
+    n = tokens.numel() // seq_len
+    if max_windows is not None:
+        if max_windows < 1:
+            raise ValueError(f"max_windows={max_windows} must be a positive integer or None")
+        if max_windows > n:
+            raise ValueError(
+                f"max_windows={max_windows} of seq_len={seq_len} needs {max_windows * seq_len} tokens; "
+                f"the evaluation part of {source!r} has {tokens.numel()} ({n} windows)"
+            )
+        n = max_windows
+    if n == 0:
+        raise ValueError(f"the evaluation part of {source!r} has {tokens.numel()} tokens, fewer than seq_len={seq_len}")
+    return tokens[: n * seq_len].view(n, seq_len)
+
+
+def fingerprint(tensor: torch.Tensor) -> str:
+    """Short content hash of a token tensor, for cache keys and result records."""
+    return hashlib.sha1(tensor.cpu().numpy().tobytes()).hexdigest()[:12]

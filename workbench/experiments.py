@@ -1,0 +1,106 @@
+"""One directory per experiment with a fixed layout, written atomically.
+
+    <root>/<name>/
+        config.json          every setting of the run
+        analysis/            importance table, per-layer summary, diagnosis (CSV / JSON)
+        evaluation/          perplexity and other results (JSON)
+        figures/             exported figures
+        model/               optional pruned checkpoint
+
+Every file is written to a temporary name and renamed into place, so an interrupted run never
+leaves a file that parses but lies.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from workbench.models import REPO_ROOT
+
+EXPERIMENTS = Path(os.environ.get("WORKBENCH_EXPERIMENTS", REPO_ROOT / "experiments"))
+SUBDIRS = ("analysis", "evaluation", "figures", "model")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _jsonable(obj):
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return _jsonable(dataclasses.asdict(obj))
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)  # JSON has no inf/NaN; keep them readable
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
+        return _jsonable(obj.item())
+    return obj
+
+
+def write_atomic(path: Path, data: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data.encode() if isinstance(data, str) else data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+class Experiment:
+    """A run's directory. Holds only its path; every read and write goes through the fixed layout."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    @classmethod
+    def create(cls, name: str | None = None, config: dict | None = None, *, base: str | os.PathLike | None = None,
+               exist_ok: bool = False) -> Experiment:
+        name = name or time.strftime("run-%Y%m%d-%H%M%S")
+        if not _NAME.match(name):
+            raise ValueError(f"experiment name {name!r} must match {_NAME.pattern} (letters, digits, . _ -)")
+        exp = cls(Path(base or EXPERIMENTS) / name)
+        if exp.root.exists() and not exist_ok:
+            raise FileExistsError(f"experiment {exp.root} exists; choose another name or pass exist_ok=True")
+        for sub in SUBDIRS:
+            (exp.root / sub).mkdir(parents=True, exist_ok=True)
+        if config is not None:
+            exp.write_json("config.json", config)
+        return exp
+
+    def path(self, relpath: str) -> Path:
+        first = Path(relpath).parts[0]
+        if relpath != "config.json" and first not in SUBDIRS:
+            raise ValueError(f"{relpath!r} is outside the layout: config.json or one of {list(SUBDIRS)}")
+        return self.root / relpath
+
+    @property
+    def figures(self) -> Path:
+        return self.root / "figures"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.root / "model"
+
+    def write_json(self, relpath: str, obj) -> Path:
+        return write_atomic(self.path(relpath), json.dumps(_jsonable(obj), indent=2, ensure_ascii=False))
+
+    def read_json(self, relpath: str):
+        return json.loads(self.path(relpath).read_text())
+
+    def write_table(self, relpath: str, df: pd.DataFrame) -> Path:
+        if not relpath.endswith(".csv"):
+            raise ValueError(f"{relpath!r}: tables are written as .csv")
+        return write_atomic(self.path(relpath), df.to_csv(index=False))
+
+    def read_table(self, relpath: str) -> pd.DataFrame:
+        return pd.read_csv(self.path(relpath))

@@ -1,0 +1,271 @@
+"""Applying a plan: physical slicing, emptied blocks, depth pruning, zeroing, save and reload.
+
+`apply_plan` slices weights in place so the model is really smaller. A block left with no unit is
+replaced by `EmptyBlock`, which adds nothing to the residual stream (an emptied attention block
+still records zero-head keys/values so the KV cache keeps counting positions). A layer whose
+attention and MLP are both empty is removed and the rest re-indexed. `mask_plan` zeroes the same
+units in a dense model: the two must compute the same logits (the project's core invariant).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from workbench.models import (
+    ArchSpec, Geometry, decoder_layers, geometry, get_spec, layer_parts, layer_widths, parameter_count,
+)
+from workbench.selection import Plan, prunable_params, unit_costs
+from workbench.units import BLOCKS, block_params, block_units, unit_rows
+
+PLAN_FILE = "pruning_plan.json"
+LAYERS_KEY = "pruned_layers"  # config attribute: per-layer query heads, KV heads, MLP width
+
+
+class EmptyBlock(nn.Module):
+    """Stands in for an attention or MLP block with no units left: its output is zero."""
+
+    def __init__(self, kind: str, layer_idx: int | None = None, head_dim: int | None = None):
+        super().__init__()
+        if kind not in BLOCKS:
+            raise ValueError(f"kind={kind!r} is not allowed; allowed: {list(BLOCKS)}")
+        self.kind, self.layer_idx, self.head_dim = kind, layer_idx, head_dim
+
+    def forward(self, hidden_states: torch.Tensor, *args, past_key_values=None, **kwargs):
+        out = torch.zeros_like(hidden_states)
+        if self.kind == "mlp":
+            return out
+        if past_key_values is not None:  # zero heads, but the cache still advances by this many positions
+            b, s = hidden_states.shape[:2]
+            empty = hidden_states.new_zeros(b, 0, s, self.head_dim)
+            past_key_values.update(empty, empty, self.layer_idx)
+        return out, None
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, layer_idx={self.layer_idx}"
+
+
+@dataclass(frozen=True)
+class PruneReport:
+    params_before: int
+    params_after: int
+    prunable_before: int
+    prunable_after: int
+    removed_layers: list[int]
+    emptied_blocks: list[tuple[int, str]]
+
+    @property
+    def ratio_total(self) -> float:
+        return 1 - self.params_after / self.params_before
+
+    @property
+    def ratio_prunable(self) -> float:
+        return 1 - self.prunable_after / self.prunable_before
+
+    def to_dict(self) -> dict:
+        return dict(asdict(self), ratio_total=self.ratio_total, ratio_prunable=self.ratio_prunable)
+
+
+def _check_plan(model: nn.Module, plan: Plan) -> None:
+    widths = layer_widths(model)
+    if [tuple(w) for w in plan.widths] != widths:
+        raise ValueError(
+            f"the plan was made for layer widths {plan.widths[:4]}… ({plan.n_layers} layers) but the model has "
+            f"{widths[:4]}… ({len(widths)} layers); make the plan from this model"
+        )
+    if len(plan.removed_layers()) == plan.n_layers:
+        raise ValueError("the plan removes every layer; keep at least one unit somewhere")
+
+
+def _slice_block(parts, block: str, keep: torch.Tensor, geo: Geometry) -> None:
+    n = block_units(parts, block, geo.head_dim)
+    for up in block_params(parts, block):
+        old = up.param
+        rows = unit_rows(keep.to(old.device), old.shape[up.axis], n)
+        new = nn.Parameter(old.detach().index_select(up.axis, rows).contiguous(), requires_grad=old.requires_grad)
+        setattr(up.module, up.attr, new)
+        if up.attr == "weight":
+            up.module.out_features, up.module.in_features = new.shape
+
+
+def _shape_layer(layer: nn.Module, spec: ArchSpec, geo: Geometry, layer_idx: int,
+                 keep: dict[str, torch.Tensor]) -> None:
+    """Keep the given units of each block of one layer; a block with none left becomes EmptyBlock."""
+    for block in BLOCKS:
+        parts = layer_parts(layer, spec)
+        n = block_units(parts, block, geo.head_dim)
+        kept = keep[block]
+        if kept.numel() == n:
+            continue
+        if kept.numel() == 0:
+            name = spec.attn if block == "attn" else spec.mlp
+            setattr(layer, name, EmptyBlock(block, layer_idx, geo.head_dim))
+        else:
+            _slice_block(parts, block, kept, geo)
+
+
+def _set_layer_indices(model: nn.Module, spec: ArchSpec) -> None:
+    for i, layer in enumerate(decoder_layers(model, spec)):
+        getattr(layer, spec.attn).layer_idx = i
+
+
+def record_layer_config(model: nn.Module) -> list[dict]:
+    """Write per-layer widths into the config; a uniform model also gets standard config fields."""
+    geo = geometry(model.config)
+    widths = layer_widths(model)
+    layers = [dict(num_attention_heads=g * geo.gqa_ratio, num_key_value_heads=g, intermediate_size=c)
+              for g, c in widths]
+    cfg = model.config
+    setattr(cfg, LAYERS_KEY, layers)
+    cfg.head_dim = geo.head_dim  # explicit: head counts may change, head_dim never does
+    uniform = len(set(widths)) == 1 and widths[0][0] > 0 and widths[0][1] > 0
+    # Standard fields only where the family's config validation accepts them (Llama-style configs
+    # demand hidden_size % num_attention_heads == 0); otherwise only the workbench loader reads it.
+    if uniform and geo.hidden % (widths[0][0] * geo.gqa_ratio) == 0:
+        g, c = widths[0]
+        cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size = g * geo.gqa_ratio, g, c
+    return layers
+
+
+def loads_with_plain_transformers(config) -> bool:
+    """Whether `AutoModelForCausalLM.from_pretrained` reproduces this pruned model's shapes."""
+    layers = getattr(config, LAYERS_KEY, None) or []
+    geo = geometry(config)
+    return bool(layers) and all(
+        lc["num_key_value_heads"] == geo.n_kv_heads and lc["intermediate_size"] == geo.intermediate for lc in layers
+    )
+
+
+def apply_plan(model: nn.Module, plan: Plan) -> PruneReport:
+    """Physically remove the plan's units from `model` (in place) and drop emptied layers."""
+    _check_plan(model, plan)
+    spec, geo = get_spec(model), geometry(model.config)
+    costs = unit_costs(model)
+    prunable_before = prunable_params(costs, plan.widths)
+    params_before = parameter_count(model)
+    layers = decoder_layers(model, spec)
+    for i, layer in enumerate(layers):
+        keep = {b: torch.tensor(plan.kept(b, i), dtype=torch.long) for b in BLOCKS}
+        _shape_layer(layer, spec, geo, i, keep)
+    gone = plan.removed_layers()
+    if gone:
+        kept_idx = [i for i in range(len(layers)) if i not in gone]
+        parent_path, _, attr = spec.layers.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        setattr(parent, attr, nn.ModuleList([layers[i] for i in kept_idx]))
+        model.config.num_hidden_layers = len(kept_idx)
+        if getattr(model.config, "layer_types", None) is not None:
+            model.config.layer_types = [model.config.layer_types[i] for i in kept_idx]
+        _set_layer_indices(model, spec)
+    record_layer_config(model)
+    new_costs = unit_costs(model)
+    return PruneReport(
+        params_before=params_before,
+        params_after=parameter_count(model),
+        prunable_before=prunable_before,
+        prunable_after=prunable_params(new_costs, layer_widths(model)),
+        removed_layers=gone,
+        emptied_blocks=[e for e in plan.emptied_blocks() if e[0] not in gone],
+    )
+
+
+@torch.no_grad()
+def mask_plan(model: nn.Module, plan: Plan) -> None:
+    """Zero the plan's units in place (shapes unchanged); an emptied block's output becomes exactly 0."""
+    _check_plan(model, plan)
+    spec, geo = get_spec(model), geometry(model.config)
+    for i, layer in enumerate(decoder_layers(model, spec)):
+        parts = layer_parts(layer, spec)
+        for block in BLOCKS:
+            gone = torch.tensor(plan.removed[block][i], dtype=torch.long)
+            if gone.numel() == 0:
+                continue
+            n = block_units(parts, block, geo.head_dim)
+            for up in block_params(parts, block):
+                rows = unit_rows(gone.to(up.param.device), up.param.shape[up.axis], n)
+                up.param.index_fill_(up.axis, rows, 0.0)
+            if gone.numel() == n:  # biases added after the units (o_proj / down_proj) go too
+                out_proj = parts.o if block == "attn" else parts.down
+                if out_proj.bias is not None:
+                    out_proj.bias.zero_()
+
+
+# ----------------------------------------------------------------------------------------------
+# Save and reload
+
+
+def is_pruned_checkpoint(directory: str | os.PathLike) -> bool:
+    cfg = Path(directory) / "config.json"
+    return cfg.is_file() and LAYERS_KEY in json.loads(cfg.read_text())
+
+
+def _atomic_dir(target: Path):
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+
+
+def save_pruned(model: nn.Module, directory: str | os.PathLike, *, tokenizer=None, plan: Plan | None = None,
+                report: PruneReport | None = None) -> Path:
+    """Save safetensors weights + a config recording every layer's widths (+ plan), atomically."""
+    target = Path(directory)
+    tmp = _atomic_dir(target)
+    try:
+        record_layer_config(model)
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if plan is not None:
+            payload = dict(plan=plan.to_dict(), report=report.to_dict() if report else None)
+            (tmp / PLAN_FILE).write_text(json.dumps(payload, indent=1))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def load_pruned(directory: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
+                device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a pruned checkpoint with its per-layer shapes (no remote code), weights loaded exactly."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    directory = Path(directory)
+    config = AutoConfig.from_pretrained(directory)
+    layers_cfg = getattr(config, LAYERS_KEY, None)
+    if layers_cfg is None:
+        raise ValueError(f"{directory} is not a pruned checkpoint: config.json has no {LAYERS_KEY!r}")
+    if len(layers_cfg) != config.num_hidden_layers:
+        raise ValueError(f"{directory}: {len(layers_cfg)} entries in {LAYERS_KEY} but num_hidden_layers="
+                         f"{config.num_hidden_layers}")
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    spec, geo = get_spec(model), geometry(config)
+    for i, (layer, lc) in enumerate(zip(decoder_layers(model, spec), layers_cfg)):
+        keep = {"attn": torch.arange(lc["num_key_value_heads"]), "mlp": torch.arange(lc["intermediate_size"])}
+        _shape_layer(layer, spec, geo, i, keep)
+    state = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        state.update(load_file(f))
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if unexpected or set(missing) - tied:
+        raise ValueError(f"{directory}: weights do not match the recorded shapes; "
+                         f"missing={sorted(set(missing) - tied)[:5]}, unexpected={sorted(unexpected)[:5]}")
+    if tied:
+        model.tie_weights()
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def load_plan(directory: str | os.PathLike) -> Plan:
+    d = json.loads((Path(directory) / PLAN_FILE).read_text())
+    return Plan.from_dict(d["plan"])

@@ -1,0 +1,193 @@
+"""The global unit table and fractional-knapsack selection.
+
+One row per unit (layer, block, unit, importance, cost, score = importance / cost). The lowest
+scores are removed, in order, until the removed cost reaches `ratio` of the chosen denominator:
+`total` = every parameter of the model (tied embeddings counted once), `prunable` = the parameters
+owned by attention and MLP units. The plan is the smallest such prefix, so it reaches the target
+exactly or overshoots by less than one unit's cost.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from workbench.models import geometry, layer_widths, parameter_count
+from workbench.units import BLOCKS, iter_blocks, unit_cost
+
+RATIO_OF = ("total", "prunable")
+
+
+def unit_costs(model: nn.Module) -> dict[str, list[int]]:
+    """Exact parameters one unit removes, per block and layer."""
+    head_dim = geometry(model.config).head_dim
+    out: dict[str, list[int]] = {b: [] for b in BLOCKS}
+    for _, block, parts in iter_blocks(model):
+        out[block].append(unit_cost(parts, block, head_dim))
+    return out
+
+
+def build_table(scores: dict[str, list[torch.Tensor]], costs: dict[str, list[int]]) -> pd.DataFrame:
+    """One row per unit: layer, block, unit, importance, cost, score (vectorised)."""
+    frames = []
+    for block in BLOCKS:
+        if len(scores[block]) != len(costs[block]):
+            raise ValueError(
+                f"importance has {len(scores[block])} layers for {block} but the model has {len(costs[block])}; "
+                "importance must be computed on the model being pruned"
+            )
+        for layer, (imp, cost) in enumerate(zip(scores[block], costs[block])):
+            n = imp.numel()
+            if n == 0:
+                continue
+            frames.append(pd.DataFrame({
+                "layer": np.full(n, layer, dtype=np.int32),
+                "block": block,
+                "unit": np.arange(n, dtype=np.int32),
+                "importance": imp.double().numpy(),
+                "cost": np.full(n, cost, dtype=np.int64),
+            }))
+    table = pd.concat(frames, ignore_index=True)
+    table["block"] = table["block"].astype("category")
+    table["score"] = table["importance"] / table["cost"]
+    return table
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    ratio: float = 0.2
+    ratio_of: str = "total"
+    min_units_per_block: int = 0  # 0 lets blocks (and whole layers) empty
+
+    def __post_init__(self):
+        if not 0.0 <= self.ratio < 1.0:
+            raise ValueError(f"ratio={self.ratio} must be in [0, 1)")
+        if self.ratio_of not in RATIO_OF:
+            raise ValueError(f"ratio_of={self.ratio_of!r} is not allowed; allowed: {list(RATIO_OF)}")
+        if self.min_units_per_block < 0:
+            raise ValueError(f"min_units_per_block={self.min_units_per_block} must be >= 0")
+
+
+@dataclass
+class Plan:
+    """Which units to remove: block -> per layer sorted unit indices, plus what it was chosen against."""
+
+    removed: dict[str, list[list[int]]]
+    widths: list[tuple[int, int]]  # (KV groups, MLP channels) per layer of the model it applies to
+    target_params: int = 0
+    selected_params: int = 0
+    denominator: int = 0
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.widths)
+
+    def kept(self, block: str, layer: int) -> list[int]:
+        n = self.widths[layer][BLOCKS.index(block)]
+        gone = set(self.removed[block][layer])
+        return [u for u in range(n) if u not in gone]
+
+    def emptied_blocks(self) -> list[tuple[int, str]]:
+        return [(i, b) for i in range(self.n_layers) for b in BLOCKS
+                if self.widths[i][BLOCKS.index(b)] > 0 and not self.kept(b, i)]
+
+    def removed_layers(self) -> list[int]:
+        return [i for i in range(self.n_layers) if not self.kept("attn", i) and not self.kept("mlp", i)]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Plan:
+        return cls(removed={b: [list(map(int, r)) for r in d["removed"][b]] for b in BLOCKS},
+                   widths=[tuple(w) for w in d["widths"]], target_params=d["target_params"],
+                   selected_params=d["selected_params"], denominator=d["denominator"], settings=d["settings"])
+
+    @classmethod
+    def from_units(cls, widths: list[tuple[int, int]], removed: dict[str, dict[int, list[int]]], **kw) -> Plan:
+        """A plan from {block: {layer: [units]}} (hand-written or random plans)."""
+        full = {b: [sorted(removed.get(b, {}).get(i, [])) for i in range(len(widths))] for b in BLOCKS}
+        for b in BLOCKS:
+            for i, units in enumerate(full[b]):
+                n = widths[i][BLOCKS.index(b)]
+                bad = [u for u in units if not 0 <= u < n]
+                if bad or len(set(units)) != len(units):
+                    raise ValueError(f"layer {i} {b}: units {units} must be distinct and in [0, {n})")
+        return cls(removed=full, widths=list(widths), **kw)
+
+
+def prunable_params(costs: dict[str, list[int]], widths: list[tuple[int, int]]) -> int:
+    return sum(costs[b][i] * widths[i][k] for k, b in enumerate(BLOCKS) for i in range(len(widths)))
+
+
+def select(table: pd.DataFrame, model: nn.Module, cfg: SelectionConfig = SelectionConfig(), *,
+           score_column: str = "score") -> Plan:
+    """Remove the lowest-score units until `cfg.ratio` of the denominator is reached."""
+    widths = layer_widths(model)
+    costs = unit_costs(model)
+    prunable = prunable_params(costs, widths)
+    denominator = parameter_count(model) if cfg.ratio_of == "total" else prunable
+    target = int(np.ceil(cfg.ratio * denominator))
+
+    order = table.sort_values([score_column, "layer", "block", "unit"], kind="stable")
+    if cfg.min_units_per_block > 0:
+        rank = order.groupby(["layer", "block"], observed=True)[score_column].rank(method="first", ascending=False)
+        order = order[rank > cfg.min_units_per_block]
+    cum = order["cost"].to_numpy().cumsum()
+    available = int(cum[-1]) if len(cum) else 0
+    if target > available:
+        raise ValueError(
+            f"ratio={cfg.ratio} of {cfg.ratio_of} parameters ({denominator:,}) asks for {target:,} parameters, "
+            f"but only {available:,} can be removed with min_units_per_block={cfg.min_units_per_block} "
+            f"(max ratio ≈ {available / denominator:.3f})"
+        )
+    n_remove = 0 if target == 0 else int(np.searchsorted(cum, target, side="left")) + 1
+    chosen = order.iloc[:n_remove]
+    removed: dict[str, dict[int, list[int]]] = {b: {} for b in BLOCKS}
+    for (layer, block), units in chosen.groupby(["layer", "block"], observed=True)["unit"]:
+        removed[str(block)][int(layer)] = sorted(units.astype(int).tolist())
+    plan = Plan.from_units(
+        widths, removed, target_params=target, selected_params=int(chosen["cost"].sum()), denominator=denominator,
+        settings=dict(asdict(cfg), score_column=score_column),
+    )
+    if len(plan.removed_layers()) == len(widths):
+        raise ValueError(f"ratio={cfg.ratio} would remove every layer; lower the ratio or set min_units_per_block >= 1")
+    return plan
+
+
+def layer_summary(plan: Plan) -> pd.DataFrame:
+    """Per layer and block: units before, kept, removed, kept and pruned fractions."""
+    rows = []
+    for i, w in enumerate(plan.widths):
+        for k, block in enumerate(BLOCKS):
+            units = w[k]
+            removed = len(plan.removed[block][i])
+            kept = units - removed
+            rows.append(dict(layer=i, block=block, units=units, kept=kept, removed=removed,
+                             kept_fraction=kept / units if units else np.nan,
+                             pruned_fraction=removed / units if units else np.nan))
+    return pd.DataFrame(rows)
+
+
+def random_plan(widths: list[tuple[int, int]], fraction: float, seed: int = 0,
+                empty_blocks: int = 0, remove_layers: int = 0) -> Plan:
+    """A random plan (tests, baselines): `fraction` of each block's units, plus whole blocks/layers emptied."""
+    g = torch.Generator().manual_seed(seed)
+    n_layers = len(widths)
+    layer_perm = torch.randperm(n_layers, generator=g).tolist()
+    gone_layers = set(layer_perm[:remove_layers])
+    emptied = {(layer_perm[remove_layers + j], BLOCKS[j % 2]) for j in range(empty_blocks)}
+    removed: dict[str, dict[int, list[int]]] = {b: {} for b in BLOCKS}
+    for i in range(n_layers):
+        for k, b in enumerate(BLOCKS):
+            n = widths[i][k]
+            if i in gone_layers or (i, b) in emptied:
+                removed[b][i] = list(range(n))
+            else:
+                m = min(n - 1, int(round(fraction * n)))
+                removed[b][i] = torch.randperm(n, generator=g)[:m].tolist()
+    return Plan.from_units(widths, removed, settings=dict(kind="random", fraction=fraction, seed=seed))
