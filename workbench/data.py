@@ -46,16 +46,24 @@ HUB_SOURCES: dict[str, HubSource] = {
 OFFLINE_SOURCE = "pydoc"
 SOURCES = (OFFLINE_SOURCE, *HUB_SOURCES)
 # Every k-th pydoc topic (in sorted key order) goes to the evaluation part.
-_PYDOC_EVAL_EVERY = 5
+_PYDOC_EVAL_EVERY = 4
 
 
 def _pydoc_text(split: str) -> str:
-    """CPython's own language-reference text (ships with every Python), split by topic."""
+    """CPython's own language-reference text (ships with every Python), split by topic.
+
+    Some paragraphs recur in several topics; those are kept on the calibration side only, so the
+    two parts share no paragraph.
+    """
     from pydoc_data.topics import topics
 
     keys = sorted(topics)
-    chosen = [k for i, k in enumerate(keys) if (i % _PYDOC_EVAL_EVERY == 0) == (split == "evaluation")]
-    return "\n\n".join(topics[k].strip() for k in chosen)
+    is_eval = [i % _PYDOC_EVAL_EVERY == 0 for i in range(len(keys))]
+    paras = {k: [p for p in topics[k].strip().split("\n\n") if p.strip()] for k in keys}
+    if split == "calibration":
+        return "\n\n".join(p for k, e in zip(keys, is_eval) if not e for p in paras[k])
+    seen = {p.strip() for k, e in zip(keys, is_eval) if not e for p in paras[k]}
+    return "\n\n".join(p for k, e in zip(keys, is_eval) if e for p in paras[k] if p.strip() not in seen)
 
 
 def _hub_text(src: HubSource, split: str, hub_root: str | os.PathLike | None) -> str:

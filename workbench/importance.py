@@ -209,6 +209,8 @@ def compute_importance(
             for start in tqdm(range(0, len(samples), batch_size), desc="importance", disable=not progress, leave=False):
                 batch = samples[start : start + batch_size].to(device)
                 loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(_locate_nonfinite_forward(model, batch, n_batches))
                 loss.backward()
                 batch_stats = []
                 for i, b, parts in blocks:
@@ -262,6 +264,35 @@ def compute_importance(
         acc=acc, grad_stats=grad_stats, widths=layer_widths(model),
         model=str(getattr(model.config, "name_or_path", "")), calibration=dict(calibration or {}), seconds=seconds,
     )
+
+
+@torch.no_grad()
+def _locate_nonfinite_forward(model: nn.Module, batch: torch.Tensor, batch_index: int) -> str:
+    """Re-run a failing batch with hooks (only on failure) to name the first module whose output is inf/NaN."""
+    spec = get_spec(model)
+    found: list[str] = []
+    handles = []
+
+    def hook_for(name):
+        def hook(module, args, out):
+            t = out[0] if isinstance(out, tuple) else out
+            if not found and isinstance(t, torch.Tensor) and not torch.isfinite(t).all():
+                found.append(name)
+
+        return hook
+
+    try:
+        for i, layer in enumerate(decoder_layers(model, spec)):
+            for name, mod in layer.named_modules():
+                if name and not list(mod.children()):
+                    handles.append(mod.register_forward_hook(hook_for(f"layer {i} {name}")))
+        model(input_ids=batch, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    where = found[0] if found else "the embeddings or the LM head"
+    return (f"non-finite loss at calibration batch {batch_index}: the first inf/NaN output comes from {where}. "
+            "Check the weights there, or use float32/bfloat16 instead of float16.")
 
 
 def _check_finite(batch_stats: torch.Tensor, keys: list[tuple[int, str, str]]) -> None:

@@ -309,6 +309,7 @@ def tiny_config(
     if family not in classes:
         raise ValueError(f"family={family!r} is not supported; allowed: {sorted(classes)}")
     cls = getattr(transformers, classes[family])
+    extra.setdefault("tie_word_embeddings", False)
     return cls(
         vocab_size=vocab_size,
         hidden_size=hidden,
@@ -318,7 +319,6 @@ def tiny_config(
         head_dim=head_dim,
         intermediate_size=intermediate,
         max_position_embeddings=512,
-        tie_word_embeddings=False,
         bos_token_id=256,
         eos_token_id=257,
         pad_token_id=257,

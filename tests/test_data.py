@@ -1,0 +1,85 @@
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from workbench.data import (
+    CalibrationConfig, HUB_SOURCES, calibration_samples, evaluation_windows, load_text, token_stream,
+)
+
+
+def test_offline_split_is_deterministic_and_disjoint():
+    cal, ev = load_text("pydoc", "calibration"), load_text("pydoc", "evaluation")
+    assert load_text("pydoc", "calibration") == cal
+    assert len(cal) > 300_000 and len(ev) > 100_000
+    cal_paras, ev_paras = set(cal.split("\n\n")), set(ev.split("\n\n"))
+    # topics are assigned whole to one side; long paragraphs never appear on both sides
+    shared = {p for p in cal_paras & ev_paras if len(p) > 200}
+    assert not shared
+
+
+def test_calibration_is_reproducible_and_seeded(tokenizer):
+    cfg = CalibrationConfig(num_samples=8, seq_len=32, seed=1)
+    a, b = calibration_samples(tokenizer, cfg), calibration_samples(tokenizer, cfg)
+    assert a.shape == (8, 32) and torch.equal(a, b)
+    c = calibration_samples(tokenizer, CalibrationConfig(num_samples=8, seq_len=32, seed=2))
+    assert not torch.equal(a, c)
+    assert len({tuple(r) for r in a.tolist()}) == 8  # disjoint windows, no repeats
+
+
+def test_calibration_never_touches_evaluation_tokens(tokenizer):
+    ev = token_stream(tokenizer, "pydoc", "evaluation")
+    n = 96  # 96 bytes of text: long enough that only copied passages coincide
+    ev_windows = {tuple(ev[i : i + n].tolist()) for i in range(0, len(ev) - n)}
+    cal = calibration_samples(tokenizer, CalibrationConfig(num_samples=256, seq_len=n, seed=0))
+    hits = sum(tuple(row.tolist()) in ev_windows for row in cal)
+    assert hits == 0
+
+
+def test_too_many_tokens_is_an_error(tokenizer):
+    with pytest.raises(ValueError, match="num_samples=100000"):
+        calibration_samples(tokenizer, CalibrationConfig(num_samples=100_000, seq_len=128))
+    with pytest.raises(ValueError, match="max_windows=100000"):
+        evaluation_windows(tokenizer, "pydoc", 128, 100_000)
+
+
+def test_bad_names_are_errors():
+    with pytest.raises(ValueError, match="split='test'"):
+        load_text("pydoc", "test")
+    with pytest.raises(ValueError, match="source='nope'"):
+        load_text("nope")
+    with pytest.raises(ValueError, match="num_samples=0"):
+        CalibrationConfig(num_samples=0)
+
+
+def _write_hub_wikitext(root):
+    """A local folder laid out as the hub serves Salesforce/wikitext (README configs + parquet shards)."""
+    repo = root / HUB_SOURCES["wikitext2"].path
+    (repo / "wikitext-2-raw-v1").mkdir(parents=True)
+    (repo / "README.md").write_text(
+        "---\nconfigs:\n- config_name: wikitext-2-raw-v1\n  data_files:\n"
+        "  - split: train\n    path: wikitext-2-raw-v1/train-*\n"
+        "  - split: test\n    path: wikitext-2-raw-v1/test-*\n---\n# wikitext fixture\n"
+    )
+    train = [" = Valkyria = \n", " The game began development in 2010 .\n", ""] * 50
+    test = [" = Robert Boulter = \n", " Robert Boulter is an English actor .\n"] * 40
+    pd.DataFrame({"text": train}).to_parquet(repo / "wikitext-2-raw-v1/train-00000-of-00001.parquet")
+    pd.DataFrame({"text": test}).to_parquet(repo / "wikitext-2-raw-v1/test-00000-of-00001.parquet")
+    return train, test
+
+
+def test_hub_source_code_path_on_local_fixture(tmp_path, tokenizer, monkeypatch):
+    monkeypatch.setattr("workbench.data.DATA_CACHE", tmp_path / "cache")
+    train, test = _write_hub_wikitext(tmp_path / "hub")
+    cal = load_text("wikitext2", "calibration", hub_root=tmp_path / "hub")
+    ev = load_text("wikitext2", "evaluation", hub_root=tmp_path / "hub")
+    assert cal == "".join(train) and ev == "".join(test)
+    w = evaluation_windows(tokenizer, "wikitext2", 32, hub_root=tmp_path / "hub")
+    assert w.shape[1] == 32 and w.shape[0] == len("".join(test).encode()) // 32
+
+
+def test_local_text_folder(tmp_path):
+    (tmp_path / "a.txt").write_text("\n\n".join(f"paragraph {i} " * 5 for i in range(20)))
+    cal, ev = load_text(str(tmp_path), "calibration"), load_text(str(tmp_path), "evaluation")
+    assert "paragraph 18" not in cal and "paragraph 17" in cal and "paragraph 19" in ev and "paragraph 0" in cal

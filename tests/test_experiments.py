@@ -1,0 +1,59 @@
+import json
+import math
+
+import pandas as pd
+import pytest
+
+from workbench.experiments import Experiment, write_atomic
+
+
+def test_layout_and_round_trip(tmp_path):
+    exp = Experiment.create("run-1", {"ratio": 0.2, "inf": math.inf}, base=tmp_path)
+    for sub in ("analysis", "evaluation", "figures", "model"):
+        assert (exp.root / sub).is_dir()
+    assert exp.read_json("config.json") == {"ratio": 0.2, "inf": "inf"}
+    df = pd.DataFrame({"layer": [0, 1], "score": [0.5, 0.25]})
+    exp.write_table("analysis/table.csv", df)
+    pd.testing.assert_frame_equal(exp.read_table("analysis/table.csv"), df)
+
+
+def test_bad_names_and_paths_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="'../x'"):
+        Experiment.create("../x", base=tmp_path)
+    exp = Experiment.create("ok", base=tmp_path)
+    with pytest.raises(ValueError, match="'notes/x.json' is outside the layout"):
+        exp.write_json("notes/x.json", {})
+    with pytest.raises(FileExistsError):
+        Experiment.create("ok", base=tmp_path)
+
+
+def test_interrupted_write_leaves_old_file_intact(tmp_path, monkeypatch):
+    path = tmp_path / "evaluation" / "r.json"
+    write_atomic(path, json.dumps({"ppl": 10.0}))
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("os.replace", boom)
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(path, json.dumps({"ppl": 99.0}))
+    assert json.loads(path.read_text()) == {"ppl": 10.0}
+
+
+def test_pipeline_on_tiny_model(tmp_path, tokenizer):
+    from workbench.data import CalibrationConfig
+    from workbench.models import tiny_model
+    from workbench.pipeline import PruneRunConfig, run_pruning
+    from workbench.selection import SelectionConfig
+
+    model = tiny_model("llama", n_layers=3)
+    exp = Experiment.create("tiny", base=tmp_path)
+    cfg = PruneRunConfig(calibration=CalibrationConfig(num_samples=4, seq_len=32, batch_size=2),
+                         selection=SelectionConfig(ratio=0.2), eval_seq_len=32, eval_windows=4)
+    rec = run_pruning(model, tokenizer, cfg, exp, log=lambda *_: None, progress=False)
+    assert rec["reload_max_abs_diff"] == 0.0
+    assert exp.read_json("evaluation/perplexity.json")["pruned"]["windows"] == 4
+    assert exp.read_json("config.json")["run"]["selection"]["ratio"] == 0.2
+    assert len(exp.read_table("analysis/importance_table.csv")) == 3 * (2 + 96)
+    assert (exp.figures / "kept_fraction_per_layer.pdf").stat().st_size > 0
+    assert (exp.model_dir / "model.safetensors").exists()

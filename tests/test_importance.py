@@ -1,0 +1,136 @@
+import pytest
+import torch
+
+from workbench.importance import (
+    IMPORTANCE_METHODS, compute_importance, importance_cached, load_importance, save_importance,
+)
+from workbench.models import tiny_model
+
+HD, RATIO = 16, 3
+
+
+def _unit_slices(layer, block, u):
+    """Explicit (param, index) pairs owned by unit u, written out by hand."""
+    a, m = layer.self_attn, layer.mlp
+    if block == "attn":
+        q = slice(u * RATIO * HD, (u + 1) * RATIO * HD)
+        kv = slice(u * HD, (u + 1) * HD)
+        out = [(a.q_proj.weight, (q, slice(None))), (a.k_proj.weight, (kv, slice(None))),
+               (a.v_proj.weight, (kv, slice(None))), (a.o_proj.weight, (slice(None), q))]
+        if a.q_proj.bias is not None:
+            out += [(a.q_proj.bias, (q,)), (a.k_proj.bias, (kv,)), (a.v_proj.bias, (kv,))]
+        return out
+    return [(m.gate_proj.weight, (u, slice(None))), (m.up_proj.weight, (u, slice(None))),
+            (m.down_proj.weight, (slice(None), u))]
+
+
+def test_importance_matches_hand_computation(family):
+    torch.manual_seed(0)
+    samples = torch.randint(0, 256, (4, 16))
+    model = tiny_model(family, n_layers=2)
+    imp = compute_importance(model, samples, batch_size=2, progress=False)
+
+    ref = tiny_model(family, n_layers=2)
+    grads = []  # per batch: {param: grad}
+    for start in (0, 2):
+        ref.zero_grad()
+        b = samples[start:start + 2]
+        ref(input_ids=b, labels=b).loss.backward()
+        grads.append({p: p.grad.clone() for p in ref.parameters() if p.grad is not None})
+    inputs = {}
+    hooks = [mod.register_forward_pre_hook(lambda mod, a, k=k: inputs.setdefault(k, []).append(a[0].reshape(-1, a[0].shape[-1])))
+             for i, layer in enumerate(ref.model.layers)
+             for k, mod in [((i, "q"), layer.self_attn.q_proj), ((i, "o"), layer.self_attn.o_proj),
+                            ((i, "gate"), layer.mlp.gate_proj), ((i, "down"), layer.mlp.down_proj)]]
+    with torch.no_grad():
+        ref(samples)
+    for h in hooks:
+        h.remove()
+    xnorm = {k: torch.cat(v).norm(dim=0) for k, v in inputs.items()}
+
+    taylor, taylor2, wanda, mag = (imp.scores(m) for m in ("taylor", "taylor2", "wanda", "magnitude"))
+    for i, layer in enumerate(ref.model.layers):
+        for block, n in (("attn", 2), ("mlp", 96)):
+            for u in range(0, n, max(1, n // 7)):
+                t1 = t2 = w_sum = wa = 0.0
+                for p, idx in _unit_slices(layer, block, u):
+                    w = p.detach()[idx]
+                    per_batch = [(w * g[p][idx]) for g in grads]
+                    t1 += sum(pb.abs().sum() for pb in per_batch) / 2
+                    t2 += 0.5 * (w ** 2 * sum(g[p][idx] ** 2 for g in grads) / 2).sum()
+                    w_sum += w.abs().sum()
+                    if p.ndim == 2:
+                        feed = {"q_proj": "q", "k_proj": "q", "v_proj": "q", "o_proj": "o", "gate_proj": "gate",
+                                "up_proj": "gate", "down_proj": "down"}
+                        name = next(n_ for n_, mod in layer.named_modules() if getattr(mod, "weight", None) is p)
+                        xn = xnorm[(i, feed[name.split(".")[-1]])]
+                        wa += (p.detach().abs() * xn[None, :])[idx].sum()
+                torch.testing.assert_close(taylor[block][i][u], torch.tensor(float(t1)), rtol=1e-4, atol=1e-9)
+                torch.testing.assert_close(taylor2[block][i][u], torch.tensor(float(t1 + t2)), rtol=1e-4, atol=1e-9)
+                torch.testing.assert_close(mag[block][i][u], torch.tensor(float(w_sum)), rtol=1e-5, atol=1e-7)
+                torch.testing.assert_close(wanda[block][i][u], torch.tensor(float(wa)), rtol=1e-4, atol=1e-7)
+
+
+def test_pass_leaves_model_untouched():
+    model = tiny_model("llama", n_layers=2)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    compute_importance(model, torch.randint(0, 256, (2, 8)), progress=False)
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    assert all(p.grad is None and p.requires_grad == flags[n] for n, p in model.named_parameters())
+    assert not any(m._forward_pre_hooks for m in model.modules())
+
+
+def test_grad_stats_cover_every_module():
+    model = tiny_model("qwen2", n_layers=2)
+    imp = compute_importance(model, torch.randint(0, 256, (2, 8)), progress=False)
+    gs = imp.grad_stats
+    assert len(gs) == 2 * (7 + 3)  # q,k,v weights+biases and o; gate, up, down
+    assert (gs.abs_sum > 0).all() and (gs.max_abs > 0).all() and (gs.numel > 0).all()
+
+
+def test_nonfinite_gradients_name_the_module():
+    model = tiny_model("llama", n_layers=2)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"batch 0: the first inf/NaN output comes from layer 1 mlp\.up_proj"):
+        compute_importance(model, torch.randint(0, 256, (2, 8)), progress=False)
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_nonfinite_gradient_stats_name_the_modules():
+    from workbench.importance import _check_finite
+
+    stats = torch.ones(3, 4, dtype=torch.float64)
+    stats[2, 1] = float("inf")
+    keys = [(0, "attn", "q.weight"), (0, "mlp", "up.weight"), (5, "mlp", "down.weight")]
+    with pytest.raises(FloatingPointError, match=r"1 module\(s\): layer 5 mlp\.down\.weight"):
+        _check_finite(stats, keys)
+
+
+def test_unknown_method_lists_the_registry():
+    imp = compute_importance(tiny_model("llama", n_layers=1), torch.randint(0, 256, (2, 8)), progress=False)
+    with pytest.raises(ValueError, match="'fancy'.*taylor"):
+        imp.scores("fancy")
+    assert set(IMPORTANCE_METHODS) >= {"taylor", "taylor2", "wanda", "magnitude"}
+
+
+def test_cache_round_trip_and_memo(tmp_path, monkeypatch):
+    model = tiny_model("llama", n_layers=2)
+    samples = torch.randint(0, 256, (2, 8))
+    a = importance_cached(model, samples, cache_dir=tmp_path, progress=False)
+    files = list(tmp_path.glob("*.pt"))
+    assert len(files) == 1 and a.key in files[0].name
+    b = load_importance(files[0])
+    for m in IMPORTANCE_METHODS:
+        for blk in ("attn", "mlp"):
+            for x, y in zip(a.scores(m)[blk], b.scores(m)[blk]):
+                assert torch.equal(x, y)
+    monkeypatch.setattr("workbench.importance.compute_importance",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
+    assert importance_cached(model, samples, cache_dir=tmp_path, progress=False) is a
+    monkeypatch.setattr("workbench.importance._MEMORY_CACHE", {})
+    c = importance_cached(model, samples, cache_dir=tmp_path, progress=False)  # from disk, no pass
+    assert c.key == a.key
+    save_importance(c, tmp_path / "x.pt")
+    assert not list(tmp_path.glob(".*tmp"))

@@ -1,0 +1,101 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from workbench.importance import compute_importance
+from workbench.models import layer_widths, parameter_count, tiny_model
+from workbench.prune import apply_plan
+from workbench.selection import (
+    Plan, SelectionConfig, build_table, layer_summary, prunable_params, select, unit_costs,
+)
+
+
+def _scores(widths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"attn": [torch.rand(a, generator=g) for a, _ in widths], "mlp": [torch.rand(m, generator=g) for _, m in widths]}
+
+
+def test_table_has_one_row_per_unit_with_score():
+    model = tiny_model("llama", n_layers=3)
+    table = build_table(_scores(layer_widths(model)), unit_costs(model))
+    assert len(table) == 3 * (2 + 96)
+    assert list(table.columns) == ["layer", "block", "unit", "importance", "cost", "score"]
+    np.testing.assert_allclose(table.score, table.importance / table.cost)
+
+
+def test_selection_removes_lowest_scores_until_target():
+    model = tiny_model("llama", n_layers=3)
+    table = build_table(_scores(layer_widths(model)), unit_costs(model))
+    cfg = SelectionConfig(ratio=0.3, ratio_of="prunable")
+    plan = select(table, model, cfg)
+    prunable = prunable_params(unit_costs(model), layer_widths(model))
+    target = int(np.ceil(0.3 * prunable))
+    chosen = {(b, i, u) for b in ("attn", "mlp") for i, us in enumerate(plan.removed[b]) for u in us}
+    is_chosen = np.array([(r.block, r.layer, r.unit) in chosen for r in table.itertuples()])
+    # every removed unit scores no higher than every kept one
+    assert table.score[is_chosen].max() <= table.score[~is_chosen].min()
+    removed_cost = int(table.cost[is_chosen].sum())
+    assert removed_cost == plan.selected_params >= target
+    assert removed_cost - table.cost[is_chosen].max() < target  # smallest prefix reaching the target
+
+
+def test_both_achieved_ratios_after_pruning():
+    model = tiny_model("mistral", n_layers=3)
+    table = build_table(_scores(layer_widths(model), 1), unit_costs(model))
+    plan = select(table, model, SelectionConfig(ratio=0.25, ratio_of="total"))
+    report = apply_plan(model, plan)
+    assert report.ratio_total >= 0.25 and report.ratio_prunable > report.ratio_total
+    assert report.params_after == parameter_count(model)
+
+
+def test_min_units_per_block_keeps_every_block():
+    model = tiny_model("llama", n_layers=3)
+    scores = _scores(layer_widths(model))
+    scores["attn"][1] *= 0  # layer 1's attention would go first and empty
+    scores["mlp"][1] *= 0
+    table = build_table(scores, unit_costs(model))
+    free = select(table, model, SelectionConfig(ratio=0.3, ratio_of="prunable"))
+    assert (1, "attn") in free.emptied_blocks()
+    kept = select(table, model, SelectionConfig(ratio=0.3, ratio_of="prunable", min_units_per_block=1))
+    assert not kept.emptied_blocks()
+    summary = layer_summary(kept)
+    assert (summary.kept >= 1).all()
+
+
+def test_impossible_and_invalid_ratios_are_errors():
+    model = tiny_model("llama", n_layers=2)
+    table = build_table(_scores(layer_widths(model)), unit_costs(model))
+    with pytest.raises(ValueError, match=r"ratio=0.9 of total.*max ratio"):
+        select(table, model, SelectionConfig(ratio=0.9, ratio_of="total"))
+    with pytest.raises(ValueError, match="ratio=1.5"):
+        SelectionConfig(ratio=1.5)
+    with pytest.raises(ValueError, match="ratio_of='params'"):
+        SelectionConfig(ratio_of="params")
+
+
+def test_zero_ratio_removes_nothing():
+    model = tiny_model("llama", n_layers=2)
+    plan = select(build_table(_scores(layer_widths(model)), unit_costs(model)), model, SelectionConfig(ratio=0.0))
+    assert plan.selected_params == 0 and not any(any(r) for r in plan.removed.values())
+
+
+def test_end_to_end_with_real_importance(tokenizer):
+    from workbench.data import CalibrationConfig, calibration_samples
+    from workbench.evaluate import perplexity
+
+    model = tiny_model("qwen2", n_layers=3)
+    samples = calibration_samples(tokenizer, CalibrationConfig(num_samples=4, seq_len=32))
+    imp = compute_importance(model, samples, batch_size=2, progress=False)
+    table = build_table(imp.scores("taylor"), unit_costs(model))
+    plan = select(table, model, SelectionConfig(ratio=0.2))
+    report = apply_plan(model, plan)
+    assert 0.2 <= report.ratio_total < 0.25
+    assert np.isfinite(perplexity(model, tokenizer, seq_len=32, max_windows=2, progress=False).ppl)
+
+
+def test_plan_round_trips_through_dict():
+    model = tiny_model("llama", n_layers=2)
+    plan = select(build_table(_scores(layer_widths(model)), unit_costs(model)), model, SelectionConfig(ratio=0.2))
+    again = Plan.from_dict(plan.to_dict())
+    assert again.removed == plan.removed and again.widths == plan.widths and again.settings == plan.settings
