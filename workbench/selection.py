@@ -124,34 +124,74 @@ def prunable_params(costs: dict[str, list[int]], widths: list[tuple[int, int]]) 
     return sum(costs[b][i] * widths[i][k] for k, b in enumerate(BLOCKS) for i in range(len(widths)))
 
 
-def select(table: pd.DataFrame, model: nn.Module, cfg: SelectionConfig = SelectionConfig(), *,
+@dataclass(frozen=True)
+class Budget:
+    """What a selection needs to know of the model: widths, unit costs and total parameters."""
+
+    widths: list[tuple[int, int]]
+    costs: dict[str, list[int]]
+    total_params: int
+
+    @classmethod
+    def of(cls, model: nn.Module) -> Budget:
+        return cls(layer_widths(model), unit_costs(model), parameter_count(model))
+
+    @property
+    def prunable_params(self) -> int:
+        return prunable_params(self.costs, self.widths)
+
+
+def select(table: pd.DataFrame, model: nn.Module | Budget, cfg: SelectionConfig = SelectionConfig(), *,
            score_column: str = "score") -> Plan:
-    """Remove the lowest-score units until `cfg.ratio` of the denominator is reached."""
-    widths = layer_widths(model)
-    costs = unit_costs(model)
-    prunable = prunable_params(costs, widths)
-    denominator = parameter_count(model) if cfg.ratio_of == "total" else prunable
+    """Remove the lowest-score units until `cfg.ratio` of the denominator is reached.
+
+    Rows with `forced=True` (tau) are removed first, whole, and count against the budget.
+    """
+    budget = model if isinstance(model, Budget) else Budget.of(model)
+    widths = budget.widths
+    prunable = budget.prunable_params
+    denominator = budget.total_params if cfg.ratio_of == "total" else prunable
     target = int(np.ceil(cfg.ratio * denominator))
 
-    order = table.sort_values([score_column, "layer", "block", "unit"], kind="stable")
-    if cfg.min_units_per_block > 0:
-        rank = order.groupby(["layer", "block"], observed=True)[score_column].rank(method="first", ascending=False)
-        order = order[rank > cfg.min_units_per_block]
-    cum = order["cost"].to_numpy().cumsum()
-    available = int(cum[-1]) if len(cum) else 0
+    score = table[score_column].to_numpy(dtype=np.float64)
+    layer = table["layer"].to_numpy()
+    mlp = (table["block"].astype(str).to_numpy() == "mlp").astype(np.int64)
+    unit = table["unit"].to_numpy()
+    cost = table["cost"].to_numpy()
+    group = layer * 2 + mlp
+    # blocks removed whole before width pruning (tau); they count against the budget
+    forced = table["forced"].to_numpy(dtype=bool) if "forced" in table else np.zeros(len(table), dtype=bool)
+    whole = np.flatnonzero(forced)
+    whole_cost = int(cost[whole].sum())
+    idx = np.flatnonzero(~forced)
+    order = idx[np.lexsort((unit[idx], mlp[idx], layer[idx], score[idx]))]  # ascending score, stable ties
+    if cfg.min_units_per_block > 0:  # protect each block's best units
+        by_group = np.argsort(group[order], kind="stable")
+        g_sorted = group[order][by_group]
+        starts = np.r_[0, np.flatnonzero(np.diff(g_sorted)) + 1]
+        sizes = np.diff(np.r_[starts, len(g_sorted)])
+        pos = np.arange(len(g_sorted)) - np.repeat(starts, sizes)
+        protected = np.zeros(len(order), dtype=bool)
+        protected[by_group] = pos >= np.repeat(sizes, sizes) - cfg.min_units_per_block
+        order = order[~protected]
+    cum = cost[order].cumsum()
+    available = whole_cost + (int(cum[-1]) if len(cum) else 0)
     if target > available:
         raise ValueError(
             f"ratio={cfg.ratio} of {cfg.ratio_of} parameters ({denominator:,}) asks for {target:,} parameters, "
             f"but only {available:,} can be removed with min_units_per_block={cfg.min_units_per_block} "
             f"(max ratio ≈ {available / denominator:.3f})"
         )
-    n_remove = 0 if target == 0 else int(np.searchsorted(cum, target, side="left")) + 1
-    chosen = order.iloc[:n_remove]
+    rest = target - whole_cost
+    n_remove = 0 if rest <= 0 else int(np.searchsorted(cum, rest, side="left")) + 1
+    chosen = np.concatenate([whole, order[:n_remove]])
+    chosen = chosen[np.lexsort((unit[chosen], group[chosen]))]
     removed: dict[str, dict[int, list[int]]] = {b: {} for b in BLOCKS}
-    for (layer, block), units in chosen.groupby(["layer", "block"], observed=True)["unit"]:
-        removed[str(block)][int(layer)] = sorted(units.astype(int).tolist())
+    bounds = np.flatnonzero(np.diff(group[chosen])) + 1
+    for part in np.split(chosen, bounds) if len(chosen) else []:
+        removed[BLOCKS[mlp[part[0]]]][int(layer[part[0]])] = unit[part].tolist()
     plan = Plan.from_units(
-        widths, removed, target_params=target, selected_params=int(chosen["cost"].sum()), denominator=denominator,
+        widths, removed, target_params=target, selected_params=int(cost[chosen].sum()), denominator=denominator,
         settings=dict(asdict(cfg), score_column=score_column),
     )
     if len(plan.removed_layers()) == len(widths):

@@ -1,0 +1,161 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from workbench.diagnosis import (
+    block_removal_loss, bypassed, diagnose, extreme_blocks, gradient_stats, recommend, scale_ratios,
+)
+from workbench.importance import compute_importance
+from workbench.models import layer_widths, tiny_model
+from workbench.normalize import NORMALIZERS, PRESETS, ScoringConfig, clip_percentiles, score_table
+from workbench.rescore import Rescorer
+from workbench.selection import Budget, Plan, SelectionConfig, build_table, select
+
+
+def _constructed_table(n_layers=4, groups=2, channels=10, seed=0):
+    rng = np.random.default_rng(seed)
+    scales = 10.0 ** np.arange(n_layers)  # layer scales 1, 10, 100, 1000
+    scores = {"attn": [torch.tensor(rng.random(groups) * s) for s in scales],
+              "mlp": [torch.tensor(rng.random(channels) * s) for s in scales]}
+    costs = {"attn": [100] * n_layers, "mlp": [10] * n_layers}
+    budget = Budget([(groups, channels)] * n_layers, costs, total_params=n_layers * (groups * 100 + channels * 10) + 500)
+    return build_table(scores, costs), budget
+
+
+def test_ratios_and_extreme_counts_on_known_scales():
+    grad = pd.DataFrame({"layer": [0, 0, 1, 1, 2, 2], "block": ["attn", "mlp"] * 3,
+                         "grad_mean_abs": [1e-4, 1e-4, 1e-2, 1e-2, 1e-1, 1e-1], "grad_norm": [1.0, 1.0, 2.0, 2.0, 4.0, 4.0]})
+    r = scale_ratios(grad)
+    assert r["mean_ratio"] == pytest.approx(1000) and r["norm_ratio"] == pytest.approx(4)
+    assert (r["max_mean_layer"], r["min_mean_layer"]) == (2, 0)
+    plan = Plan.from_units([(2, 10)] * 3, {"mlp": {0: list(range(10)), 1: list(range(9)), 2: list(range(5))},
+                                           "attn": {0: [0, 1]}})
+    ext = extreme_blocks(plan, 0.9)  # 100 % and 100 % exceed 0.9; 90 % does not
+    assert sorted(zip(ext.layer, ext.block)) == [(0, "attn"), (0, "mlp")]
+    assert len(extreme_blocks(plan, 0.85)) == 3
+
+
+@pytest.mark.parametrize("ratio,n_extreme,expected", [
+    (5000, 0, "log"), (500, 0, "minmax"), (50, 0, "none"), (50, 6, "log")])
+def test_recommendation_rules(ratio, n_extreme, expected):
+    rec = recommend(ratio, n_extreme)
+    assert rec.normalization == expected
+    assert (rec.clip is True) == (n_extreme > 5)
+    assert str(int(ratio)) in rec.rule or str(n_extreme) in rec.rule
+
+
+@pytest.mark.parametrize("name", list(NORMALIZERS))
+@pytest.mark.parametrize("level", ["layer", "block"])
+def test_normalization_keeps_order_within_level(name, level):
+    table, _ = _constructed_table()
+    scored = score_table(table, ScoringConfig(normalization=name, level=level))
+    key = ["layer"] if level == "layer" else ["layer", "block"]
+    for _, g in scored.groupby(key, observed=True):
+        a, b = g.score.to_numpy(), g.final_score.to_numpy()
+        assert (np.argsort(a, kind="stable") == np.argsort(b, kind="stable")).all()
+
+
+def test_layer_normalization_evens_out_scales():
+    table, budget = _constructed_table()
+    naive = select(table, budget, SelectionConfig(ratio=0.4, ratio_of="prunable"))
+    scored = score_table(table, ScoringConfig(normalization="minmax", level="block"))
+    evened = select(scored, budget, SelectionConfig(ratio=0.4, ratio_of="prunable"), score_column="final_score")
+    assert len(extreme_blocks(naive)) > len(extreme_blocks(evened))
+
+
+def test_clipping_hits_requested_percentiles():
+    x = np.random.default_rng(1).lognormal(size=10_000)
+    y = clip_percentiles(x, 5, 95)
+    assert y.min() == pytest.approx(np.percentile(x, 5)) and y.max() == pytest.approx(np.percentile(x, 95))
+    assert (y[(x > np.percentile(x, 5)) & (x < np.percentile(x, 95))] == x[(x > np.percentile(x, 5)) & (x < np.percentile(x, 95))]).all()
+
+
+def _loss_frame(n_layers=4, seed=0):
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({"layer": np.repeat(np.arange(n_layers), 2), "block": ["attn", "mlp"] * n_layers,
+                         "removal_loss": rng.random(2 * n_layers) * 0.5 + 0.01})
+
+
+def test_temperature_zero_and_one():
+    table, budget = _constructed_table()
+    loss = _loss_frame()
+    cfg0 = ScoringConfig(normalization="log", temperature=0.0)
+    plain = select(score_table(table, cfg0), budget, SelectionConfig(0.3, "prunable"), score_column="final_score")
+    with_loss = select(score_table(table, cfg0, loss), budget, SelectionConfig(0.3, "prunable"), score_column="final_score")
+    assert plain.removed == with_loss.removed
+    scored = score_table(table, ScoringConfig(temperature=1.0), loss)
+    totals = scored.groupby(["layer", "block"], observed=True).final_score.sum().reset_index()
+    merged = totals.merge(loss.astype({"block": "category"}), on=["layer", "block"])
+    np.testing.assert_allclose(merged.final_score, merged.removal_loss, rtol=1e-10)
+
+
+def test_tau_removes_exactly_the_blocks_below_it():
+    table, budget = _constructed_table()
+    loss = _loss_frame()
+    loss.loc[(loss.layer == 2) & (loss.block == "mlp"), "removal_loss"] = 0.001
+    loss.loc[(loss.layer == 3) & (loss.block == "attn"), "removal_loss"] = 0.002
+    scored = score_table(table, ScoringConfig(tau=0.005), loss)
+    assert set(map(tuple, scored[scored.forced][["layer", "block"]].drop_duplicates().astype(str).to_numpy())) == {
+        ("2", "mlp"), ("3", "attn")}
+    plan = select(scored, budget, SelectionConfig(0.3, "prunable"), score_column="final_score")
+    assert {(2, "mlp"), (3, "attn")} <= set(plan.emptied_blocks())
+
+
+def test_block_removal_loss_of_a_zero_block_is_zero(tokenizer):
+    model = tiny_model("llama", n_layers=3)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.zero_()
+    samples = torch.randint(0, 256, (4, 16))
+    loss = block_removal_loss(model, samples, batch_size=2, progress=False, cache_dir=None)
+    assert len(loss) == 6
+    assert loss.query("layer == 1 and block == 'mlp'").removal_loss.item() == 0.0
+    assert (loss.query("not (layer == 1 and block == 'mlp')").removal_loss.abs() > 0).all()
+    x = samples[:1]
+    before = model(x).logits
+    with bypassed(model, 0, "attn"):
+        pass
+    assert torch.equal(model(x).logits, before)  # restored
+
+
+def test_diagnosis_on_real_pass():
+    model = tiny_model("qwen3", n_layers=3)
+    imp = compute_importance(model, torch.randint(0, 256, (4, 16)), batch_size=2, progress=False)
+    grad = gradient_stats(imp)
+    assert len(grad) == 6 and (grad.grad_mean_abs > 0).all() and (grad.grad_zero_share < 0.5).all()
+    plan = select(build_table(imp.scores("taylor"), Budget.of(model).costs), model, SelectionConfig(0.3))
+    d = diagnose(imp, plan)
+    assert d["mean_ratio"] >= 1 and d["recommendation"]["rule"] and len(d["per_block"]) == 6
+
+
+def test_widget_callback_gives_the_function_plan():
+    pytest.importorskip("ipywidgets")
+    from workbench.widgets import panel
+
+    model = tiny_model("llama", n_layers=3)
+    imp = compute_importance(model, torch.randint(0, 256, (4, 16)), batch_size=2, progress=False)
+    rs = Rescorer(imp, Budget.of(model), _loss_frame(3))
+    box, state = panel(rs)
+    c = box.controls
+    c["normalization"].value = "zscore"
+    c["level"].value = "block"
+    c["temperature"].value = 0.5
+    c["ratio"].value = 0.25
+    _, expected = rs.plan(ScoringConfig(normalization="zscore", level="block", temperature=0.5),
+                          SelectionConfig(ratio=0.25))
+    assert state["plan"].removed == expected.removed
+    c["preset"].value = "layerwise"
+    _, expected = rs.plan(PRESETS["layerwise"], SelectionConfig(ratio=0.25))
+    assert state["plan"].removed == expected.removed
+
+
+def test_bad_scoring_settings_are_errors():
+    with pytest.raises(ValueError, match="normalization='l2'"):
+        ScoringConfig(normalization="l2")
+    with pytest.raises(ValueError, match="temperature=1.5"):
+        ScoringConfig(temperature=1.5)
+    with pytest.raises(ValueError, match="clip_low=50"):
+        ScoringConfig(clip_low=50, clip_high=10)
+    table, _ = _constructed_table()
+    with pytest.raises(ValueError, match="block removal loss"):
+        score_table(table, ScoringConfig(temperature=0.5))

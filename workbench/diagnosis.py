@@ -1,0 +1,174 @@
+"""Diagnosis of gradient and importance scales across layers, and measured block-removal loss.
+
+Gradient scales differ by orders of magnitude between layers, so a plain global ranking can prune a
+few layers almost completely. This module measures that (per-layer statistics, the largest-over-
+smallest ratios, the blocks a plan prunes beyond a threshold) and recommends a correction following
+the seed's rules of thumb.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from workbench.importance import Importance, model_fingerprint
+from workbench.models import DATA_CACHE, decoder_layers, geometry, get_spec
+from workbench.selection import Plan, layer_summary
+from workbench.units import BLOCKS
+
+EXTREME_THRESHOLD = 0.9
+
+
+def gradient_stats(imp: Importance) -> pd.DataFrame:
+    """Per layer and block: mean |g|, gradient norm, max |g|, share of zeros (over the calibration pass)."""
+    gs = imp.grad_stats
+    batches = max(1, gs.attrs.get("batches", imp.acc.batches))
+    agg = gs.groupby(["layer", "block"], sort=True).agg(
+        numel=("numel", "sum"), abs_sum=("abs_sum", "sum"), sq_sum=("sq_sum", "sum"), max_abs=("max_abs", "max"),
+        zeros=("zeros", "sum")).reset_index()
+    count = agg["numel"] * batches
+    return pd.DataFrame({
+        "layer": agg["layer"], "block": agg["block"],
+        "grad_mean_abs": agg["abs_sum"] / count,
+        "grad_norm": np.sqrt(agg["sq_sum"] / batches),  # RMS over batches of the block's gradient norm
+        "grad_max_abs": agg["max_abs"],
+        "grad_zero_share": agg["zeros"] / count,
+        "grad_nonfinite": 0,  # the pass stops on any inf/NaN, naming the module
+    })
+
+
+def importance_stats(imp: Importance, method: str) -> pd.DataFrame:
+    rows = []
+    for block, per_layer in imp.scores(method).items():
+        for layer, t in enumerate(per_layer):
+            if t.numel():
+                rows.append(dict(layer=layer, block=block, imp_mean=float(t.mean()), imp_sum=float(t.sum()),
+                                 imp_max=float(t.max()), imp_min=float(t.min())))
+    return pd.DataFrame(rows).sort_values(["layer", "block"]).reset_index(drop=True)
+
+
+def scale_ratios(grad: pd.DataFrame) -> dict:
+    """Largest over smallest per-layer mean |g| and gradient norm (layer = attention and MLP together)."""
+    per_layer = grad.groupby("layer").agg(mean=("grad_mean_abs", "mean"), norm=("grad_norm", lambda x: np.sqrt((x ** 2).sum())))
+
+    def ratio(col):
+        lo = per_layer[col].min()
+        return float(per_layer[col].max() / lo) if lo > 0 else float("inf")
+
+    return dict(mean_ratio=ratio("mean"), norm_ratio=ratio("norm"),
+                max_mean_layer=int(per_layer["mean"].idxmax()), min_mean_layer=int(per_layer["mean"].idxmin()))
+
+
+def extreme_blocks(plan: Plan, threshold: float = EXTREME_THRESHOLD) -> pd.DataFrame:
+    """Blocks whose pruned fraction exceeds `threshold` under `plan`."""
+    if not 0 < threshold <= 1:
+        raise ValueError(f"threshold={threshold} must be in (0, 1]")
+    s = layer_summary(plan)
+    return s[s.pruned_fraction > threshold].reset_index(drop=True)
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    normalization: str
+    level: str
+    clip: bool
+    temperature: float
+    rule: str
+
+
+def recommend(mean_ratio: float, n_extreme: int) -> Recommendation:
+    """The seed's rules of thumb; `rule` says which fired."""
+    if n_extreme > 5:
+        return Recommendation("log", "block", True, 0.0,
+                              f"{n_extreme} extreme blocks > 5 → log normalization + percentile clipping")
+    if mean_ratio > 1000:
+        return Recommendation("log", "layer", False, 0.0, f"mean_ratio {mean_ratio:.0f} > 1000 → log normalization")
+    if mean_ratio >= 100:
+        return Recommendation("minmax", "layer", False, 0.0,
+                              f"mean_ratio {mean_ratio:.0f} in [100, 1000] → minmax (or sqrt) normalization")
+    return Recommendation("none", "layer", False, 1.0,
+                          f"mean_ratio {mean_ratio:.1f} < 100 → no normalization, or temperature 1")
+
+
+def diagnose(imp: Importance, plan: Plan, method: str = "taylor", threshold: float = EXTREME_THRESHOLD) -> dict:
+    """Everything the diagnosis notebook shows, JSON-ready (written as analysis/gradient_diagnosis.json)."""
+    grad = gradient_stats(imp)
+    ratios = scale_ratios(grad)
+    extreme = extreme_blocks(plan, threshold)
+    rec = recommend(ratios["mean_ratio"], len(extreme))
+    summary = layer_summary(plan)
+    per_block = grad.merge(importance_stats(imp, method), on=["layer", "block"], how="left").merge(
+        summary[["layer", "block", "pruned_fraction"]], on=["layer", "block"], how="left")
+    return dict(
+        method=method, threshold=threshold, **ratios, n_extreme=len(extreme),
+        extreme_blocks=extreme[["layer", "block", "pruned_fraction"]].to_dict("records"),
+        recommendation=asdict(rec), plan_settings=plan.settings, per_block=per_block.to_dict("records"),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Block-removal loss
+
+
+@contextlib.contextmanager
+def bypassed(model: nn.Module, layer: int, block: str):
+    """Inside the block, one layer's attention or MLP adds nothing to the residual stream."""
+    from workbench.prune import EmptyBlock
+
+    spec = get_spec(model)
+    target = decoder_layers(model, spec)[layer]
+    name = spec.attn if block == "attn" else spec.mlp
+    original = getattr(target, name)
+    setattr(target, name, EmptyBlock(block, getattr(original, "layer_idx", layer), geometry(model.config).head_dim))
+    try:
+        yield
+    finally:
+        setattr(target, name, original)
+
+
+@torch.no_grad()
+def _mean_loss(model: nn.Module, samples: torch.Tensor, batch_size: int) -> float:
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(samples), batch_size):
+        b = samples[start : start + batch_size].to(device)
+        total += float(model(input_ids=b, labels=b, use_cache=False).loss) * len(b)
+        count += len(b)
+    return total / count
+
+
+def block_removal_loss(model: nn.Module, samples: torch.Tensor, *, batch_size: int = 4, progress: bool = True,
+                       cache_dir: str | Path | None = DATA_CACHE / "block_loss") -> pd.DataFrame:
+    """Calibration-loss increase when each block is bypassed: one row per (layer, block). Cached on disk."""
+    from workbench.data import fingerprint
+
+    key = hashlib.sha1(f"{model_fingerprint(model)}|{fingerprint(samples)}|{tuple(samples.shape)}".encode()).hexdigest()[:20]
+    path = Path(cache_dir) / f"{key}.csv" if cache_dir is not None else None
+    if path is not None and path.exists():
+        return pd.read_csv(path)
+    was_training = model.training
+    model.eval()
+    try:
+        base = _mean_loss(model, samples, batch_size)
+        rows = []
+        n_layers = len(decoder_layers(model))
+        for layer in tqdm(range(n_layers), desc="block removal loss", disable=not progress, leave=False):
+            for block in BLOCKS:
+                with bypassed(model, layer, block):
+                    rows.append(dict(layer=layer, block=block, removal_loss=_mean_loss(model, samples, batch_size) - base))
+    finally:
+        model.train(was_training)
+    df = pd.DataFrame(rows)
+    df.attrs["base_loss"] = base
+    if path is not None:
+        from workbench.experiments import write_atomic
+
+        write_atomic(path, df.to_csv(index=False))
+    return df

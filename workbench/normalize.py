@@ -1,0 +1,171 @@
+"""Corrections applied to cached scores, with no new forward or backward pass.
+
+Order of operations on the unit table (score = importance / cost):
+  1. normalization within a level (`layer`: all units of a layer; `block`: a layer's attention or MLP),
+     with a monotone map per level, so the order of units inside a level never changes;
+  2. percentile clipping of the normalized scores to [P_low, P_high] (global percentiles);
+  3. temperature T ∈ [0, 1]: block-corrected scores s_bc = s · L_b / Σ_{u∈b} s_u make each block's total
+     equal its measured removal loss L_b while keeping the within-block distribution; the normalized
+     scores are rescaled by one positive constant to the mean |s_bc| and mixed:
+     final = (1 − T)·normalized + T·s_bc. T = 0 is off;
+  4. tau: every block whose removal loss L_b < tau is removed whole before width pruning (its
+     parameters count against the budget). tau = None is off.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+
+LEVELS = ("layer", "block")
+
+
+def _none(x: np.ndarray) -> np.ndarray:
+    return x
+
+
+def _log(x: np.ndarray) -> np.ndarray:
+    if (x < 0).any():
+        raise ValueError(f"log normalization needs scores >= 0; the smallest is {x.min():.3g}")
+    floor = x[x > 0].min() * 1e-3 if (x > 0).any() else 1.0
+    return np.log(x + floor)
+
+
+def _minmax(x: np.ndarray) -> np.ndarray:
+    span = x.max() - x.min()
+    return (x - x.min()) / span if span > 0 else np.zeros_like(x)
+
+
+def _zscore(x: np.ndarray) -> np.ndarray:
+    sd = x.std()
+    return (x - x.mean()) / sd if sd > 0 else np.zeros_like(x)
+
+
+def _sqrt(x: np.ndarray) -> np.ndarray:
+    if (x < 0).any():
+        raise ValueError(f"sqrt normalization needs scores >= 0; the smallest is {x.min():.3g}")
+    return np.sqrt(x)
+
+
+@dataclass(frozen=True)
+class Normalizer:
+    name: str
+    description: str
+    fn: Callable[[np.ndarray], np.ndarray]
+
+
+NORMALIZERS: dict[str, Normalizer] = {n.name: n for n in [
+    Normalizer("none", "scores as they are", _none),
+    Normalizer("log", "log(s + 10⁻³·smallest positive s) within the level", _log),
+    Normalizer("minmax", "(s − min) / (max − min) within the level", _minmax),
+    Normalizer("zscore", "(s − mean) / std within the level", _zscore),
+    Normalizer("sqrt", "√s within the level", _sqrt),
+]}
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    method: str = "taylor"
+    normalization: str = "none"
+    level: str = "layer"
+    clip_low: float = 0.0  # percentile, 0 = off
+    clip_high: float = 100.0  # percentile, 100 = off
+    temperature: float = 0.0
+    tau: float | None = None
+
+    def __post_init__(self):
+        from workbench.importance import IMPORTANCE_METHODS
+
+        if self.method not in IMPORTANCE_METHODS:
+            raise ValueError(f"method={self.method!r} is not registered; allowed: {list(IMPORTANCE_METHODS)}")
+        if self.normalization not in NORMALIZERS:
+            raise ValueError(f"normalization={self.normalization!r} is not allowed; allowed: {list(NORMALIZERS)}")
+        if self.level not in LEVELS:
+            raise ValueError(f"level={self.level!r} is not allowed; allowed: {list(LEVELS)}")
+        if not 0.0 <= self.clip_low < self.clip_high <= 100.0:
+            raise ValueError(f"clip_low={self.clip_low}, clip_high={self.clip_high}: need 0 <= low < high <= 100")
+        if not 0.0 <= self.temperature <= 1.0:
+            raise ValueError(f"temperature={self.temperature} must be in [0, 1]")
+
+    @property
+    def needs_block_loss(self) -> bool:
+        return self.temperature > 0 or self.tau is not None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# The seed's three methods as named presets (widgets and tests read this registry).
+PRESETS: dict[str, ScoringConfig] = {
+    "taylor": ScoringConfig(method="taylor", normalization="none"),
+    "layerwise": ScoringConfig(method="taylor", normalization="minmax", level="layer"),
+    "blockwise": ScoringConfig(method="taylor", normalization="minmax", level="block"),
+}
+
+
+def _level_codes(table: pd.DataFrame, level: str) -> np.ndarray:
+    if level == "layer":
+        return table["layer"].to_numpy()
+    return table["layer"].to_numpy() * 2 + (table["block"].astype(str).to_numpy() == "mlp")
+
+
+def normalize(scores: np.ndarray, codes: np.ndarray, name: str) -> np.ndarray:
+    """Apply a registered normalizer within each level group (vectorised over groups by sorting once)."""
+    fn = NORMALIZERS[name].fn
+    if name == "none":
+        return scores.astype(np.float64, copy=True)
+    order = np.argsort(codes, kind="stable")
+    sorted_codes = codes[order]
+    bounds = np.flatnonzero(np.diff(sorted_codes)) + 1
+    out = np.empty_like(scores, dtype=np.float64)
+    for idx in np.split(order, bounds):
+        out[idx] = fn(scores[idx].astype(np.float64))
+    return out
+
+
+def clip_percentiles(x: np.ndarray, low: float, high: float) -> np.ndarray:
+    if low <= 0 and high >= 100:
+        return x
+    lo, hi = np.percentile(x, [low, high])
+    return np.clip(x, lo, hi)
+
+
+def block_corrected(scores: np.ndarray, table: pd.DataFrame, block_loss: pd.DataFrame) -> np.ndarray:
+    """s · L_b / Σ_b s: each block's scores sum to its removal loss, distribution inside kept."""
+    codes = _level_codes(table, "block")
+    loss = _block_loss_by_code(block_loss)
+    totals = np.bincount(codes, weights=scores, minlength=codes.max() + 1)
+    if (totals[np.unique(codes)] <= 0).any():
+        raise ValueError("block correction needs positive score totals per block; use method scores >= 0")
+    return scores * loss[codes] / totals[codes]
+
+
+def _block_loss_by_code(block_loss: pd.DataFrame) -> np.ndarray:
+    codes = block_loss["layer"].to_numpy() * 2 + (block_loss["block"].astype(str).to_numpy() == "mlp")
+    out = np.full(codes.max() + 1, np.nan)
+    out[codes] = block_loss["removal_loss"].to_numpy()
+    return out
+
+
+def score_table(table: pd.DataFrame, cfg: ScoringConfig, block_loss: pd.DataFrame | None = None) -> pd.DataFrame:
+    """A copy of `table` with `final_score` (and `forced` for tau) after every correction of `cfg`."""
+    if cfg.needs_block_loss and block_loss is None:
+        raise ValueError(f"temperature={cfg.temperature}, tau={cfg.tau} need the measured block removal loss "
+                         "(workbench.diagnosis.block_removal_loss)")
+    out = table.copy()
+    raw = out["score"].to_numpy(dtype=np.float64)
+    s = normalize(raw, _level_codes(out, cfg.level), cfg.normalization)
+    s = clip_percentiles(s, cfg.clip_low, cfg.clip_high)
+    if cfg.temperature > 0:
+        bc = block_corrected(raw, out, block_loss)
+        scale = np.abs(bc).mean() / max(np.abs(s).mean(), 1e-300)
+        s = (1 - cfg.temperature) * s * scale + cfg.temperature * bc
+    out["final_score"] = s
+    forced = np.zeros(len(out), dtype=bool)
+    if cfg.tau is not None:
+        loss = _block_loss_by_code(block_loss)
+        forced = loss[_level_codes(out, "block")] < cfg.tau
+    out["forced"] = forced
+    return out

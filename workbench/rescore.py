@@ -1,0 +1,39 @@
+"""Fast re-scoring from cached importance: settings in, plan out, no forward pass.
+
+`Rescorer` holds what a session re-uses (the importance of one calibration pass, the model's budget,
+the measured block-removal loss, one unit table per method); widgets and notebooks call `plan`, the
+tests call the same.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from workbench.diagnosis import EXTREME_THRESHOLD, extreme_blocks
+from workbench.importance import Importance
+from workbench.normalize import ScoringConfig, score_table
+from workbench.selection import Budget, Plan, SelectionConfig, build_table, select
+
+
+@dataclass
+class Rescorer:
+    importance: Importance
+    budget: Budget
+    block_loss: pd.DataFrame | None = None
+    _tables: dict[str, pd.DataFrame] = field(default_factory=dict, repr=False)
+
+    def table(self, method: str) -> pd.DataFrame:
+        if method not in self._tables:
+            self._tables[method] = build_table(self.importance.scores(method), self.budget.costs)
+        return self._tables[method]
+
+    def plan(self, scoring: ScoringConfig, selection: SelectionConfig) -> tuple[pd.DataFrame, Plan]:
+        """The scored table and the plan for these settings."""
+        scored = score_table(self.table(scoring.method), scoring, self.block_loss)
+        plan = select(scored, self.budget, selection, score_column="final_score")
+        plan.settings["scoring"] = scoring.to_dict()
+        return scored, plan
+
+    def n_extreme(self, plan: Plan, threshold: float = EXTREME_THRESHOLD) -> int:
+        return len(extreme_blocks(plan, threshold))

@@ -1,0 +1,88 @@
+"""An ipywidgets panel over `Rescorer`: every change re-scores from the cache and redraws.
+
+The panel holds no logic: `settings_from_values` turns widget values into the same frozen configs a
+test or a script passes to `Rescorer.plan`.
+"""
+from __future__ import annotations
+
+from workbench.diagnosis import EXTREME_THRESHOLD
+from workbench.importance import IMPORTANCE_METHODS
+from workbench.normalize import LEVELS, NORMALIZERS, PRESETS, ScoringConfig
+from workbench.rescore import Rescorer
+from workbench.selection import RATIO_OF, SelectionConfig, layer_summary
+
+
+def settings_from_values(v: dict) -> tuple[ScoringConfig, SelectionConfig]:
+    scoring = ScoringConfig(method=v["method"], normalization=v["normalization"], level=v["level"],
+                            clip_low=v["clip"][0], clip_high=v["clip"][1], temperature=v["temperature"],
+                            tau=v["tau"] if v["use_tau"] else None)
+    return scoring, SelectionConfig(ratio=v["ratio"], ratio_of=v["ratio_of"])
+
+
+def panel(rescorer: Rescorer, initial: ScoringConfig = PRESETS["taylor"], ratio: float = 0.2):
+    """Build the panel; returns (widget, state) where state['plan'] is the plan on display."""
+    import ipywidgets as W
+    import plotly.graph_objects as go
+
+    from workbench import plots
+
+    has_loss = rescorer.block_loss is not None
+    c = dict(
+        preset=W.Dropdown(options=["(custom)", *PRESETS], value="(custom)", description="preset"),
+        method=W.Dropdown(options=list(IMPORTANCE_METHODS), value=initial.method, description="importance"),
+        normalization=W.Dropdown(options=list(NORMALIZERS), value=initial.normalization, description="normalize"),
+        level=W.ToggleButtons(options=list(LEVELS), value=initial.level, description="level"),
+        clip=W.FloatRangeSlider(value=(initial.clip_low, initial.clip_high), min=0, max=100, step=0.5,
+                                description="clip pct"),
+        temperature=W.FloatSlider(value=initial.temperature, min=0, max=1, step=0.05, description="T",
+                                  disabled=not has_loss),
+        use_tau=W.Checkbox(value=initial.tau is not None, description="tau on", disabled=not has_loss),
+        tau=W.FloatLogSlider(value=initial.tau or 1e-3, base=10, min=-5, max=1, description="tau",
+                             disabled=not has_loss),
+        ratio=W.FloatSlider(value=ratio, min=0.0, max=0.7, step=0.01, description="ratio"),
+        ratio_of=W.ToggleButtons(options=list(RATIO_OF), value="total", description="of"),
+    )
+    status = W.HTML()
+    fig = go.FigureWidget(plots.kept_fraction_per_layer(layer_summary(rescorer.plan(*settings_from_values(
+        _values(c)))[1])))
+    state: dict = {}
+
+    def redraw(_=None):
+        try:
+            scoring, selection = settings_from_values(_values(c))
+            _, plan = rescorer.plan(scoring, selection)
+        except ValueError as e:
+            status.value = f"<b style='color:#d62728'>{e}</b>"
+            return
+        state["plan"], state["scoring"], state["selection"] = plan, scoring, selection
+        summary = layer_summary(plan)
+        with fig.batch_update():
+            for trace, block in zip(fig.data, ("attn", "mlp")):
+                trace.y = summary[summary.block == block].kept_fraction.to_numpy()
+        achieved = plan.selected_params / plan.denominator
+        status.value = (f"removed {plan.selected_params:,} of {plan.denominator:,} ({achieved:.2%} of {selection.ratio_of}); "
+                        f"extreme blocks (> {EXTREME_THRESHOLD:.0%} pruned): <b>{rescorer.n_extreme(plan)}</b>; "
+                        f"emptied blocks {len(plan.emptied_blocks())}, removed layers {len(plan.removed_layers())}")
+
+    def apply_preset(change):
+        if change["new"] in PRESETS:
+            p = PRESETS[change["new"]]
+            with_hold = [c["method"], c["normalization"], c["level"]]
+            for w, v in zip(with_hold, (p.method, p.normalization, p.level)):
+                w.value = v
+            c["clip"].value, c["temperature"].value = (p.clip_low, p.clip_high), p.temperature
+
+    c["preset"].observe(apply_preset, names="value")
+    for name, w in c.items():
+        if name != "preset":
+            w.observe(redraw, names="value")
+    redraw()
+    controls = W.VBox([c["preset"], c["method"], c["normalization"], c["level"], c["clip"], c["temperature"],
+                       W.HBox([c["use_tau"], c["tau"]]), c["ratio"], c["ratio_of"], status])
+    box = W.HBox([controls, fig])
+    box.controls = c  # for programmatic use and tests
+    return box, state
+
+
+def _values(c: dict) -> dict:
+    return {k: w.value for k, w in c.items()}
