@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pandas as pd
 
+from workbench.selection import block_codes
+
 LEVELS = ("layer", "block")
 
 
@@ -108,7 +110,7 @@ PRESETS: dict[str, ScoringConfig] = {
 def _level_codes(table: pd.DataFrame, level: str) -> np.ndarray:
     if level == "layer":
         return table["layer"].to_numpy()
-    return table["layer"].to_numpy() * 2 + (table["block"].astype(str).to_numpy() == "mlp")
+    return table["layer"].to_numpy().astype(np.int64) * 2 + block_codes(table)
 
 
 def normalize(scores: np.ndarray, codes: np.ndarray, name: str) -> np.ndarray:

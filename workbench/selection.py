@@ -21,6 +21,14 @@ from workbench.units import BLOCKS, iter_blocks, unit_cost
 RATIO_OF = ("total", "prunable")
 
 
+def block_codes(table: pd.DataFrame) -> np.ndarray:
+    """0 for attention rows, 1 for MLP rows (fast: from the categorical codes when present)."""
+    col = table["block"]
+    if isinstance(col.dtype, pd.CategoricalDtype) and list(col.cat.categories) == list(BLOCKS):
+        return col.cat.codes.to_numpy().astype(np.int64)
+    return (col.astype(str).to_numpy() == "mlp").astype(np.int64)
+
+
 def unit_costs(model: nn.Module) -> dict[str, list[int]]:
     """Exact parameters one unit removes, per block and layer."""
     head_dim = geometry(model.config).head_dim
@@ -51,7 +59,7 @@ def build_table(scores: dict[str, list[torch.Tensor]], costs: dict[str, list[int
                 "cost": np.full(n, cost, dtype=np.int64),
             }))
     table = pd.concat(frames, ignore_index=True)
-    table["block"] = table["block"].astype("category")
+    table["block"] = pd.Categorical(table["block"], categories=list(BLOCKS))
     table["score"] = table["importance"] / table["cost"]
     return table
 
@@ -155,7 +163,7 @@ def select(table: pd.DataFrame, model: nn.Module | Budget, cfg: SelectionConfig 
 
     score = table[score_column].to_numpy(dtype=np.float64)
     layer = table["layer"].to_numpy()
-    mlp = (table["block"].astype(str).to_numpy() == "mlp").astype(np.int64)
+    mlp = block_codes(table)
     unit = table["unit"].to_numpy()
     cost = table["cost"].to_numpy()
     group = layer * 2 + mlp
@@ -164,7 +172,7 @@ def select(table: pd.DataFrame, model: nn.Module | Budget, cfg: SelectionConfig 
     whole = np.flatnonzero(forced)
     whole_cost = int(cost[whole].sum())
     idx = np.flatnonzero(~forced)
-    order = idx[np.lexsort((unit[idx], mlp[idx], layer[idx], score[idx]))]  # ascending score, stable ties
+    order = idx[np.argsort(score[idx], kind="stable")]  # ascending score; ties keep table order
     if cfg.min_units_per_block > 0:  # protect each block's best units
         by_group = np.argsort(group[order], kind="stable")
         g_sorted = group[order][by_group]
@@ -185,7 +193,7 @@ def select(table: pd.DataFrame, model: nn.Module | Budget, cfg: SelectionConfig 
     rest = target - whole_cost
     n_remove = 0 if rest <= 0 else int(np.searchsorted(cum, rest, side="left")) + 1
     chosen = np.concatenate([whole, order[:n_remove]])
-    chosen = chosen[np.lexsort((unit[chosen], group[chosen]))]
+    chosen = chosen[np.argsort(group[chosen].astype(np.int64) * (int(unit.max()) + 1) + unit[chosen], kind="stable")]
     removed: dict[str, dict[int, list[int]]] = {b: {} for b in BLOCKS}
     bounds = np.flatnonzero(np.diff(group[chosen])) + 1
     for part in np.split(chosen, bounds) if len(chosen) else []:
