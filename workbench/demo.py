@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
+import pandas as pd
 
 from workbench import plots
 from workbench.data import CalibrationConfig
@@ -30,7 +30,6 @@ def main(argv=None) -> dict:
     ap.add_argument("--name", default=None, help="experiment name (default: run-<timestamp>)")
     args = ap.parse_args(argv)
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model)
     print(f"loaded {model.config.name_or_path} in {time.perf_counter() - t0:.1f} s")
@@ -50,7 +49,7 @@ def main(argv=None) -> dict:
     plots.export(plots.params_per_layer(anat, backend="paper"), "params_per_layer_dense", exp.figures)
     record = run_pruning(model, tokenizer, cfg, exp)
     paths = plots.export(plots.kept_fraction_per_layer(
-        __import__("pandas").read_csv(exp.path("analysis/layer_summary.csv")), backend="paper",
+        pd.read_csv(exp.path("analysis/layer_summary.csv")), backend="paper",
         title=f"{args.method}, {args.ratio:.0%} of {args.ratio_of} parameters"), "demo_kept_fraction_per_layer")
     print(f"PPL dense {record['dense']['ppl']:.2f} -> pruned {record['pruned']['ppl']:.2f}; "
           f"achieved {record['report']['ratio_total']:.2%} of all parameters, "
