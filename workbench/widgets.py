@@ -9,7 +9,7 @@ from workbench.diagnosis import EXTREME_THRESHOLD
 from workbench.importance import IMPORTANCE_METHODS
 from workbench.normalize import LEVELS, NORMALIZERS, PRESETS, ScoringConfig
 from workbench.rescore import Rescorer
-from workbench.selection import RATIO_OF, SelectionConfig, layer_summary
+from workbench.selection import RATIO_OF, Plan, SelectionConfig, layer_summary
 
 
 def settings_from_values(v: dict) -> tuple[ScoringConfig, SelectionConfig]:
@@ -43,11 +43,14 @@ def panel(rescorer: Rescorer, initial: ScoringConfig = PRESETS["taylor"], ratio:
         ratio_of=W.ToggleButtons(options=list(RATIO_OF), value="total", description="of"),
     )
     status = W.HTML()
-    fig = go.FigureWidget(plots.kept_fraction_per_layer(layer_summary(rescorer.plan(*settings_from_values(
-        _values(c)))[1])))
-    state: dict = {}
+    # Traces start empty; the first `redraw` below fills them (one plan per change, none twice).
+    empty = layer_summary(Plan.from_units(rescorer.budget.widths, {}))
+    fig = go.FigureWidget(plots.kept_fraction_per_layer(empty))
+    state: dict = {"applying_preset": False}
 
     def redraw(_=None):
+        if state["applying_preset"]:
+            return
         try:
             scoring, selection = settings_from_values(_values(c))
             _, plan = rescorer.plan(scoring, selection)
@@ -67,10 +70,13 @@ def panel(rescorer: Rescorer, initial: ScoringConfig = PRESETS["taylor"], ratio:
     def apply_preset(change):
         if change["new"] in PRESETS:
             p = PRESETS[change["new"]]
-            with_hold = [c["method"], c["normalization"], c["level"]]
-            for w, v in zip(with_hold, (p.method, p.normalization, p.level)):
-                w.value = v
-            c["clip"].value, c["temperature"].value = (p.clip_low, p.clip_high), p.temperature
+            state["applying_preset"] = True  # set every control, then re-score once
+            try:
+                c["method"].value, c["normalization"].value, c["level"].value = p.method, p.normalization, p.level
+                c["clip"].value, c["temperature"].value = (p.clip_low, p.clip_high), p.temperature
+            finally:
+                state["applying_preset"] = False
+            redraw()
 
     c["preset"].observe(apply_preset, names="value")
     for name, w in c.items():
