@@ -99,3 +99,11 @@ def test_plan_round_trips_through_dict():
     plan = select(build_table(_scores(layer_widths(model)), unit_costs(model)), model, SelectionConfig(ratio=0.2))
     again = Plan.from_dict(plan.to_dict())
     assert again.removed == plan.removed and again.widths == plan.widths and again.settings == plan.settings
+
+
+@pytest.mark.parametrize("n,distinct", [(0, 3), (1, 3), (7, 2), (5000, 5), (5000, 10**9)])
+def test_fast_argsort_is_stable_on_ties(n, distinct):
+    from workbench.selection import _stable_argsort
+
+    x = np.random.default_rng(n).integers(0, distinct, n).astype(np.float64)
+    assert (_stable_argsort(x) == np.argsort(x, kind="stable")).all()

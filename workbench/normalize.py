@@ -118,7 +118,9 @@ def normalize(scores: np.ndarray, codes: np.ndarray, name: str) -> np.ndarray:
     fn = NORMALIZERS[name].fn
     if name == "none":
         return scores.astype(np.float64, copy=True)
-    order = np.argsort(codes, kind="stable")
+    # small integer codes sort by radix (stable) in a few ms even for 10^6 units
+    small = codes.astype(np.int16) if codes.max() < np.iinfo(np.int16).max else codes
+    order = np.argsort(small, kind="stable")
     sorted_codes = codes[order]
     bounds = np.flatnonzero(np.diff(sorted_codes)) + 1
     out = np.empty_like(scores, dtype=np.float64)

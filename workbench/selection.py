@@ -99,12 +99,15 @@ class Plan:
         gone = set(self.removed[block][layer])
         return [u for u in range(n) if u not in gone]
 
+    def n_kept(self, block: str, layer: int) -> int:
+        return self.widths[layer][BLOCKS.index(block)] - len(self.removed[block][layer])
+
     def emptied_blocks(self) -> list[tuple[int, str]]:
         return [(i, b) for i in range(self.n_layers) for b in BLOCKS
-                if self.widths[i][BLOCKS.index(b)] > 0 and not self.kept(b, i)]
+                if self.widths[i][BLOCKS.index(b)] > 0 and self.n_kept(b, i) == 0]
 
     def removed_layers(self) -> list[int]:
-        return [i for i in range(self.n_layers) if not self.kept("attn", i) and not self.kept("mlp", i)]
+        return [i for i in range(self.n_layers) if self.n_kept("attn", i) == 0 and self.n_kept("mlp", i) == 0]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -122,8 +125,8 @@ class Plan:
         for b in BLOCKS:
             for i, units in enumerate(full[b]):
                 n = widths[i][BLOCKS.index(b)]
-                bad = [u for u in units if not 0 <= u < n]
-                if bad or len(set(units)) != len(units):
+                # units are sorted: distinct and in range iff strictly increasing from >= 0 to < n
+                if units and (units[0] < 0 or units[-1] >= n or any(a >= b_ for a, b_ in zip(units, units[1:]))):
                     raise ValueError(f"layer {i} {b}: units {units} must be distinct and in [0, {n})")
         return cls(removed=full, widths=list(widths), **kw)
 
@@ -149,6 +152,16 @@ class Budget:
         return prunable_params(self.costs, self.widths)
 
 
+def _stable_argsort(x: np.ndarray) -> np.ndarray:
+    """argsort(kind="stable") semantics at quicksort speed: only runs of equal values are re-ordered by index."""
+    order = np.argsort(x)
+    xs = x[order]
+    if len(xs) < 2 or not (xs[1:] == xs[:-1]).any():
+        return order
+    run = np.r_[0, np.cumsum(xs[1:] != xs[:-1])]
+    return order[np.argsort(run.astype(np.int64) * len(x) + order)]
+
+
 def select(table: pd.DataFrame, model: nn.Module | Budget, cfg: SelectionConfig = SelectionConfig(), *,
            score_column: str = "score") -> Plan:
     """Remove the lowest-score units until `cfg.ratio` of the denominator is reached.
@@ -172,7 +185,7 @@ def select(table: pd.DataFrame, model: nn.Module | Budget, cfg: SelectionConfig 
     whole = np.flatnonzero(forced)
     whole_cost = int(cost[whole].sum())
     idx = np.flatnonzero(~forced)
-    order = idx[np.argsort(score[idx], kind="stable")]  # ascending score; ties keep table order
+    order = idx[_stable_argsort(score[idx])]  # ascending score; ties keep table order
     if cfg.min_units_per_block > 0:  # protect each block's best units
         by_group = np.argsort(group[order], kind="stable")
         g_sorted = group[order][by_group]
@@ -193,15 +206,15 @@ def select(table: pd.DataFrame, model: nn.Module | Budget, cfg: SelectionConfig 
     rest = target - whole_cost
     n_remove = 0 if rest <= 0 else int(np.searchsorted(cum, rest, side="left")) + 1
     chosen = np.concatenate([whole, order[:n_remove]])
-    chosen = chosen[np.argsort(group[chosen].astype(np.int64) * (int(unit.max()) + 1) + unit[chosen], kind="stable")]
+    chosen = chosen[np.argsort(group[chosen].astype(np.int64) * (int(unit.max()) + 1) + unit[chosen])]  # unique keys
     removed: dict[str, dict[int, list[int]]] = {b: {} for b in BLOCKS}
     bounds = np.flatnonzero(np.diff(group[chosen])) + 1
     for part in np.split(chosen, bounds) if len(chosen) else []:
         removed[BLOCKS[mlp[part[0]]]][int(layer[part[0]])] = unit[part].tolist()
-    plan = Plan.from_units(
-        widths, removed, target_params=target, selected_params=int(cost[chosen].sum()), denominator=denominator,
-        settings=dict(asdict(cfg), score_column=score_column),
-    )
+    # built directly: the lists are sorted, distinct and in range by construction (from_units would re-check)
+    plan = Plan(removed={b: [removed[b].get(i, []) for i in range(len(widths))] for b in BLOCKS}, widths=list(widths),
+                target_params=target, selected_params=int(cost[chosen].sum()), denominator=denominator,
+                settings=dict(asdict(cfg), score_column=score_column))
     if len(plan.removed_layers()) == len(widths):
         raise ValueError(f"ratio={cfg.ratio} would remove every layer; lower the ratio or set min_units_per_block >= 1")
     return plan
