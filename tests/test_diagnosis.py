@@ -159,3 +159,31 @@ def test_bad_scoring_settings_are_errors():
     table, _ = _constructed_table()
     with pytest.raises(ValueError, match="block removal loss"):
         score_table(table, ScoringConfig(temperature=0.5))
+
+
+def test_compare_matches_one_plan_per_setting():
+    table, budget = _constructed_table()
+    rs = Rescorer(importance=None, budget=budget, block_loss=_loss_frame())  # over the constructed table
+    rs._tables["taylor"] = table
+    settings = {"naive": PRESETS["taylor"], "blockwise": PRESETS["blockwise"],
+                "T=1": ScoringConfig(temperature=1.0)}
+    frame, plans = rs.compare(settings, SelectionConfig(0.4, "prunable"))
+    assert list(frame.index) == list(settings) and set(plans) == set(settings)
+    for name, cfg in settings.items():
+        _, plan = rs.plan(cfg, SelectionConfig(0.4, "prunable"))
+        assert plans[name].removed == plan.removed
+        assert frame.loc[name, "n_extreme"] == len(extreme_blocks(plan))
+        mlp = [len(r) / 10 for r in plan.removed["mlp"]]
+        assert frame.loc[name, "mlp_max_pruned"] == pytest.approx(max(mlp))
+        assert frame.loc[name, "mlp_std_pruned"] == pytest.approx(np.std(mlp))
+    assert frame.loc["naive", "n_extreme"] > frame.loc["blockwise", "n_extreme"]
+
+
+def test_block_removal_loss_cache_keeps_base_loss(tmp_path):
+    model = tiny_model("mistral", n_layers=2)
+    samples = torch.randint(0, 256, (2, 12))
+    first = block_removal_loss(model, samples, batch_size=2, progress=False, cache_dir=tmp_path)
+    again = block_removal_loss(model, samples, batch_size=2, progress=False, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.csv"))) == 1
+    pd.testing.assert_frame_equal(first, again)
+    assert first.base_loss.nunique() == 1 and first.base_loss.iloc[0] > 0

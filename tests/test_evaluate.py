@@ -1,4 +1,5 @@
 import math
+import pytest
 
 import torch
 import torch.nn.functional as F
@@ -21,3 +22,20 @@ def test_perplexity_equals_exp_mean_token_nll(tokenizer):
     assert math.isclose(res.ppl, expected, rel_tol=1e-5)
     assert (res.windows, res.tokens, res.seq_len, res.split, res.source) == (5, 5 * 31, 32, "evaluation", "pydoc")
     assert res.model == "tiny-llama"
+
+
+def test_perplexity_after_prunes_a_copy(tokenizer):
+    from workbench.evaluate import perplexity_after
+    from workbench.models import layer_widths, parameter_count, tiny_model
+    from workbench.prune import apply_plan
+    from workbench.selection import random_plan
+
+    model = tiny_model("qwen2", n_layers=3)
+    plan = random_plan(layer_widths(model), 0.4, seed=1, empty_blocks=1)
+    before = parameter_count(model)
+    got = perplexity_after(model, tokenizer, plan, seq_len=32, max_windows=3, progress=False)
+    assert parameter_count(model) == before
+    reference = tiny_model("qwen2", n_layers=3)
+    apply_plan(reference, plan)
+    want = perplexity(reference, tokenizer, seq_len=32, max_windows=3, progress=False)
+    assert got.ppl == pytest.approx(want.ppl, rel=1e-6)

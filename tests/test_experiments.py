@@ -57,3 +57,6 @@ def test_pipeline_on_tiny_model(tmp_path, tokenizer):
     assert len(exp.read_table("analysis/importance_table.csv")) == 3 * (2 + 96)
     assert (exp.figures / "kept_fraction_per_layer.pdf").stat().st_size > 0
     assert (exp.model_dir / "model.safetensors").exists()
+    diag = exp.read_json("analysis/gradient_diagnosis.json")
+    assert diag["method"] == "taylor" and len(diag["per_block"]) == 6 and diag["recommendation"]["rule"]
+    assert diag["plan_settings"]["ratio"] == 0.2

@@ -35,3 +35,33 @@ def test_bad_backend_and_format_are_errors(tmp_path, summary):
         plots.export(plots.kept_fraction_per_layer(summary, backend="paper"), "x", tmp_path, formats=("jpg",))
     with pytest.raises(TypeError, match="backend='paper'"):
         plots.export(plots.kept_fraction_per_layer(summary), "x", tmp_path)
+
+
+def test_scale_plot_uses_log_axes_and_drops_non_positive(tmp_path):
+    import pandas as pd
+
+    per_block = pd.DataFrame({"layer": [0, 0, 1, 1], "block": ["attn", "mlp"] * 2,
+                              "grad_mean_abs": [1e-3, 0.0, 1e-1, 2e-1], "imp_mean": [1.0, 2.0, 3.0, 4.0]})
+    fig = plots.scale_per_layer(per_block)
+    assert fig.layout.yaxis.type == "log" and fig.layout.yaxis2.type == "log"
+    mlp_grad = [t for t in fig.data if t.name == "mlp"][0]
+    assert mlp_grad.y[0] is None or mlp_grad.y[0] != mlp_grad.y[0]  # 0 is a gap, not a point
+    assert plots.export(plots.scale_per_layer(per_block, backend="paper"), "scale", tmp_path)
+    with pytest.raises(ValueError, match="grad_norm"):
+        plots.scale_per_layer(per_block, columns=("grad_norm",))
+
+
+def test_setting_comparison_and_bars(tmp_path, summary):
+    import pandas as pd
+
+    other = layer_summary(random_plan(layer_widths(tiny_model("llama", n_layers=4)), 0.1, seed=3))
+    fig = plots.pruned_fraction_by_setting({"a": summary, "b": other})
+    assert [t.name for t in fig.data] == ["a", "a", "b", "b"]
+    assert list(fig.data[3].y) == other[other.block == "mlp"].pruned_fraction.tolist()
+    assert plots.export(plots.pruned_fraction_by_setting({"a": summary}, backend="paper"), "cmp", tmp_path)
+    frame = pd.DataFrame({"dense": [0.5, 0.6], "pruned": [0.4, 0.55]}, index=["boolq", "piqa"])
+    bars = plots.grouped_bars(frame, ylabel="acc")
+    assert [t.name for t in bars.data] == ["dense", "pruned"] and list(bars.data[1].y) == [0.4, 0.55]
+    assert plots.export(plots.grouped_bars(frame, backend="paper"), "bars", tmp_path)
+    with pytest.raises(ValueError, match="empty"):
+        plots.pruned_fraction_by_setting({})

@@ -166,7 +166,7 @@ def block_removal_loss(model: nn.Module, samples: torch.Tensor, *, batch_size: i
     finally:
         model.train(was_training)
     df = pd.DataFrame(rows)
-    df.attrs["base_loss"] = base
+    df["base_loss"] = base  # the unbypassed calibration loss, kept in the cached CSV too
     if path is not None:
         from workbench.experiments import write_atomic
 

@@ -77,3 +77,20 @@ def perplexity(
         windows=len(windows),
         tokens=int(count),
     )
+
+
+def perplexity_after(model: nn.Module, tokenizer, plan, source: str = OFFLINE_SOURCE, **kwargs) -> PerplexityResult:
+    """Perplexity of a pruned copy of `model` under `plan`; `model` itself is left unchanged.
+
+    Used to compare plans side by side (one copy at a time, so peak memory is twice the model).
+    """
+    import copy
+
+    from workbench.prune import apply_plan
+
+    pruned = copy.deepcopy(model)
+    try:
+        apply_plan(pruned, plan)
+        return perplexity(pruned, tokenizer, source, **kwargs)
+    finally:
+        del pruned

@@ -13,6 +13,7 @@ import torch
 
 from workbench import plots
 from workbench.data import CalibrationConfig, calibration_samples
+from workbench.diagnosis import diagnose
 from workbench.evaluate import perplexity
 from workbench.experiments import Experiment
 from workbench.importance import importance_cached
@@ -63,6 +64,10 @@ def run_pruning(model, tokenizer, cfg: PruneRunConfig, experiment: Experiment, *
         summary = layer_summary(plan)
     experiment.write_table("analysis/importance_table.csv", table)
     experiment.write_table("analysis/layer_summary.csv", summary)
+    diagnosis = diagnose(imp, plan, cfg.method)
+    experiment.write_json("analysis/gradient_diagnosis.json", diagnosis)
+    log(f"diagnosis: mean_ratio {diagnosis['mean_ratio']:.1f}, norm_ratio {diagnosis['norm_ratio']:.1f}, "
+        f"{diagnosis['n_extreme']} extreme blocks; {diagnosis['recommendation']['rule']}")
     with step("prune"):
         report = apply_plan(model, plan)
     log(f"removed {report.params_before - report.params_after:,} parameters: "

@@ -19,6 +19,9 @@ EXPORT_FORMATS = ("pdf", "png", "svg")
 
 # One palette and size for every figure, interactive or exported.
 COLORS = {"attn": "#1f77b4", "mlp": "#ff7f0e", "norms": "#7f7f7f", "dense": "#7f7f7f", "pruned": "#d62728"}
+# Series without a fixed color (settings, models, methods) take these in order.
+SERIES_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+                 "#bcbd22", "#17becf"]
 PAPER_RC = {
     "figure.figsize": (6.0, 3.0),
     "font.size": 9,
@@ -37,13 +40,27 @@ def _check_backend(backend: str) -> None:
         raise ValueError(f"backend={backend!r} is not allowed; allowed: {list(BACKENDS)}")
 
 
-def _paper_axes():
+def _paper_axes(ncols: int = 1, width_per_panel: float | None = None):
     import matplotlib.pyplot as plt
     import seaborn as sns
 
     sns.set_theme(style="whitegrid", rc=PAPER_RC)
-    fig, ax = plt.subplots()
-    return fig, ax
+    if ncols == 1 and width_per_panel is None:
+        return plt.subplots()
+    w, h = PAPER_RC["figure.figsize"]
+    return plt.subplots(1, ncols, figsize=((width_per_panel or w / ncols) * ncols, h), squeeze=False)
+
+
+def _series_color(i: int) -> str:
+    return SERIES_COLORS[i % len(SERIES_COLORS)]
+
+
+# Axis labels of the diagnosis statistics (columns of `diagnosis.diagnose(...)["per_block"]`).
+STAT_LABELS = {
+    "grad_mean_abs": "mean |g|", "grad_norm": "gradient norm", "grad_max_abs": "max |g|",
+    "imp_mean": "mean importance", "imp_sum": "total importance", "imp_max": "max importance",
+    "removal_loss": "block removal loss",
+}
 
 
 def params_per_layer(anatomy_df: pd.DataFrame, backend: str = "plotly"):
@@ -95,6 +112,117 @@ def kept_fraction_per_layer(summary: pd.DataFrame, backend: str = "plotly", titl
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("layer")
     ax.set_ylabel("kept fraction")
+    ax.set_title(title)
+    ax.legend(frameon=False)
+    return fig
+
+
+def scale_per_layer(per_block: pd.DataFrame, columns=("grad_mean_abs", "imp_mean"), backend: str = "plotly",
+                    title: str | None = None):
+    """Per-layer scale of gradient / importance statistics on log axes: one panel per column, a line per block.
+
+    Non-positive values have no place on a log axis and are left out of the line (shown as gaps).
+    """
+    _check_backend(backend)
+    missing = [c for c in columns if c not in per_block.columns]
+    if missing:
+        raise ValueError(f"columns {missing} are not in the table; available: {list(per_block.columns)}")
+    title = title or "Scale per layer (log axis)"
+
+    def series(col, block):
+        part = per_block[per_block.block == block].sort_values("layer")
+        y = part[col].astype(float).where(part[col] > 0)
+        return part.layer.to_numpy(), y.to_numpy()
+
+    if backend == "plotly":
+        from plotly.subplots import make_subplots
+
+        fig = make_subplots(rows=1, cols=len(columns), subplot_titles=[STAT_LABELS.get(c, c) for c in columns])
+        for j, col in enumerate(columns, start=1):
+            for block in ("attn", "mlp"):
+                x, y = series(col, block)
+                fig.add_scatter(x=x, y=y, mode="lines+markers", name=block, marker_color=COLORS[block],
+                                legendgroup=block, showlegend=j == 1, row=1, col=j)
+            fig.update_yaxes(type="log", row=1, col=j)
+            fig.update_xaxes(title_text="layer", row=1, col=j)
+        fig.update_layout(title=title, template="plotly_white")
+        return fig
+    fig, axes = _paper_axes(len(columns), width_per_panel=3.0)
+    for ax, col in zip(axes[0], columns):
+        for block in ("attn", "mlp"):
+            x, y = series(col, block)
+            ax.plot(x, y, marker="o", ms=2.5, label=block, color=COLORS[block])
+        ax.set_yscale("log")
+        ax.set_xlabel("layer")
+        ax.set_ylabel(STAT_LABELS.get(col, col))
+    axes[0][0].legend(frameon=False)
+    fig.suptitle(title)
+    return fig
+
+
+def pruned_fraction_by_setting(summaries: dict[str, pd.DataFrame], backend: str = "plotly", title: str | None = None):
+    """Per-layer pruned fraction under several settings: a panel per block, a line per setting.
+
+    `summaries` maps a setting's name to its `selection.layer_summary(plan)`.
+    """
+    _check_backend(backend)
+    if not summaries:
+        raise ValueError("summaries is empty: pass {setting name: layer_summary(plan)}")
+    title = title or "Pruned fraction per layer"
+    if backend == "plotly":
+        from plotly.subplots import make_subplots
+
+        fig = make_subplots(rows=1, cols=2, subplot_titles=["attention (KV groups)", "MLP (channels)"], shared_yaxes=True)
+        for i, (name, s) in enumerate(summaries.items()):
+            for j, block in enumerate(("attn", "mlp"), start=1):
+                part = s[s.block == block]
+                fig.add_scatter(x=part.layer, y=part.pruned_fraction, mode="lines+markers", name=name,
+                                legendgroup=name, showlegend=j == 1, marker_color=_series_color(i), row=1, col=j)
+                fig.update_xaxes(title_text="layer", row=1, col=j)
+        fig.update_yaxes(range=[-0.02, 1.02], title_text="pruned fraction", row=1, col=1)
+        fig.update_layout(title=title, template="plotly_white")
+        return fig
+    fig, axes = _paper_axes(2, width_per_panel=3.2)
+    for i, (name, s) in enumerate(summaries.items()):
+        for ax, block in zip(axes[0], ("attn", "mlp")):
+            part = s[s.block == block]
+            ax.plot(part.layer, part.pruned_fraction, marker="o", ms=2.5, label=name, color=_series_color(i))
+    for ax, label in zip(axes[0], ("attention (KV groups)", "MLP (channels)")):
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("layer")
+        ax.set_title(label)
+    axes[0][0].set_ylabel("pruned fraction")
+    axes[0][1].legend(frameon=False, fontsize=7)
+    fig.suptitle(title)
+    return fig
+
+
+def grouped_bars(frame: pd.DataFrame, backend: str = "plotly", *, ylabel: str = "", title: str = "",
+                 log_y: bool = False):
+    """Bars for a table: the index along the x axis, one colored bar per column (e.g. tasks × models)."""
+    _check_backend(backend)
+    if frame.empty:
+        raise ValueError("frame is empty: nothing to draw")
+    if backend == "plotly":
+        import plotly.graph_objects as go
+
+        fig = go.Figure([go.Bar(x=[str(i) for i in frame.index], y=frame[c], name=str(c), marker_color=_series_color(i))
+                         for i, c in enumerate(frame.columns)])
+        fig.update_layout(barmode="group", title=title, yaxis_title=ylabel, template="plotly_white")
+        if log_y:
+            fig.update_yaxes(type="log")
+        return fig
+    fig, ax = _paper_axes()
+    n = len(frame.columns)
+    width = 0.8 / n
+    x = range(len(frame.index))
+    for i, c in enumerate(frame.columns):
+        ax.bar([xi - 0.4 + width * (i + 0.5) for xi in x], frame[c], width=width, label=str(c), color=_series_color(i))
+    ax.set_xticks(list(x), [str(i) for i in frame.index], rotation=30 if len(frame.index) > 4 else 0, ha="right"
+                  if len(frame.index) > 4 else "center")
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(frameon=False)
     return fig

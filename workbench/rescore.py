@@ -13,7 +13,7 @@ import pandas as pd
 from workbench.diagnosis import EXTREME_THRESHOLD, extreme_blocks
 from workbench.importance import Importance
 from workbench.normalize import ScoringConfig, score_table
-from workbench.selection import Budget, Plan, SelectionConfig, build_table, select
+from workbench.selection import Budget, Plan, SelectionConfig, build_table, layer_summary, select
 
 
 @dataclass
@@ -37,3 +37,25 @@ class Rescorer:
 
     def n_extreme(self, plan: Plan, threshold: float = EXTREME_THRESHOLD) -> int:
         return len(extreme_blocks(plan, threshold))
+
+    def compare(self, settings: dict[str, ScoringConfig], selection: SelectionConfig,
+                threshold: float = EXTREME_THRESHOLD) -> tuple[pd.DataFrame, dict[str, Plan]]:
+        """The same budget under several scoring settings: one row of plan statistics per setting.
+
+        Columns: extreme blocks, emptied blocks, removed layers, the largest per-layer pruned fraction
+        and the spread (std) of per-layer pruned fractions for attention and MLP, achieved ratio.
+        """
+        rows, plans = [], {}
+        for name, scoring in settings.items():
+            _, plan = self.plan(scoring, selection)
+            plans[name] = plan
+            s = layer_summary(plan)
+            row = dict(setting=name, **scoring.to_dict(), n_extreme=self.n_extreme(plan, threshold),
+                       emptied_blocks=len(plan.emptied_blocks()), removed_layers=len(plan.removed_layers()),
+                       achieved_ratio=plan.selected_params / plan.denominator)
+            for block in ("attn", "mlp"):
+                frac = s[s.block == block].pruned_fraction
+                row[f"{block}_max_pruned"] = float(frac.max())
+                row[f"{block}_std_pruned"] = float(frac.std(ddof=0))
+            rows.append(row)
+        return pd.DataFrame(rows).set_index("setting"), plans
