@@ -9,6 +9,8 @@ import pytest
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 SMOKE_PARAMS = {
     "00_quickstart": dict(SMOKE=True, SEQ_LEN=32, EVAL_WINDOWS=4),
+    "01_gradient_diagnosis": dict(SMOKE=True, NUM_SAMPLES=8, SEQ_LEN=32),
+    "03_normalization_choices": dict(SMOKE=True, NUM_SAMPLES=8, SEQ_LEN=32, EVAL_WINDOWS=4),
     "04_global_pruning": dict(SMOKE=True, NUM_SAMPLES=8, SEQ_LEN=32, EVAL_WINDOWS=4),
 }
 

@@ -141,9 +141,201 @@ plots.export(plots.kept_fraction_per_layer(summary, backend="paper", title=f"{ME
 '''),
 ]
 
+DIAGNOSIS = [
+    ("md", """
+# 01 · Gradient diagnosis: how different are the layers' scales?
+
+A global ranking compares units across layers, so it is only fair if their importance is on one scale.
+Gradient magnitudes can differ by orders of magnitude between layers; then a plain global plan empties a
+few layers almost completely. This notebook measures that from one cached calibration pass:
+
+* per layer and block (attention, MLP): mean |g|, gradient norm, max |g|, share of zero gradients, and the
+  importance statistics, on log axes;
+* `mean_ratio` / `norm_ratio`: largest over smallest per-layer mean |g| / gradient norm;
+* the *extreme blocks* of a naive global plan: blocks whose pruned fraction exceeds `THRESHOLD`;
+* the recommendation, with the rule that fired: mean_ratio > 1000 → log normalization; more than 5
+  extreme blocks → log + percentile clipping; 100–1000 → minmax or sqrt; < 100 → none, or temperature 1.
+
+Everything is written to `analysis/gradient_diagnosis.json` in the experiment directory.
+"""),
+    ("params", '''
+MODEL = None
+SMOKE = False
+METHOD = "taylor"       # importance method of the naive plan
+RATIO = 0.2             # of all parameters
+THRESHOLD = 0.9         # a block pruned beyond this fraction is "extreme"
+NUM_SAMPLES = 64
+SEQ_LEN = 128
+EXPERIMENT = "nb01-gradient-diagnosis"
+'''),
+    ("code", '''
+import pandas as pd
+from workbench import plots
+from workbench.data import CalibrationConfig, calibration_samples
+from workbench.diagnosis import diagnose, extreme_blocks, gradient_stats
+from workbench.experiments import Experiment
+from workbench.importance import IMPORTANCE_METHODS, importance_cached
+from workbench.normalize import ScoringConfig
+from workbench.rescore import Rescorer
+from workbench.selection import Budget, SelectionConfig, layer_summary
+'''),
+    ("code", LOAD),
+    ("code", '''
+exp = Experiment.create(EXPERIMENT, exist_ok=True)
+calib = CalibrationConfig(num_samples=NUM_SAMPLES, seq_len=SEQ_LEN)
+imp = importance_cached(model, calibration_samples(tokenizer, calib), batch_size=calib.batch_size)
+rescorer = Rescorer(imp, Budget.of(model))
+_, naive = rescorer.plan(ScoringConfig(method=METHOD), SelectionConfig(ratio=RATIO))
+diag = diagnose(imp, naive, METHOD, THRESHOLD)
+per_block = pd.DataFrame(diag["per_block"])
+per_block.round(6).head(10)
+'''),
+    ("md", "### Scales per layer (log axes)"),
+    ("code", 'plots.scale_per_layer(per_block, columns=("grad_mean_abs", "grad_norm", "imp_mean"))'),
+    ("code", '''
+print(f"mean_ratio = {diag['mean_ratio']:.1f} (largest layer {diag['max_mean_layer']}, smallest {diag['min_mean_layer']})")
+print(f"norm_ratio = {diag['norm_ratio']:.1f}")
+print(f"share of zero gradients: max {per_block.grad_zero_share.max():.2%}")
+'''),
+    ("md", "### The naive global plan and its extreme blocks"),
+    ("code", '''
+print(f"{diag['n_extreme']} blocks pruned beyond {THRESHOLD:.0%}")
+display(pd.DataFrame(diag["extreme_blocks"]))
+plots.kept_fraction_per_layer(layer_summary(naive), title=f"naive {METHOD} plan, {RATIO:.0%} of all parameters")
+'''),
+    ("md", "Every importance method under the same budget, no correction:"),
+    ("code", '''
+by_method, _ = rescorer.compare({m: ScoringConfig(method=m) for m in IMPORTANCE_METHODS}, SelectionConfig(ratio=RATIO),
+                                THRESHOLD)
+by_method[["n_extreme", "emptied_blocks", "removed_layers", "attn_max_pruned", "mlp_max_pruned", "mlp_std_pruned"]]
+'''),
+    ("md", "### Recommendation"),
+    ("code", '''
+rec = diag["recommendation"]
+print(rec["rule"])
+print({k: v for k, v in rec.items() if k != "rule"})
+'''),
+    ("code", '''
+exp.write_json("analysis/gradient_diagnosis.json", diag)
+exp.write_table("analysis/extreme_by_method.csv", by_method.reset_index())
+plots.export(plots.scale_per_layer(per_block, columns=("grad_mean_abs", "imp_mean"), backend="paper",
+                                   title=f"{METHOD}: gradient and importance scale per layer"), "01_scale_per_layer")
+plots.export(plots.kept_fraction_per_layer(layer_summary(naive), backend="paper",
+                                           title=f"naive {METHOD}, {RATIO:.0%} of all parameters"), "01_naive_kept_fraction")
+'''),
+]
+
+NORMALIZATION = [
+    ("md", """
+# 03 · Normalization, clipping, temperature and tau: the same budget, side by side
+
+All corrections work on the cached importance of one calibration pass; none needs a new forward or
+backward pass except the block-removal loss, measured once and cached. With score s = importance / cost,
+`workbench.normalize.score_table` applies in order:
+
+1. **normalization** (`NORMALIZERS`: none, log, minmax, zscore, sqrt) within a **level**: `layer` (all
+   units of a layer together) or `block` (a layer's attention and its MLP separately). Every map is
+   monotone, so the order of units inside a level never changes; only the levels are put on one scale.
+2. **percentile clipping** of the normalized scores to [P_low, P_high] (global percentiles; 0/100 = off).
+3. **temperature T ∈ [0, 1]** (default 0 = off). With L_b the measured removal loss of block b (calibration
+   loss increase when the block is bypassed), the block-corrected score is s_bc = s · L_b / Σ_{u∈b} s_u:
+   every block's scores sum to L_b and keep their distribution. The normalized scores are rescaled by one
+   positive constant to the mean |s_bc| and mixed: final = (1 − T)·s_norm + T·s_bc. T = 1 ranks units
+   by how much their block's removal actually costs.
+4. **tau** (default None = off): every block with L_b < tau is removed whole before width pruning, its
+   parameters counted against the budget (depth pruning by evidence).
+
+Presets: `taylor` (no normalization), `layerwise` (minmax per layer), `blockwise` (minmax per block).
+"""),
+    ("params", '''
+MODEL = None
+SMOKE = False
+METHOD = "taylor"
+RATIO = 0.2             # of all parameters
+NUM_SAMPLES = 64
+SEQ_LEN = 128
+EVAL_WINDOWS = 50
+EXPERIMENT = "nb03-normalization"
+'''),
+    ("code", '''
+import pandas as pd
+from tqdm.auto import tqdm
+from workbench import plots
+from workbench.data import CalibrationConfig, calibration_samples
+from workbench.diagnosis import block_removal_loss
+from workbench.evaluate import perplexity, perplexity_after
+from workbench.experiments import Experiment
+from workbench.importance import importance_cached
+from workbench.normalize import LEVELS, NORMALIZERS, PRESETS, ScoringConfig
+from workbench.rescore import Rescorer
+from workbench.selection import Budget, SelectionConfig, layer_summary
+from workbench.widgets import panel
+'''),
+    ("code", LOAD),
+    ("code", '''
+exp = Experiment.create(EXPERIMENT, exist_ok=True)
+calib = CalibrationConfig(num_samples=NUM_SAMPLES, seq_len=SEQ_LEN)
+samples = calibration_samples(tokenizer, calib)
+imp = importance_cached(model, samples, batch_size=calib.batch_size)
+block_loss = block_removal_loss(model, samples, batch_size=calib.batch_size)  # cached under data_cache/block_loss
+rescorer = Rescorer(imp, Budget.of(model), block_loss)
+print(f"base calibration loss {block_loss.base_loss.iloc[0]:.3f}; blocks whose removal lowers the loss: "
+      f"{(block_loss.removal_loss < 0).sum()}")
+plots.scale_per_layer(block_loss, columns=("removal_loss",), title="block removal loss (log axis; ≤ 0 not drawn)")
+'''),
+    ("md", "### Every normalization × level, plus clipping and temperature, at the same budget"),
+    ("code", '''
+settings = {"none": ScoringConfig(method=METHOD)}
+settings |= {f"{n}/{lvl}": ScoringConfig(method=METHOD, normalization=n, level=lvl)
+             for n in NORMALIZERS if n != "none" for lvl in LEVELS}
+settings |= {"log/block + clip 1-99": ScoringConfig(method=METHOD, normalization="log", level="block", clip_low=1, clip_high=99),
+             "T=0.5": ScoringConfig(method=METHOD, temperature=0.5),
+             "T=1": ScoringConfig(method=METHOD, temperature=1.0)}
+selection = SelectionConfig(ratio=RATIO)
+comparison, plans = rescorer.compare(settings, selection)
+comparison[["n_extreme", "emptied_blocks", "removed_layers", "attn_max_pruned", "mlp_max_pruned", "mlp_std_pruned"]]
+'''),
+    ("code", '''
+summaries = {name: layer_summary(plan) for name, plan in plans.items()}
+plots.pruned_fraction_by_setting(summaries, title=f"{METHOD}, {RATIO:.0%} of all parameters")
+'''),
+    ("md", "### Perplexity after pruning under each setting (each on a fresh copy of the model)"),
+    ("code", '''
+dense = perplexity(model, tokenizer, seq_len=SEQ_LEN, max_windows=EVAL_WINDOWS)
+comparison["ppl"] = [perplexity_after(model, tokenizer, plans[name], seq_len=SEQ_LEN, max_windows=EVAL_WINDOWS,
+                                      progress=False).ppl for name in tqdm(plans, desc="settings")]
+print(f"dense PPL {dense.ppl:.2f}")
+comparison[["n_extreme", "mlp_max_pruned", "mlp_std_pruned", "ppl"]].sort_values("ppl")
+'''),
+    ("code", 'plots.grouped_bars(comparison[["ppl"]], ylabel="perplexity", title=f"PPL after pruning {RATIO:.0%} (dense {dense.ppl:.1f})")'),
+    ("code", '''
+exp.write_table("analysis/normalization_comparison.csv", comparison.reset_index())
+exp.write_table("analysis/block_removal_loss.csv", block_loss)
+exp.write_json("evaluation/perplexity.json", dict(dense=dense.to_dict(), ratio=RATIO, method=METHOD,
+                                                  pruned={k: float(v) for k, v in comparison.ppl.items()}))
+paper = [k for k in ("none", "log/layer", "minmax/layer", "minmax/block", "T=1") if k in summaries]
+plots.export(plots.pruned_fraction_by_setting({k: summaries[k] for k in paper}, backend="paper",
+                                              title=f"{METHOD}, {RATIO:.0%} of all parameters"), "03_pruned_fraction_by_setting")
+plots.export(plots.grouped_bars(comparison[["ppl"]], backend="paper", ylabel="perplexity",
+                                title=f"PPL after pruning {RATIO:.0%} (dense {dense.ppl:.1f})"), "03_ppl_by_setting")
+'''),
+    ("md", """
+### Interactive: every change re-scores from the cache
+
+Importance method, normalization and level, clipping percentiles, T, tau and the ratio; the chart shows the
+kept fraction per layer, the line below it the achieved ratio and the number of extreme blocks.
+`state["plan"]` is the plan on display (e.g. `apply_plan(model, state["plan"])`).
+"""),
+    ("code", '''
+box, state = panel(rescorer, PRESETS["taylor"], ratio=RATIO)
+box
+'''),
+]
+
 
 if __name__ == "__main__":
     NB.mkdir(exist_ok=True)
-    for name, cells in [("00_quickstart", QUICKSTART), ("04_global_pruning", GLOBAL)]:
+    for name, cells in [("00_quickstart", QUICKSTART), ("01_gradient_diagnosis", DIAGNOSIS),
+                        ("03_normalization_choices", NORMALIZATION), ("04_global_pruning", GLOBAL)]:
         nbf.write(notebook(cells), NB / f"{name}.ipynb")
         print("wrote", NB / f"{name}.ipynb")
