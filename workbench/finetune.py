@@ -1,0 +1,371 @@
+"""Recovery after pruning: LoRA (peft) or full fine-tuning, resumable, on pruned models of any shape.
+
+LoRA adapters are attached by peft to every linear of attention and MLP (names from the family's
+`ArchSpec`, so layers of different widths each get adapters of their own shapes), trained, then merged
+into the weights: the result is a plain (pruned) model that `prune.save_pruned` writes in the one
+checkpoint format. Training data is plain text (a `workbench.data` source, its calibration part only;
+never the evaluation part) or Alpaca-style instruction data (`alpaca` from the hub, or a local JSON /
+JSON Lines file of {instruction, input, output}).
+
+A run writes `state.pt` into its checkpoint folder every `save_every` steps and when it stops; calling
+`finetune` again with the same settings continues from there, bit for bit.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from workbench.data import OFFLINE_SOURCE, token_stream
+from workbench.models import DATA_CACHE, get_spec
+
+FINETUNE_METHODS = ("lora", "full")
+SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
+ALPACA = "yahma/alpaca-cleaned"  # hub dataset used for `data="alpaca"`
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task{paired}. Write a response that appropriately completes "
+    "the request.\n\n### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
+)
+STATE_FILE = "state.pt"
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    method: str = "lora"
+    data: str = OFFLINE_SOURCE  # text source (calibration part) | "alpaca" | path to .json/.jsonl instructions
+    seq_len: int = 256
+    train_on_inputs: bool = False  # instruction data: also learn the prompt tokens
+    max_steps: int = 100
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    warmup_steps: int = 10
+    max_grad_norm: float | None = 1.0
+    val_fraction: float = 0.05  # of the training examples, held out for the evaluation loss
+    eval_every: int = 20
+    save_every: int = 50
+    seed: int = 0
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    target_modules: tuple[str, ...] | None = None  # None: q, k, v, o, gate, up, down of the family
+
+    def __post_init__(self):
+        if self.method not in FINETUNE_METHODS:
+            raise ValueError(f"method={self.method!r} is not allowed; allowed: {list(FINETUNE_METHODS)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule={self.schedule!r} is not allowed; allowed: {list(SCHEDULES)}")
+        for name in ("seq_len", "max_steps", "batch_size", "grad_accum", "eval_every", "save_every", "lora_r"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be a positive integer")
+        if self.seq_len < 2:
+            raise ValueError(f"seq_len={self.seq_len} must be at least 2")
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr} must be > 0")
+        if self.warmup_steps < 0 or self.warmup_steps >= self.max_steps:
+            raise ValueError(f"warmup_steps={self.warmup_steps} must be in [0, max_steps={self.max_steps})")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm={self.max_grad_norm} must be > 0 or None (no clipping)")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction={self.val_fraction} must be in (0, 1)")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout={self.lora_dropout} must be in [0, 1)")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+
+@dataclass
+class TrainData:
+    """Fixed-length examples: token ids, labels (-100 = not learned) and attention mask."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    attention_mask: torch.Tensor
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def subset(self, idx: torch.Tensor) -> TrainData:
+        return TrainData(self.input_ids[idx], self.labels[idx], self.attention_mask[idx], self.source)
+
+    def split(self, val_fraction: float, seed: int) -> tuple[TrainData, TrainData]:
+        """A seeded hold-out for the evaluation loss (the rest is trained on)."""
+        n_val = max(1, int(round(len(self) * val_fraction)))
+        if len(self) - n_val < 1:
+            raise ValueError(f"{len(self)} examples are too few to hold out {n_val} for validation")
+        perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
+        return self.subset(perm[n_val:].sort().values), self.subset(perm[:n_val].sort().values)
+
+
+def text_examples(tokenizer, source: str, seq_len: int) -> TrainData:
+    """Consecutive windows of the calibration part of a text source (never its evaluation part)."""
+    tokens = token_stream(tokenizer, source, "calibration")
+    n = tokens.numel() // seq_len
+    if n < 2:
+        raise ValueError(f"the calibration part of {source!r} has {tokens.numel()} tokens: fewer than two windows "
+                         f"of seq_len={seq_len}")
+    ids = tokens[: n * seq_len].view(n, seq_len).clone()
+    return TrainData(ids, ids.clone(), torch.ones_like(ids), source=f"{source}:calibration")
+
+
+def load_instructions(source: str) -> list[dict]:
+    """Alpaca-style records from the hub (`alpaca`) or a local .json / .jsonl file."""
+    from datasets import load_dataset
+
+    if source == "alpaca":
+        ds = load_dataset(ALPACA, split="train", cache_dir=str(DATA_CACHE / "datasets"))
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise FileNotFoundError(f"instruction file {path} does not exist")
+        ds = load_dataset("json", data_files=str(path), split="train", cache_dir=str(DATA_CACHE / "datasets"))
+    missing = {"instruction", "output"} - set(ds.column_names)
+    if missing:
+        raise ValueError(f"instruction data {source!r} lacks fields {sorted(missing)}; it has {ds.column_names}")
+    return [dict(r) for r in ds]
+
+
+def format_prompt(record: dict) -> str:
+    inp = (record.get("input") or "").strip()
+    return ALPACA_PROMPT.format(paired=", paired with an input that provides further context" if inp else "",
+                                instruction=record["instruction"].strip(),
+                                input_block=f"### Input:\n{inp}\n\n" if inp else "")
+
+
+def instruction_examples(tokenizer, records: list[dict], seq_len: int, train_on_inputs: bool,
+                         source: str = "") -> TrainData:
+    """Prompt + response + EOS per example, truncated to seq_len and right-padded; prompt masked unless asked."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids, labels, masks = [], [], []
+    for r in records:
+        prompt = tokenizer(format_prompt(r), add_special_tokens=False)["input_ids"]
+        answer = tokenizer(r["output"].strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        seq = (prompt + answer)[:seq_len]
+        lab = (seq if train_on_inputs else [-100] * len(prompt) + answer)[:seq_len]
+        if all(t == -100 for t in lab[1:]):
+            continue  # the prompt alone fills the window: nothing to learn
+        n = len(seq)
+        ids.append(seq + [pad] * (seq_len - n))
+        labels.append(lab + [-100] * (seq_len - n))
+        masks.append([1] * n + [0] * (seq_len - n))
+    if len(ids) < 2:
+        raise ValueError(f"only {len(ids)} instruction example(s) fit seq_len={seq_len}; need at least 2")
+    t = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+    return TrainData(t(ids), t(labels), t(masks), source=source)
+
+
+def training_data(tokenizer, cfg: FinetuneConfig) -> TrainData:
+    if cfg.data == "alpaca" or cfg.data.endswith((".json", ".jsonl")):
+        return instruction_examples(tokenizer, load_instructions(cfg.data), cfg.seq_len, cfg.train_on_inputs, cfg.data)
+    return text_examples(tokenizer, cfg.data, cfg.seq_len)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+@dataclass
+class FinetuneResult:
+    model: nn.Module  # merged (LoRA) or trained (full) model; still wrapped by peft while `completed` is False
+    history: pd.DataFrame  # per optimizer step: step, loss, lr, grad_norm, tokens
+    evals: pd.DataFrame  # step, eval_loss on the held-out examples
+    completed: bool
+    steps: int
+    trainable_params: int
+    seconds: float
+    config: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        return dict(completed=self.completed, steps=self.steps, trainable_params=self.trainable_params,
+                    seconds=round(self.seconds, 2), first_loss=_first(self.history, "loss"),
+                    last_loss=_last(self.history, "loss"), first_eval_loss=_first(self.evals, "eval_loss"),
+                    last_eval_loss=_last(self.evals, "eval_loss"), config=self.config)
+
+
+def _first(df, col):
+    return float(df[col].iloc[0]) if len(df) else None
+
+
+def _last(df, col):
+    return float(df[col].iloc[-1]) if len(df) else None
+
+
+def lora_targets(model: nn.Module, cfg: FinetuneConfig) -> list[str]:
+    if cfg.target_modules is not None:
+        return list(cfg.target_modules)
+    s = get_spec(model)
+    return [s.q, s.k, s.v, s.o, s.gate, s.up, s.down]
+
+
+def _batch_indices(step: int, micro: int, cfg: FinetuneConfig, n: int, perms: dict) -> torch.Tensor:
+    """Examples of one micro-batch: epochs of seeded permutations, a pure function of (step, micro)."""
+    start = (step * cfg.grad_accum + micro) * cfg.batch_size
+    out = []
+    for p in range(start, start + cfg.batch_size):
+        epoch = p // n
+        if epoch not in perms:
+            perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+        out.append(int(perms[epoch][p % n]))
+    return torch.tensor(out)
+
+
+@torch.no_grad()
+def eval_loss(model: nn.Module, data: TrainData, batch_size: int) -> float:
+    """Mean loss per learned token over `data`."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for s in range(0, len(data), batch_size):
+            b = data.subset(torch.arange(s, min(s + batch_size, len(data))))
+            logits = model(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device)).logits.float()
+            labels = b.labels.to(device)[:, 1:]
+            nll = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels.reshape(-1),
+                                              ignore_index=-100, reduction="sum")
+            total += float(nll)
+            count += int((labels != -100).sum())
+    finally:
+        model.train(was_training)
+    return total / max(count, 1)
+
+
+def _save_state(path: Path, state: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def finetune(model: nn.Module, tokenizer, cfg: FinetuneConfig, checkpoint_dir: str | os.PathLike, *,
+             data: TrainData | None = None, resume: bool = True, stop_after: int | None = None,
+             progress: bool = True, log=print) -> FinetuneResult:
+    """Train `model` (mutated in place) for `cfg.max_steps` optimizer steps; merge LoRA when done.
+
+    `checkpoint_dir` holds the resumable state. `stop_after=k` stops once k steps are done in total
+    (the state is saved; a later call resumes). `data` overrides `cfg.data` (e.g. a prepared TrainData).
+    """
+    from transformers import get_scheduler
+
+    checkpoint_dir = Path(checkpoint_dir)
+    state_path = checkpoint_dir / STATE_FILE
+    torch.manual_seed(cfg.seed)
+    data = data if data is not None else training_data(tokenizer, cfg)
+    train, val = data.split(cfg.val_fraction, cfg.seed)
+    device = next(model.parameters()).device
+
+    if cfg.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        peft_cfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                              target_modules=lora_targets(model, cfg), bias="none", task_type="CAUSAL_LM")
+        net = get_peft_model(model, peft_cfg)
+    else:
+        net = model
+        for p in net.parameters():
+            p.requires_grad_(True)
+    named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+    trainable = [p for _, p in named]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = get_scheduler(cfg.schedule, optimizer, num_warmup_steps=cfg.warmup_steps,
+                              num_training_steps=cfg.max_steps)
+    history, evals, step = [], [], 0
+    if resume and state_path.exists():
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        _check_same_config(state["config"], cfg)
+        params = dict(named)
+        with torch.no_grad():
+            for name, value in state["trainable"].items():
+                params[name].copy_(value.to(params[name].device))
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        if torch.cuda.is_available() and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        history, evals, step = state["history"], state["evals"], state["step"]
+        log(f"resumed from {state_path} at step {step}")
+
+    def save():
+        _save_state(state_path, dict(
+            step=step, config=cfg.to_dict(), history=history, evals=evals,
+            trainable={n: p.detach().cpu().clone() for n, p in named}, optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(), torch_rng=torch.get_rng_state(),
+            cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None))
+
+    end = cfg.max_steps if stop_after is None else min(cfg.max_steps, stop_after)
+    perms: dict = {}
+    t0 = time.perf_counter()
+    net.train()
+    bar = tqdm(total=cfg.max_steps, initial=step, desc=f"{cfg.method} fine-tuning", disable=not progress)
+    try:
+        while step < end:
+            losses, tokens = [], 0
+            for micro in range(cfg.grad_accum):
+                b = train.subset(_batch_indices(step, micro, cfg, len(train), perms))
+                out = net(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device),
+                          labels=b.labels.to(device))
+                if not torch.isfinite(out.loss):
+                    raise FloatingPointError(f"loss is {out.loss.item()} at step {step + 1}; lower lr={cfg.lr}")
+                (out.loss / cfg.grad_accum).backward()
+                losses.append(float(out.loss.detach()))
+                tokens += int((b.labels[:, 1:] != -100).sum())
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or math.inf)
+            optimizer.step()
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            history.append(dict(step=step, loss=sum(losses) / len(losses), lr=lr, grad_norm=float(grad_norm),
+                                tokens=tokens))
+            if step % cfg.eval_every == 0 or step == cfg.max_steps:
+                evals.append(dict(step=step, eval_loss=eval_loss(net, val, cfg.batch_size)))
+            if step % cfg.save_every == 0:
+                save()
+            bar.update(1)
+            bar.set_postfix(loss=f"{history[-1]['loss']:.3f}",
+                            **({"eval": f"{evals[-1]['eval_loss']:.3f}"} if evals else {}))
+    finally:
+        bar.close()
+    save()
+    completed = step >= cfg.max_steps
+    n_trainable = sum(p.numel() for p in trainable)
+    if completed:
+        if cfg.method == "lora":
+            model = net.merge_and_unload()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.eval()
+    else:
+        model = net
+    return FinetuneResult(model=model, history=pd.DataFrame(history), evals=pd.DataFrame(evals), completed=completed,
+                          steps=step, trainable_params=n_trainable, seconds=time.perf_counter() - t0,
+                          config=dict(cfg.to_dict(), train_examples=len(train), val_examples=len(val),
+                                      data_source=data.source))
+
+
+def _check_same_config(saved: dict, cfg: FinetuneConfig) -> None:
+    now = cfg.to_dict()
+    diff = {f.name: (saved.get(f.name), now[f.name]) for f in fields(cfg)
+            if _norm(saved.get(f.name)) != _norm(now[f.name])}
+    if diff:
+        raise ValueError(f"the checkpoint was made with other settings {diff} (saved, now); "
+                         "use the same settings to resume, or a new checkpoint_dir / resume=False")
+
+
+def _norm(v):
+    return list(v) if isinstance(v, tuple) else v
