@@ -34,9 +34,11 @@ def _isolated_paths(tmp_path, monkeypatch):
     """Caches, figures and experiments of a test go to its own temporary folder."""
     import workbench.experiments as ex
     import workbench.importance as imp
+    import workbench.models as models
     import workbench.plots as plots
 
     monkeypatch.setattr(plots, "FIGURES", tmp_path / "figures")
     monkeypatch.setattr(ex, "EXPERIMENTS", tmp_path / "experiments")
     monkeypatch.setattr(imp, "IMPORTANCE_CACHE", tmp_path / "importance")
     monkeypatch.setattr(imp, "_MEMORY_CACHE", {})
+    monkeypatch.setattr(models, "DATA_CACHE", tmp_path / "data_cache")

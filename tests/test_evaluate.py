@@ -39,3 +39,63 @@ def test_perplexity_after_prunes_a_copy(tokenizer):
     apply_plan(reference, plan)
     want = perplexity(reference, tokenizer, seq_len=32, max_windows=3, progress=False)
     assert got.ppl == pytest.approx(want.ppl, rel=1e-6)
+
+
+def test_lm_eval_accuracy_matches_the_models_loglikelihoods(tokenizer):
+    import json
+
+    from workbench.zeroshot import LOCAL_TASKS, ZeroShotConfig, zero_shot
+
+    model = tiny_model("mistral", n_layers=2, seed=3)
+    n = 16
+    res = zero_shot(model, tokenizer, ZeroShotConfig(tasks=("pydoc_cloze",), limit=n, batch_size=4), progress=False)
+    docs = [json.loads(line) for line in LOCAL_TASKS["pydoc_cloze"].with_suffix(".jsonl").read_text().splitlines()[:n]]
+    hits, hits_norm = 0, 0
+    with torch.no_grad():
+        for d in docs:
+            ctx = tokenizer(d["context"], add_special_tokens=False)["input_ids"]
+            lls = []
+            for choice in d["choices"]:
+                whole = tokenizer(d["context"] + " " + choice, add_special_tokens=False)["input_ids"]
+                logp = F.log_softmax(model(torch.tensor([whole])).logits[0].double(), -1)
+                lls.append(sum(float(logp[i - 1, whole[i]]) for i in range(len(ctx), len(whole))))
+            hits += max(range(4), key=lambda i: lls[i]) == d["label"]
+            hits_norm += max(range(4), key=lambda i: lls[i] / len(d["choices"][i])) == d["label"]
+    task = res.tasks["pydoc_cloze"]
+    assert task["samples"] == n and task["version"] is not None and res.lm_eval_version
+    assert task["acc"] == pytest.approx(hits / n) and task["acc_norm"] == pytest.approx(hits_norm / n)
+    assert res.mean_acc == task["acc"]
+
+
+def test_zero_shot_settings_are_checked(tmp_path):
+    from workbench.zeroshot import ZeroShotConfig, resolve_task
+
+    with pytest.raises(ValueError, match="limit=0"):
+        ZeroShotConfig(limit=0)
+    assert resolve_task("boolq") == "boolq"
+    local = resolve_task("pydoc_cloze")
+    assert local["dataset_kwargs"]["data_files"]["test"].endswith("workbench/tasks/pydoc_cloze.jsonl")
+    (tmp_path / "t.yaml").write_text("task: t\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: gone.jsonl\n")
+    with pytest.raises(FileNotFoundError, match="gone.jsonl"):
+        resolve_task(tmp_path / "t.yaml")
+
+
+def test_results_record_and_table(tokenizer, tmp_path):
+    from workbench.efficiency import EfficiencyConfig, measure
+    from workbench.evaluate import model_entry, results_record, results_table
+    from workbench.experiments import Experiment
+
+    model = tiny_model("llama", n_layers=2)
+    ppl = perplexity(model, tokenizer, seq_len=32, max_windows=2, progress=False)
+    eff = measure(model, EfficiencyConfig(prompt_len=8, new_tokens=2, warmup=0, repeats=1))
+    rec = results_record({"dense": model_entry(model, perplexity=ppl, efficiency=eff)})
+    assert rec["versions"]["torch"] == torch.__version__.split("+")[0] or rec["versions"]["torch"].startswith(
+        torch.__version__.split("+")[0])
+    assert rec["versions"]["lm-eval"] and rec["models"]["dense"]["model_hash"]
+    exp = Experiment.create("r", base=tmp_path)
+    exp.write_json("evaluation/evaluation_results.json", rec)
+    table = results_table(exp.read_json("evaluation/evaluation_results.json"))
+    assert table.loc["ppl", "dense"] == pytest.approx(ppl.ppl)
+    assert table.loc["kv_cache_bytes_per_token", "dense"] == eff["kv_cache_bytes_per_token"]
+    with pytest.raises(ValueError, match="empty"):
+        results_record({})

@@ -65,3 +65,16 @@ def test_setting_comparison_and_bars(tmp_path, summary):
     assert plots.export(plots.grouped_bars(frame, backend="paper"), "bars", tmp_path)
     with pytest.raises(ValueError, match="empty"):
         plots.pruned_fraction_by_setting({})
+
+
+def test_loss_curve(tmp_path):
+    import pandas as pd
+
+    hist = pd.DataFrame({"step": [1, 2, 3, 4], "loss": [3.0, 2.5, 2.2, 2.0]})
+    evals = pd.DataFrame({"step": [2, 4], "eval_loss": [2.6, 2.1]})
+    fig = plots.loss_curve(hist, evals)
+    assert [t.name for t in fig.data] == ["train loss", "train (moving avg)", "held-out loss"]
+    assert list(fig.data[2].y) == [2.6, 2.1]
+    assert plots.export(plots.loss_curve(hist, evals, backend="paper"), "loss", tmp_path)
+    with pytest.raises(ValueError, match="empty"):
+        plots.loss_curve(hist.iloc[:0])

@@ -94,3 +94,61 @@ def perplexity_after(model: nn.Module, tokenizer, plan, source: str = OFFLINE_SO
         return perplexity(pruned, tokenizer, source, **kwargs)
     finally:
         del pruned
+
+
+RESULT_LIBRARIES = ("torch", "transformers", "peft", "datasets", "lm-eval", "numpy", "pandas")
+
+
+def library_versions() -> dict[str, str | None]:
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for lib in RESULT_LIBRARIES:
+        try:
+            out[lib] = version(lib)
+        except PackageNotFoundError:
+            out[lib] = None
+    return out
+
+
+def model_entry(model: nn.Module, *, perplexity: PerplexityResult | None = None, zero_shot=None,
+                efficiency: dict | None = None, checkpoint: str | None = None) -> dict:
+    """One model's results for `evaluation_results.json` (what is not measured is None)."""
+    from workbench.importance import model_fingerprint
+    from workbench.models import model_summary
+
+    return dict(model_hash=model_fingerprint(model), summary=model_summary(model), checkpoint=checkpoint,
+                perplexity=perplexity.to_dict() if perplexity is not None else None,
+                zero_shot=zero_shot.to_dict() if zero_shot is not None else None, efficiency=efficiency)
+
+
+def results_record(entries: dict[str, dict]) -> dict:
+    """The whole `evaluation/evaluation_results.json`: every model's entry plus library versions."""
+    import time
+
+    if not entries:
+        raise ValueError("entries is empty: pass {name: model_entry(...)}")
+    return dict(models=entries, versions=library_versions(), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+
+
+def results_table(record: dict) -> "pd.DataFrame":
+    """Rows = measures (PPL, mean and per-task accuracy, parameters, efficiency), columns = models."""
+    import pandas as pd
+
+    cols = {}
+    for name, e in record["models"].items():
+        col = {"parameters": e["summary"]["parameters"]}
+        if e.get("perplexity"):
+            col["ppl"] = e["perplexity"]["ppl"]
+        zs = e.get("zero_shot")
+        if zs:
+            col["mean_acc"], col["mean_acc_norm"] = zs["mean_acc"], zs["mean_acc_norm"]
+            for task, r in zs["tasks"].items():
+                col[f"acc/{task}"], col[f"acc_norm/{task}"] = r["acc"], r["acc_norm"]
+        for k in ("prefill_ms", "decode_ms_per_token", "decode_tokens_per_s", "kv_cache_bytes_per_token",
+                  "weight_bytes", "checkpoint_bytes", "peak_memory_bytes"):
+            if e.get("efficiency") and e["efficiency"].get(k) is not None:
+                col[k] = e["efficiency"][k]
+        cols[name] = col
+    return pd.DataFrame(cols)

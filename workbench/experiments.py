@@ -5,7 +5,8 @@
         analysis/            importance table, per-layer summary, diagnosis (CSV / JSON)
         evaluation/          perplexity and other results (JSON)
         figures/             exported figures
-        model/               optional pruned checkpoint
+        model/               optional pruned (or fine-tuned) checkpoint
+        checkpoints/         resumable training state of a fine-tuning run
 
 Every file is written to a temporary name and renamed into place, so an interrupted run never
 leaves a file that parses but lies.
@@ -25,7 +26,7 @@ import pandas as pd
 from workbench.models import REPO_ROOT
 
 EXPERIMENTS = Path(os.environ.get("WORKBENCH_EXPERIMENTS", REPO_ROOT / "experiments"))
-SUBDIRS = ("analysis", "evaluation", "figures", "model")
+SUBDIRS = ("analysis", "evaluation", "figures", "model", "checkpoints")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -90,6 +91,18 @@ class Experiment:
     @property
     def model_dir(self) -> Path:
         return self.root / "model"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @classmethod
+    def open(cls, name: str, *, base: str | os.PathLike | None = None) -> Experiment:
+        """An existing experiment by name (an error naming the folder if there is none)."""
+        exp = cls(Path(base or EXPERIMENTS) / name)
+        if not exp.root.is_dir():
+            raise FileNotFoundError(f"no experiment {name!r} under {exp.root.parent}; run the notebook that makes it first")
+        return exp
 
     def write_json(self, relpath: str, obj) -> Path:
         return write_atomic(self.path(relpath), json.dumps(_jsonable(obj), indent=2, ensure_ascii=False))

@@ -24,7 +24,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from workbench.data import OFFLINE_SOURCE, token_stream
-from workbench.models import DATA_CACHE, get_spec
+from workbench import models
+from workbench.models import get_spec
 
 FINETUNE_METHODS = ("lora", "full")
 SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
@@ -128,12 +129,12 @@ def load_instructions(source: str) -> list[dict]:
     from datasets import load_dataset
 
     if source == "alpaca":
-        ds = load_dataset(ALPACA, split="train", cache_dir=str(DATA_CACHE / "datasets"))
+        ds = load_dataset(ALPACA, split="train", cache_dir=str(models.DATA_CACHE / "datasets"))
     else:
         path = Path(source)
         if not path.exists():
             raise FileNotFoundError(f"instruction file {path} does not exist")
-        ds = load_dataset("json", data_files=str(path), split="train", cache_dir=str(DATA_CACHE / "datasets"))
+        ds = load_dataset("json", data_files=str(path), split="train", cache_dir=str(models.DATA_CACHE / "datasets"))
     missing = {"instruction", "output"} - set(ds.column_names)
     if missing:
         raise ValueError(f"instruction data {source!r} lacks fields {sorted(missing)}; it has {ds.column_names}")

@@ -228,6 +228,37 @@ def grouped_bars(frame: pd.DataFrame, backend: str = "plotly", *, ylabel: str = 
     return fig
 
 
+def loss_curve(history: pd.DataFrame, evals: pd.DataFrame | None = None, backend: str = "plotly",
+               title: str = "Fine-tuning loss"):
+    """Training loss per optimizer step (with a moving average) and the held-out loss at its steps."""
+    _check_backend(backend)
+    if history.empty:
+        raise ValueError("history is empty: no training step was recorded")
+    smooth = history.loss.rolling(max(1, len(history) // 20), min_periods=1).mean()
+    if backend == "plotly":
+        import plotly.graph_objects as go
+
+        fig = go.Figure([
+            go.Scatter(x=history.step, y=history.loss, mode="lines", name="train loss", line=dict(color="#c7c7c7")),
+            go.Scatter(x=history.step, y=smooth, mode="lines", name="train (moving avg)", line=dict(color=COLORS["attn"])),
+        ])
+        if evals is not None and len(evals):
+            fig.add_scatter(x=evals.step, y=evals.eval_loss, mode="lines+markers", name="held-out loss",
+                            marker_color=COLORS["pruned"])
+        fig.update_layout(title=title, xaxis_title="optimizer step", yaxis_title="loss", template="plotly_white")
+        return fig
+    fig, ax = _paper_axes()
+    ax.plot(history.step, history.loss, color="#c7c7c7", lw=0.8, label="train loss")
+    ax.plot(history.step, smooth, color=COLORS["attn"], label="train (moving avg)")
+    if evals is not None and len(evals):
+        ax.plot(evals.step, evals.eval_loss, marker="o", ms=3, color=COLORS["pruned"], label="held-out loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend(frameon=False)
+    return fig
+
+
 def export(fig, name: str, directory: str | os.PathLike | None = None, formats=("pdf", "png")) -> list[Path]:
     """Write a paper figure (matplotlib) as `name.<fmt>` for each format; returns the paths."""
     bad = [f for f in formats if f not in EXPORT_FORMATS]

@@ -1,0 +1,163 @@
+"""What a model costs: parameters per block, checkpoint size, memory, prefill and decode latency, KV cache.
+
+Timings follow one protocol for every model compared: the same random prompt (seeded), `warmup` runs
+discarded, then `repeats` runs; prefill is one forward over the prompt with the cache on, decode is one
+token at a time with the cache (greedy), and each reported latency is the median. Peak memory is the
+CUDA allocator's peak and is only measured on CUDA; on CPU `peak_memory_bytes` is None and the weight and
+cache bytes (counted from tensors) stand in.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import nn
+
+from workbench.models import decoder_layers, geometry, get_spec, layer_parts, parameter_count
+
+
+@dataclass(frozen=True)
+class EfficiencyConfig:
+    prompt_len: int = 128
+    new_tokens: int = 32
+    batch_size: int = 1
+    warmup: int = 2
+    repeats: int = 5
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("prompt_len", "new_tokens", "batch_size", "repeats"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be a positive integer")
+        if self.warmup < 0:
+            raise ValueError(f"warmup={self.warmup} must be >= 0")
+
+
+def parameter_breakdown(model: nn.Module) -> dict[str, int]:
+    """Unique parameters: total, embeddings (+ untied lm_head), attention, MLP, norms."""
+    spec = get_spec(model)
+    seen: set[int] = set()
+
+    def count(module: nn.Module | None) -> int:
+        if module is None:
+            return 0
+        n = 0
+        for p in module.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                n += p.numel()
+        return n
+
+    attn = mlp = 0
+    for layer in decoder_layers(model, spec):
+        parts = layer_parts(layer, spec)  # an emptied block is an EmptyBlock without parameters
+        attn += count(parts.attn)
+        mlp += count(parts.mlp)
+    embeddings = count(model.get_input_embeddings()) + count(model.get_output_embeddings())
+    total = parameter_count(model)
+    return dict(total=total, embeddings=embeddings, attn=attn, mlp=mlp, norms=total - embeddings - attn - mlp)
+
+
+def kv_heads_per_layer(model: nn.Module) -> list[int]:
+    """KV heads each layer keeps (0 for an emptied attention block)."""
+    spec = get_spec(model)
+    head_dim = geometry(model.config).head_dim
+    out = []
+    for layer in decoder_layers(model, spec):
+        parts = layer_parts(layer, spec)
+        out.append(0 if parts.k is None else parts.k.weight.shape[0] // head_dim)
+    return out
+
+
+def kv_cache_bytes_per_token(model: nn.Module, dtype: torch.dtype | None = None) -> int:
+    """Bytes the KV cache grows by per token and sequence: Σ_layers 2 · kv_heads · head_dim · bytes/element."""
+    dtype = dtype or next(model.parameters()).dtype
+    size = torch.empty((), dtype=dtype).element_size()
+    return sum(2 * h * geometry(model.config).head_dim * size for h in kv_heads_per_layer(model))
+
+
+def measured_cache_bytes(cache) -> int:
+    """Bytes held by a transformers cache object (keys and values of every layer)."""
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
+               if t is not None and hasattr(t, "numel"))
+
+
+def directory_bytes(directory: str | os.PathLike) -> int:
+    return sum(f.stat().st_size for f in Path(directory).rglob("*") if f.is_file())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def _run(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> tuple[float, list[float], object]:
+    device = prompt.device
+    _sync(device)
+    t = time.perf_counter()
+    out = model(input_ids=prompt, use_cache=True)
+    _sync(device)
+    prefill = time.perf_counter() - t
+    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    steps = []
+    for _ in range(new_tokens):
+        t = time.perf_counter()
+        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        _sync(device)
+        steps.append(time.perf_counter() - t)
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    return prefill, steps, cache
+
+
+def measure(model: nn.Module, cfg: EfficiencyConfig = EfficiencyConfig(), *,
+            checkpoint_dir: str | os.PathLike | None = None) -> dict:
+    """One model's efficiency record (see the module docstring for the protocol)."""
+    device = next(model.parameters()).device
+    vocab = model.get_input_embeddings().weight.shape[0]
+    prompt = torch.randint(0, vocab, (cfg.batch_size, cfg.prompt_len),
+                           generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        for _ in range(cfg.warmup):
+            _run(model, prompt, cfg.new_tokens)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        prefills, steps = [], []
+        for _ in range(cfg.repeats):
+            p, s, cache = _run(model, prompt, cfg.new_tokens)
+            prefills.append(p)
+            steps.extend(s)
+    finally:
+        model.train(was_training)
+    tokens_in_cache = cfg.batch_size * (cfg.prompt_len + cfg.new_tokens)
+    decode = statistics.median(steps)
+    weights = sum(t.numel() * t.element_size() for t in {id(p): p for p in model.parameters()}.values())
+    return dict(
+        **{f"params_{k}": v for k, v in parameter_breakdown(model).items()},
+        weight_bytes=weights,
+        checkpoint_bytes=directory_bytes(checkpoint_dir) if checkpoint_dir is not None else None,
+        peak_memory_bytes=int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None,
+        prefill_ms=1e3 * statistics.median(prefills),
+        decode_ms_per_token=1e3 * decode,
+        decode_tokens_per_s=cfg.batch_size / decode,
+        prefill_tokens_per_s=cfg.batch_size * cfg.prompt_len / statistics.median(prefills),
+        kv_cache_bytes_per_token=kv_cache_bytes_per_token(model),
+        kv_cache_bytes_measured=measured_cache_bytes(cache),
+        kv_cache_tokens=tokens_in_cache,
+        device=str(device), dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+        threads=torch.get_num_threads(), **{f"cfg_{k}": v for k, v in asdict(cfg).items()},
+    )
+
+
+def compare(models: dict[str, nn.Module], cfg: EfficiencyConfig = EfficiencyConfig(), *,
+            checkpoints: dict[str, str | os.PathLike] | None = None) -> pd.DataFrame:
+    """Side by side, same prompt and protocol: one column per model, one row per measure."""
+    checkpoints = checkpoints or {}
+    return pd.DataFrame({name: measure(m, cfg, checkpoint_dir=checkpoints.get(name)) for name, m in models.items()})
