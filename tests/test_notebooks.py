@@ -12,7 +12,27 @@ SMOKE_PARAMS = {
     "01_gradient_diagnosis": dict(SMOKE=True, NUM_SAMPLES=8, SEQ_LEN=32),
     "03_normalization_choices": dict(SMOKE=True, NUM_SAMPLES=8, SEQ_LEN=32, EVAL_WINDOWS=4),
     "04_global_pruning": dict(SMOKE=True, NUM_SAMPLES=8, SEQ_LEN=32, EVAL_WINDOWS=4),
+    "05_finetuning": dict(SMOKE=True, NUM_SAMPLES=8, MAX_STEPS=4, SEQ_LEN=32, BATCH_SIZE=2, GRAD_ACCUM=1,
+                          EVAL_EVERY=2, EVAL_WINDOWS=4, LR=1e-3),
+    "06_evaluation": dict(SMOKE=True, LIMIT=8, EVAL_WINDOWS=4, PROMPT_LEN=16, NEW_TOKENS=4),
 }
+
+
+def _prepare_06(experiments):
+    """06 evaluates the models of 04 and 05: put tiny ones (of the SMOKE model) where they would be."""
+    from workbench.experiments import Experiment
+    from workbench.models import byte_tokenizer, layer_widths, tiny_model
+    from workbench.prune import apply_plan, save_pruned
+    from workbench.selection import random_plan
+
+    for name, seed in [("nb04-global-pruning", 0), ("nb05-finetuning", 1)]:
+        model = tiny_model("llama", n_layers=4)
+        plan = random_plan(layer_widths(model), 0.3, seed=seed, empty_blocks=1)
+        apply_plan(model, plan)
+        save_pruned(model, Experiment.create(name, base=experiments).model_dir, tokenizer=byte_tokenizer(), plan=plan)
+
+
+PREPARE = {"06_evaluation": _prepare_06}
 
 
 def test_every_notebook_has_smoke_parameters():
@@ -35,6 +55,8 @@ def test_notebook_executes(path, tmp_path, monkeypatch):
     monkeypatch.setenv("WORKBENCH_EXPERIMENTS", str(tmp_path / "experiments"))
     monkeypatch.setenv("WORKBENCH_DATA_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("MPLBACKEND", "Agg")
+    if path.stem in PREPARE:
+        PREPARE[path.stem](tmp_path / "experiments")
     out = tmp_path / path.name
     pm.execute_notebook(str(path), str(out), parameters=SMOKE_PARAMS[path.stem], kernel_name="python3",
                         cwd=str(path.parent), progress_bar=False)

@@ -332,10 +332,181 @@ box
 '''),
 ]
 
+FINETUNE = [
+    ("md", '''
+# 05 · Recovery by LoRA (or full) fine-tuning
+
+Prunes the default model globally (Taylor, `RATIO` of all parameters; or loads the pruned checkpoint of
+an earlier experiment), then trains LoRA adapters through peft on every linear of attention and MLP —
+each layer's adapters take that layer's own pruned shapes — and merges them into the weights. The result
+is saved in the same pruned-checkpoint format and reloads exactly.
+
+Training text is the *calibration* part of the offline corpus (never its evaluation part); with internet,
+`DATA = "alpaca"` trains on Alpaca-style instructions (prompt tokens masked). A stopped run resumes from
+`checkpoints/` of the experiment when the cell is run again with the same settings.
+'''),
+    ("params", '''
+MODEL = None
+SMOKE = False
+PRUNED_EXPERIMENT = None  # name of an experiment whose model/ holds a pruned checkpoint; None: prune here
+RATIO = 0.2
+NUM_SAMPLES = 64
+METHOD = "lora"           # "lora" or "full"
+DATA = "pydoc"            # a text source (calibration part), "alpaca", or a .json/.jsonl instruction file
+MAX_STEPS = 100
+SEQ_LEN = 128
+BATCH_SIZE = 4
+GRAD_ACCUM = 2
+LR = 2e-4
+LORA_R = 8
+EVAL_EVERY = 20
+EVAL_WINDOWS = 50
+EXPERIMENT = "nb05-finetuning"
+'''),
+    ("code", '''
+import pandas as pd
+import torch
+from workbench import plots
+from workbench.data import CalibrationConfig, calibration_samples
+from workbench.evaluate import perplexity
+from workbench.experiments import Experiment
+from workbench.finetune import FinetuneConfig, finetune
+from workbench.importance import importance_cached
+from workbench.prune import apply_plan, load_plan, load_pruned, save_pruned
+from workbench.selection import SelectionConfig, build_table, select, unit_costs
+'''),
+    ("code", LOAD),
+    ("code", '''
+exp = Experiment.create(EXPERIMENT, exist_ok=True)
+ppl = lambda m: perplexity(m, tokenizer, seq_len=128, max_windows=EVAL_WINDOWS)  # one protocol for all three
+dense_ppl = ppl(model)
+if PRUNED_EXPERIMENT is None:
+    calib = CalibrationConfig(num_samples=NUM_SAMPLES, seq_len=128)
+    imp = importance_cached(model, calibration_samples(tokenizer, calib), batch_size=calib.batch_size)
+    plan = select(build_table(imp.scores("taylor"), unit_costs(model)), model, SelectionConfig(ratio=RATIO))
+    apply_plan(model, plan)
+else:
+    source = Experiment.open(PRUNED_EXPERIMENT).model_dir
+    model, plan = load_pruned(source), load_plan(source)
+pruned_ppl = ppl(model)
+print(f"dense PPL {dense_ppl.ppl:.2f} → pruned {pruned_ppl.ppl:.2f}")
+'''),
+    ("md", "### Fine-tune (progress bar shows the training and held-out loss)"),
+    ("code", '''
+cfg = FinetuneConfig(method=METHOD, data=DATA, max_steps=MAX_STEPS, seq_len=SEQ_LEN, batch_size=BATCH_SIZE,
+                     grad_accum=GRAD_ACCUM, lr=LR, lora_r=LORA_R, lora_alpha=2 * LORA_R,
+                     eval_every=EVAL_EVERY, save_every=EVAL_EVERY, warmup_steps=max(1, MAX_STEPS // 10))
+result = finetune(model, tokenizer, cfg, exp.checkpoints)
+model = result.model
+pd.Series(result.summary()).drop("config")
+'''),
+    ("code", "plots.loss_curve(result.history, result.evals, title=f'{METHOD} on the pruned model')"),
+    ("code", '''
+recovered_ppl = ppl(model)
+table = pd.DataFrame({"perplexity": [dense_ppl.ppl, pruned_ppl.ppl, recovered_ppl.ppl]},
+                     index=["dense", "pruned", f"pruned + {METHOD}"])
+table["recovered share of the loss"] = [None, None, (pruned_ppl.mean_nll - recovered_ppl.mean_nll)
+                                        / (pruned_ppl.mean_nll - dense_ppl.mean_nll)]
+table
+'''),
+    ("md", "### Save the merged model in the pruned-checkpoint format and check the reload"),
+    ("code", '''
+save_pruned(model, exp.model_dir, tokenizer=tokenizer, plan=plan)
+reloaded = load_pruned(exp.model_dir)
+probe = torch.randint(0, len(tokenizer), (2, 32))
+with torch.no_grad():
+    print("reload max |Δlogit|:", (reloaded(probe).logits - model(probe).logits).abs().max().item())
+'''),
+    ("code", '''
+exp.write_json("config.json", dict(finetune=cfg.to_dict(), pruned_experiment=PRUNED_EXPERIMENT, ratio=RATIO))
+exp.write_table("analysis/loss_history.csv", result.history)
+exp.write_table("analysis/eval_loss.csv", result.evals)
+exp.write_json("evaluation/finetune.json", dict(summary=result.summary(), dense=dense_ppl.to_dict(),
+                                                pruned=pruned_ppl.to_dict(), recovered=recovered_ppl.to_dict()))
+plots.export(plots.loss_curve(result.history, result.evals, backend="paper", title=f"{METHOD} on the pruned model"),
+             "05_loss_curve")
+'''),
+]
+
+EVALUATION = [
+    ("md", '''
+# 06 · Evaluation: dense vs pruned vs recovered
+
+Perplexity (one protocol for all), zero-shot accuracy through lm-evaluation-harness on the models in
+memory, and efficiency measured side by side with the same prompts and settings (warm-up, repeats,
+median). Everything goes to `evaluation/evaluation_results.json` with each model's hash and the library
+versions.
+
+Zero-shot tasks: the seed's seven (`SEED_TASKS`: BoolQ, PIQA, HellaSwag, WinoGrande, ARC-Easy,
+ARC-Challenge, OpenBookQA) need the hub; offline, the project's own `pydoc_cloze` task (sentence
+completion on the evaluation part of the offline corpus, 4 choices, chance 25 %) runs the same way, and any
+local task YAML path works too.
+'''),
+    ("params", '''
+MODEL = None
+SMOKE = False
+PRUNED_EXPERIMENT = "nb04-global-pruning"   # its model/ is the pruned model
+RECOVERED_EXPERIMENT = "nb05-finetuning"    # its model/ is the fine-tuned model (None to skip)
+TASKS = ["pydoc_cloze"]                     # or list(SEED_TASKS) with internet
+LIMIT = None                                # examples per task (None = all)
+EVAL_WINDOWS = 50
+PROMPT_LEN = 128
+NEW_TOKENS = 32
+EXPERIMENT = "nb06-evaluation"
+'''),
+    ("code", '''
+import pandas as pd
+from workbench import plots
+from workbench.efficiency import EfficiencyConfig, measure
+from workbench.evaluate import model_entry, perplexity, results_record, results_table
+from workbench.experiments import Experiment
+from workbench.prune import load_pruned
+from workbench.zeroshot import SEED_TASKS, ZeroShotConfig, zero_shot
+'''),
+    ("code", LOAD),
+    ("code", '''
+exp = Experiment.create(EXPERIMENT, exist_ok=True)
+models, checkpoints = {"dense": model}, {"dense": None}
+for name, source in [("pruned", PRUNED_EXPERIMENT), ("recovered", RECOVERED_EXPERIMENT)]:
+    if source is not None:
+        checkpoints[name] = Experiment.open(source).model_dir
+        models[name] = load_pruned(checkpoints[name])
+{name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
+'''),
+    ("code", '''
+zs_cfg = ZeroShotConfig(tasks=tuple(TASKS), limit=LIMIT)
+eff_cfg = EfficiencyConfig(prompt_len=PROMPT_LEN, new_tokens=NEW_TOKENS)
+entries = {}
+for name, m in models.items():
+    entries[name] = model_entry(
+        m, checkpoint=str(checkpoints[name]) if checkpoints[name] else None,
+        perplexity=perplexity(m, tokenizer, seq_len=128, max_windows=EVAL_WINDOWS),
+        zero_shot=zero_shot(m, tokenizer, zs_cfg),
+        efficiency=measure(m, eff_cfg, checkpoint_dir=checkpoints[name]))
+record = results_record(entries)
+exp.write_json("evaluation/evaluation_results.json", record)
+table = results_table(record)
+table
+'''),
+    ("code", '''
+acc = table.loc[[r for r in table.index if r.startswith("acc/")]].rename(index=lambda r: r[4:])
+plots.grouped_bars(acc, ylabel="accuracy", title="zero-shot accuracy (acc)")
+'''),
+    ("code", '''
+efficiency = table.loc[["parameters", "prefill_ms", "decode_ms_per_token", "decode_tokens_per_s", "kv_cache_bytes_per_token"]]
+efficiency.assign(**{f"{c} / dense": efficiency[c] / efficiency["dense"] for c in efficiency.columns if c != "dense"})
+'''),
+    ("code", '''
+plots.export(plots.grouped_bars(acc, backend="paper", ylabel="accuracy", title="zero-shot accuracy (acc)"), "06_zero_shot")
+plots.export(plots.grouped_bars(table.loc[["ppl"]], backend="paper", ylabel="perplexity", title="perplexity"), "06_perplexity")
+'''),
+]
+
 
 if __name__ == "__main__":
     NB.mkdir(exist_ok=True)
     for name, cells in [("00_quickstart", QUICKSTART), ("01_gradient_diagnosis", DIAGNOSIS),
-                        ("03_normalization_choices", NORMALIZATION), ("04_global_pruning", GLOBAL)]:
+                        ("03_normalization_choices", NORMALIZATION), ("04_global_pruning", GLOBAL),
+                        ("05_finetuning", FINETUNE), ("06_evaluation", EVALUATION)]:
         nbf.write(notebook(cells), NB / f"{name}.ipynb")
         print("wrote", NB / f"{name}.ipynb")
