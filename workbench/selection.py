@@ -69,8 +69,15 @@ class SelectionConfig:
     ratio: float = 0.2
     ratio_of: str = "total"
     min_units_per_block: int = 0  # 0 lets blocks (and whole layers) empty
+    # Per-layer allocation (e.g. OWL): layer i loses layer_ratios[i] of its attention+MLP parameters,
+    # lowest scores first within the layer; `ratio` and `ratio_of` are then not used.
+    layer_ratios: tuple[float, ...] | None = None
 
     def __post_init__(self):
+        if self.layer_ratios is not None:
+            bad = [r for r in self.layer_ratios if not 0.0 <= r < 1.0]
+            if bad or not len(self.layer_ratios):
+                raise ValueError(f"layer_ratios {list(self.layer_ratios)} must be a non-empty list of values in [0, 1)")
         if not 0.0 <= self.ratio < 1.0:
             raise ValueError(f"ratio={self.ratio} must be in [0, 1)")
         if self.ratio_of not in RATIO_OF:
@@ -169,6 +176,8 @@ def select(table: pd.DataFrame, model: nn.Module | Budget, cfg: SelectionConfig 
     Rows with `forced=True` (tau) are removed first, whole, and count against the budget.
     """
     budget = model if isinstance(model, Budget) else Budget.of(model)
+    if cfg.layer_ratios is not None:
+        return _select_per_layer(table, budget, cfg, score_column)
     widths = budget.widths
     prunable = budget.prunable_params
     denominator = budget.total_params if cfg.ratio_of == "total" else prunable
@@ -218,6 +227,29 @@ def select(table: pd.DataFrame, model: nn.Module | Budget, cfg: SelectionConfig 
     if len(plan.removed_layers()) == len(widths):
         raise ValueError(f"ratio={cfg.ratio} would remove every layer; lower the ratio or set min_units_per_block >= 1")
     return plan
+
+
+def _select_per_layer(table: pd.DataFrame, budget: Budget, cfg: SelectionConfig, score_column: str) -> Plan:
+    """Within each layer, remove the lowest-score units until the layer's own ratio of its parameters is met."""
+    widths = budget.widths
+    if len(cfg.layer_ratios) != len(widths):
+        raise ValueError(f"layer_ratios has {len(cfg.layer_ratios)} values; the model has {len(widths)} layers")
+    removed: dict[str, dict[int, list[int]]] = {b: {} for b in BLOCKS}
+    target = selected = 0
+    for layer, part in table.groupby("layer", sort=True):
+        part = part.iloc[_stable_argsort(part[score_column].to_numpy(dtype=np.float64))]
+        layer_params = sum(widths[layer][k] * budget.costs[b][layer] for k, b in enumerate(BLOCKS))
+        want = int(np.ceil(cfg.layer_ratios[layer] * layer_params))
+        cum = part["cost"].to_numpy().cumsum()
+        n = 0 if want <= 0 else int(np.searchsorted(cum, want, side="left")) + 1
+        chosen = part.iloc[:n]
+        for block, g in chosen.groupby("block", observed=True):
+            removed[str(block)][int(layer)] = sorted(g["unit"].tolist())
+        target += want
+        selected += int(chosen["cost"].sum())
+    return Plan.from_units(widths, removed, target_params=target, selected_params=selected,
+                           denominator=budget.prunable_params,
+                           settings=dict(asdict(cfg), score_column=score_column))
 
 
 def layer_summary(plan: Plan) -> pd.DataFrame:
