@@ -78,3 +78,27 @@ def test_loss_curve(tmp_path):
     assert plots.export(plots.loss_curve(hist, evals, backend="paper"), "loss", tmp_path)
     with pytest.raises(ValueError, match="empty"):
         plots.loss_curve(hist.iloc[:0])
+
+
+def test_outlier_figures(tmp_path):
+    import torch
+
+    from workbench.outliers import activation_stats, weight_histograms, weight_stats
+
+    model = tiny_model("llama", n_layers=2)
+    hist = weight_histograms(model, bins=21)
+    fig = plots.weight_distribution(hist)
+    assert fig.layout.yaxis.type == "log" and [t.name for t in fig.data][:3] == ["embeddings", "q", "k"]
+    stats = weight_stats(model)
+    heat = plots.outlier_heatmap(stats)
+    assert list(heat.data[0].y) == ["q", "k", "v", "o", "gate", "up", "down", "input_norm", "post_attn_norm"]
+    assert heat.data[0].customdata[4][1] == stats.query("layer == 1 and module == 'gate'").max_over_std.item()
+    acts = activation_stats(model, torch.randint(0, 256, (2, 8)), progress=False, cache=False)
+    mag = plots.activation_magnitude(acts.frame("residual"))
+    assert mag.data[0].z.shape == (2, 48)
+    for name, f in [("w", plots.weight_distribution(hist, backend="paper")),
+                    ("h", plots.outlier_heatmap(stats, backend="paper")),
+                    ("a", plots.activation_magnitude(acts.frame("residual"), backend="paper"))]:
+        assert plots.export(f, name, tmp_path)
+    with pytest.raises(ValueError, match="kurt"):
+        plots.outlier_heatmap(stats, value="kurt")

@@ -502,10 +502,120 @@ plots.export(plots.grouped_bars(table.loc[["ppl"]], backend="paper", ylabel="per
 '''),
 ]
 
+OUTLIERS = [
+    ("md", '''
+# 02 · Outliers and weight / activation distributions, next to the pruning decisions
+
+LLMs carry outliers: a few weights far from the bulk, a few hidden dimensions whose activations are orders
+of magnitude above the rest ("massive activations"), channels LLM.int8 must treat apart (|x| > 6).
+Removing a unit that carries them breaks the model, and layers rich in outliers tolerate less pruning
+(OWL). This notebook shows both and links them to a pruning plan:
+
+1. weights per layer and module: std, kurtosis, max |w| / σ, share beyond k·σ; histograms on a log count axis;
+2. activations over the calibration data, streamed and cached: per hidden dimension max |x| and how often it
+   exceeds the threshold, massive activations, dimensions that are outliers in many layers;
+3. the outlier units a global plan removes (warning), and an OWL-style per-layer allocation:
+   each layer's ratio shrinks with its outlier ratio (share of |w|·‖x‖ above M × the layer mean), kept within
+   ±λ of the global ratio, mean equal to it.
+'''),
+    ("params", '''
+MODEL = None
+SMOKE = False
+NUM_SAMPLES = 32
+SEQ_LEN = 128
+THRESHOLD = 6.0       # |activation| counted as an outlier (LLM.int8)
+K_SIGMA = 6.0         # |w - mean| / std counted as an outlier weight
+METHOD = "taylor"
+RATIO = 0.2           # of all parameters
+OWL_M = 5.0
+OWL_LAMBDA = 0.08
+EVAL_WINDOWS = 50
+EXPERIMENT = "nb02-outliers"
+'''),
+    ("code", '''
+import pandas as pd
+from workbench import plots
+from workbench.data import CalibrationConfig, calibration_samples
+from workbench.evaluate import perplexity_after
+from workbench.experiments import Experiment
+from workbench.importance import importance_cached
+from workbench.outliers import (activation_stats, compare_allocation, layer_outlier_ratio, owl_ratios, plan_outliers,
+                                unit_outliers, warn_removed_outliers, weight_histograms, weight_stats)
+from workbench.selection import Budget, SelectionConfig, build_table, layer_summary, select
+'''),
+    ("code", LOAD),
+    ("md", "### Weights"),
+    ("code", '''
+exp = Experiment.create(EXPERIMENT, exist_ok=True)
+wstats = weight_stats(model, k_sigma=K_SIGMA)
+wstats.sort_values("max_over_std", ascending=False).head(10)
+'''),
+    ("code", 'plots.outlier_heatmap(wstats, "max_over_std")'),
+    ("code", 'plots.outlier_heatmap(wstats, "kurtosis", log=False)'),
+    ("code", '''
+whist = weight_histograms(model)
+plots.weight_distribution(whist)
+'''),
+    ("md", "### Activations (one streamed pass, cached under `data_cache/outliers/`)"),
+    ("code", '''
+calib = CalibrationConfig(num_samples=NUM_SAMPLES, seq_len=SEQ_LEN)
+samples = calibration_samples(tokenizer, calib)
+acts = activation_stats(model, samples, batch_size=calib.batch_size, threshold=THRESHOLD)
+acts.massive("residual").head(12)
+'''),
+    ("code", '''
+print(f"hidden dimensions beyond |x| > {THRESHOLD} in at least 2 layers (residual stream):")
+acts.outlier_dims("residual", min_layers=2).head(10)
+'''),
+    ("code", 'plots.activation_magnitude(acts.frame("residual"), title="residual stream: max |x| per dimension")'),
+    ("md", "### The outlier units of a global plan"),
+    ("code", '''
+imp = importance_cached(model, samples, batch_size=calib.batch_size)
+budget = Budget.of(model)
+table = build_table(imp.scores(METHOD), budget.costs)
+plan = select(table, budget, SelectionConfig(ratio=RATIO))
+units = unit_outliers(model, acts, k_sigma=K_SIGMA)
+summary, _ = plan_outliers(plan, units)
+summary
+'''),
+    ("code", '''
+flagged = warn_removed_outliers(plan, units)
+flagged.head(20)
+'''),
+    ("md", "### OWL-style allocation against the plain global plan (same number of parameters)"),
+    ("code", '''
+lod = layer_outlier_ratio(model, acts, m=OWL_M)
+prunable_ratio = plan.selected_params / budget.prunable_params
+ratios = owl_ratios(lod, prunable_ratio, OWL_LAMBDA)
+owl_plan = select(table, budget, SelectionConfig(layer_ratios=tuple(ratios)))
+allocation = compare_allocation(plan, owl_plan, budget, lod)
+print(f"global plan removes {prunable_ratio:.2%} of attention+MLP; OWL mean ratio {ratios.mean():.2%}, "
+      f"range [{ratios.min():.2%}, {ratios.max():.2%}]")
+plots.pruned_fraction_by_setting({"global": layer_summary(plan), "OWL": layer_summary(owl_plan)},
+                                 title="global vs OWL allocation")
+'''),
+    ("code", '''
+ppl = {name: perplexity_after(model, tokenizer, p, seq_len=SEQ_LEN, max_windows=EVAL_WINDOWS, progress=False).ppl
+       for name, p in [("global", plan), ("OWL", owl_plan)]}
+ppl
+'''),
+    ("code", '''
+exp.write_table("analysis/weight_stats.csv", wstats)
+exp.write_table("analysis/massive_activations.csv", acts.massive("residual"))
+exp.write_table("analysis/outlier_dims.csv", acts.outlier_dims("residual", min_layers=2))
+exp.write_table("analysis/plan_outliers.csv", summary)
+exp.write_table("analysis/owl_allocation.csv", allocation)
+exp.write_json("evaluation/perplexity.json", dict(ratio=RATIO, method=METHOD, owl_m=OWL_M, owl_lambda=OWL_LAMBDA, ppl=ppl))
+plots.export(plots.weight_distribution(whist, backend="paper"), "02_weight_distribution")
+plots.export(plots.outlier_heatmap(wstats, "max_over_std", backend="paper"), "02_weight_outliers")
+plots.export(plots.activation_magnitude(acts.frame("residual"), backend="paper"), "02_activation_magnitude")
+'''),
+]
+
 
 if __name__ == "__main__":
     NB.mkdir(exist_ok=True)
-    for name, cells in [("00_quickstart", QUICKSTART), ("01_gradient_diagnosis", DIAGNOSIS),
+    for name, cells in [("00_quickstart", QUICKSTART), ("01_gradient_diagnosis", DIAGNOSIS), ("02_outliers_and_distributions", OUTLIERS),
                         ("03_normalization_choices", NORMALIZATION), ("04_global_pruning", GLOBAL),
                         ("05_finetuning", FINETUNE), ("06_evaluation", EVALUATION)]:
         nbf.write(notebook(cells), NB / f"{name}.ipynb")

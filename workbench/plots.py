@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from workbench.models import REPO_ROOT
@@ -256,6 +257,99 @@ def loss_curve(history: pd.DataFrame, evals: pd.DataFrame | None = None, backend
     ax.set_ylabel("loss")
     ax.set_title(title)
     ax.legend(frameon=False)
+    return fig
+
+
+MODULE_ORDER = ["embeddings", "q", "k", "v", "o", "gate", "up", "down", "input_norm", "post_attn_norm", "lm_head"]
+
+
+def weight_distribution(hist: pd.DataFrame, backend: str = "plotly", title: str = "Weight distribution (log count)"):
+    """Histograms of weights per module kind (from `outliers.weight_histograms`) on a log count axis."""
+    _check_backend(backend)
+    kinds = [m for m in MODULE_ORDER if m in set(hist.module)] + sorted(set(hist.module) - set(MODULE_ORDER))
+    if backend == "plotly":
+        import plotly.graph_objects as go
+
+        fig = go.Figure()
+        for i, kind in enumerate(kinds):
+            h = hist[hist.module == kind]
+            fig.add_scatter(x=(h.left + h.right) / 2, y=h["count"].where(h["count"] > 0), mode="lines", name=kind,
+                            line=dict(shape="hvh", color=_series_color(i)))
+        fig.update_yaxes(type="log", title_text="count")
+        fig.update_layout(title=title, xaxis_title="weight", template="plotly_white")
+        return fig
+    n = len(kinds)
+    ncols = min(4, n)
+    nrows = -(-n // ncols)
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    sns.set_theme(style="whitegrid", rc=PAPER_RC)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(1.8 * ncols, 1.6 * nrows), squeeze=False)
+    for ax, kind, i in zip(axes.flat, kinds, range(n)):
+        h = hist[hist.module == kind]
+        ax.stairs(h["count"].to_numpy(), np.r_[h.left.to_numpy(), h.right.to_numpy()[-1:]], fill=True,
+                  color=_series_color(i))
+        ax.set_yscale("log")
+        ax.set_title(kind, fontsize=8)
+        ax.tick_params(labelsize=6)
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def outlier_heatmap(stats: pd.DataFrame, value: str = "max_over_std", backend: str = "plotly", log: bool = True,
+                    title: str | None = None):
+    """Layer × module heatmap of a weight statistic (from `outliers.weight_stats`); layer −1 rows left out."""
+    _check_backend(backend)
+    if value not in stats.columns:
+        raise ValueError(f"value={value!r} is not a column; available: {list(stats.columns)}")
+    wide = stats[stats.layer >= 0].pivot_table(index="module", columns="layer", values=value)
+    wide = wide.reindex([m for m in MODULE_ORDER if m in wide.index])
+    z = np.log10(wide.clip(lower=1e-12)) if log else wide
+    label = f"log10 {value}" if log else value
+    title = title or f"{value} per layer and module"
+    if backend == "plotly":
+        import plotly.graph_objects as go
+
+        fig = go.Figure(go.Heatmap(z=z.to_numpy(), x=list(wide.columns), y=list(wide.index), colorscale="Viridis",
+                                   customdata=wide.to_numpy(), colorbar=dict(title=label),
+                                   hovertemplate="layer %{x}<br>%{y}<br>" + value + " %{customdata:.3g}<extra></extra>"))
+        fig.update_layout(title=title, xaxis_title="layer", template="plotly_white")
+        return fig
+    import seaborn as sns
+
+    fig, ax = _paper_axes()
+    sns.heatmap(z, ax=ax, cmap="viridis", cbar_kws=dict(label=label))
+    ax.set_xlabel("layer")
+    ax.set_ylabel("")
+    ax.set_title(title)
+    return fig
+
+
+def activation_magnitude(frame: pd.DataFrame, value: str = "max_abs", backend: str = "plotly",
+                         title: str | None = None):
+    """Hidden dimension × layer heatmap of an activation statistic (log10), from `ActivationStats.frame`."""
+    _check_backend(backend)
+    wide = frame.pivot_table(index="layer", columns="dim", values=value)
+    z = np.log10(wide.clip(lower=1e-8))
+    title = title or f"{value} per hidden dimension and layer (log10)"
+    if backend == "plotly":
+        import plotly.graph_objects as go
+
+        fig = go.Figure(go.Heatmap(z=z.to_numpy(), x=list(wide.columns), y=list(wide.index), colorscale="Magma",
+                                   customdata=wide.to_numpy(), colorbar=dict(title=f"log10 {value}"),
+                                   hovertemplate="layer %{y}<br>dim %{x}<br>%{customdata:.3g}<extra></extra>"))
+        fig.update_layout(title=title, xaxis_title="hidden dimension", yaxis_title="layer", template="plotly_white")
+        return fig
+    fig, ax = _paper_axes()
+    im = ax.imshow(z.to_numpy(), aspect="auto", cmap="magma", interpolation="nearest")
+    fig.colorbar(im, ax=ax, label=f"log10 {value}")
+    ax.set_xlabel("hidden dimension")
+    ax.set_ylabel("layer")
+    ax.set_title(title)
     return fig
 
 
