@@ -7,44 +7,14 @@ Peak memory is the peak RSS over each phase (CPU; sampled every 5 ms) or the pea
 from __future__ import annotations
 
 import argparse
-import threading
 import time
 
-import psutil
 import torch
 
 from workbench.data import CalibrationConfig, calibration_samples
+from workbench.efficiency import PeakMemory
 from workbench.importance import compute_importance
 from workbench.models import byte_tokenizer, load_model, tiny_model
-
-
-class PeakMemory:
-    def __init__(self, device):
-        self.device, self.peak = device, 0
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            return self
-        proc, self._stop = psutil.Process(), threading.Event()
-
-        def sample():
-            while not self._stop.is_set():
-                self.peak = max(self.peak, proc.memory_info().rss)
-                time.sleep(0.005)
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated()
-        else:
-            self._stop.set()
-            self._thread.join()
 
 
 def bare_pass(model, samples, batch_size):

@@ -2,14 +2,16 @@
 
 Timings follow one protocol for every model compared: the same random prompt (seeded), `warmup` runs
 discarded, then `repeats` runs; prefill is one forward over the prompt with the cache on, decode is one
-token at a time with the cache (greedy), and each reported latency is the median. Peak memory is the
-CUDA allocator's peak and is only measured on CUDA; on CPU `peak_memory_bytes` is None and the weight and
-cache bytes (counted from tensors) stand in.
+token at a time with the cache (greedy), and each reported latency is the median. Peak memory over the
+timed runs is the CUDA allocator's peak on GPU, and on CPU the process's peak resident memory sampled
+every 5 ms (it includes everything else the process holds, so compare models measured in one process
+only by the difference); `peak_memory_kind` says which.
 """
 from __future__ import annotations
 
 import os
 import statistics
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,6 +38,44 @@ class EfficiencyConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be a positive integer")
         if self.warmup < 0:
             raise ValueError(f"warmup={self.warmup} must be >= 0")
+
+
+class PeakMemory:
+    """Context manager: peak CUDA allocation (GPU) or peak process RSS sampled every 5 ms (CPU), in `.peak`."""
+
+    def __init__(self, device: torch.device | str):
+        self.device, self.peak = torch.device(device), 0
+
+    @property
+    def kind(self) -> str:
+        return "cuda_max_allocated" if self.device.type == "cuda" else "process_peak_rss"
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        import psutil
+
+        proc, self._stop = psutil.Process(), threading.Event()
+        self.peak = proc.memory_info().rss
+
+        def sample():
+            while not self._stop.is_set():
+                self.peak = max(self.peak, proc.memory_info().rss)
+                time.sleep(0.005)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = int(torch.cuda.max_memory_allocated(self.device))
+        else:
+            self._stop.set()
+            self._thread.join()
 
 
 def parameter_breakdown(model: nn.Module) -> dict[str, int]:
@@ -127,13 +167,12 @@ def measure(model: nn.Module, cfg: EfficiencyConfig = EfficiencyConfig(), *,
     try:
         for _ in range(cfg.warmup):
             _run(model, prompt, cfg.new_tokens)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
         prefills, steps = [], []
-        for _ in range(cfg.repeats):
-            p, s, cache = _run(model, prompt, cfg.new_tokens)
-            prefills.append(p)
-            steps.extend(s)
+        with PeakMemory(device) as mem:
+            for _ in range(cfg.repeats):
+                p, s, cache = _run(model, prompt, cfg.new_tokens)
+                prefills.append(p)
+                steps.extend(s)
     finally:
         model.train(was_training)
     tokens_in_cache = cfg.batch_size * (cfg.prompt_len + cfg.new_tokens)
@@ -143,7 +182,7 @@ def measure(model: nn.Module, cfg: EfficiencyConfig = EfficiencyConfig(), *,
         **{f"params_{k}": v for k, v in parameter_breakdown(model).items()},
         weight_bytes=weights,
         checkpoint_bytes=directory_bytes(checkpoint_dir) if checkpoint_dir is not None else None,
-        peak_memory_bytes=int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None,
+        peak_memory_bytes=mem.peak, peak_memory_kind=mem.kind,
         prefill_ms=1e3 * statistics.median(prefills),
         decode_ms_per_token=1e3 * decode,
         decode_tokens_per_s=cfg.batch_size / decode,
