@@ -11,7 +11,7 @@ SMOKE_PARAMS = {
     "00_quickstart": dict(SMOKE=True, SEQ_LEN=32, EVAL_WINDOWS=4),
     "01_gradient_diagnosis": dict(SMOKE=True, NUM_SAMPLES=8, SEQ_LEN=32),
     "02_outliers_and_distributions": dict(SMOKE=True, NUM_SAMPLES=8, SEQ_LEN=32, EVAL_WINDOWS=4),
-    "03_normalization_choices": dict(SMOKE=True, NUM_SAMPLES=8, SEQ_LEN=32, EVAL_WINDOWS=4),
+    "03_normalization_choices": dict(SMOKE=True, NUM_SAMPLES=8, SEQ_LEN=32, EVAL_WINDOWS=4, BLOCK_LOSS_SAMPLES=4),
     "04_global_pruning": dict(SMOKE=True, NUM_SAMPLES=8, SEQ_LEN=32, EVAL_WINDOWS=4),
     "05_finetuning": dict(SMOKE=True, NUM_SAMPLES=8, MAX_STEPS=4, SEQ_LEN=32, BATCH_SIZE=2, GRAD_ACCUM=1,
                           EVAL_EVERY=2, EVAL_WINDOWS=4, LR=1e-3),

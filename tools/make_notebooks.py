@@ -255,6 +255,7 @@ RATIO = 0.2             # of all parameters
 NUM_SAMPLES = 64
 SEQ_LEN = 128
 EVAL_WINDOWS = 50
+BLOCK_LOSS_SAMPLES = 32 # calibration samples for the block-removal loss (2 × layers passes over them)
 EXPERIMENT = "nb03-normalization"
 '''),
     ("code", '''
@@ -277,7 +278,7 @@ exp = Experiment.create(EXPERIMENT, exist_ok=True)
 calib = CalibrationConfig(num_samples=NUM_SAMPLES, seq_len=SEQ_LEN)
 samples = calibration_samples(tokenizer, calib)
 imp = importance_cached(model, samples, batch_size=calib.batch_size)
-block_loss = block_removal_loss(model, samples, batch_size=calib.batch_size)  # cached under data_cache/block_loss
+block_loss = block_removal_loss(model, samples[:BLOCK_LOSS_SAMPLES], batch_size=calib.batch_size)  # cached
 rescorer = Rescorer(imp, Budget.of(model), block_loss)
 print(f"base calibration loss {block_loss.base_loss.iloc[0]:.3f}; blocks whose removal lowers the loss: "
       f"{(block_loss.removal_loss < 0).sum()}")
