@@ -29,6 +29,8 @@ PAPER_RC = {
     "axes.titlesize": 10,
     "axes.labelsize": 9,
     "legend.fontsize": 8,
+    "xtick.labelsize": 8,
+    "ytick.labelsize": 8,
     "axes.spines.top": False,
     "axes.spines.right": False,
     "savefig.bbox": "tight",
@@ -45,11 +47,12 @@ def _paper_axes(ncols: int = 1, width_per_panel: float | None = None):
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    sns.set_theme(style="whitegrid", rc=PAPER_RC)
+    sns.set_theme(context="paper", style="whitegrid", rc=PAPER_RC)
     if ncols == 1 and width_per_panel is None:
-        return plt.subplots()
+        return plt.subplots(layout="constrained")
     w, h = PAPER_RC["figure.figsize"]
-    return plt.subplots(1, ncols, figsize=((width_per_panel or w / ncols) * ncols, h), squeeze=False)
+    return plt.subplots(1, ncols, figsize=((width_per_panel or w / ncols) * ncols, h), squeeze=False,
+                        layout="constrained")
 
 
 def _series_color(i: int) -> str:
@@ -284,8 +287,8 @@ def weight_distribution(hist: pd.DataFrame, backend: str = "plotly", title: str 
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    sns.set_theme(style="whitegrid", rc=PAPER_RC)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(1.8 * ncols, 1.6 * nrows), squeeze=False)
+    sns.set_theme(context="paper", style="whitegrid", rc=PAPER_RC)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(1.8 * ncols, 1.6 * nrows), squeeze=False, layout="constrained")
     for ax, kind, i in zip(axes.flat, kinds, range(n)):
         h = hist[hist.module == kind]
         ax.stairs(h["count"].to_numpy(), np.r_[h.left.to_numpy(), h.right.to_numpy()[-1:]], fill=True,
@@ -296,7 +299,6 @@ def weight_distribution(hist: pd.DataFrame, backend: str = "plotly", title: str 
     for ax in list(axes.flat)[n:]:
         ax.set_visible(False)
     fig.suptitle(title)
-    fig.tight_layout()
     return fig
 
 
