@@ -102,7 +102,7 @@ dense_ppl
     ("code", '''
 calib = CalibrationConfig(num_samples=NUM_SAMPLES, seq_len=SEQ_LEN)
 imp = importance_cached(model, calibration_samples(tokenizer, calib), batch_size=calib.batch_size)
-print(f"{imp.acc.batches} batches, {imp.acc.tokens} tokens, {imp.seconds:.1f} s")
+print(f"{imp.acc.batches} batches, {imp.acc.tokens} tokens; the pass took {imp.seconds:.1f} s (cached since)")
 '''),
     ("md", "### The global table: one row per unit"),
     ("code", '''
@@ -246,6 +246,11 @@ backward pass except the block-removal loss, measured once and cached. With scor
    parameters counted against the budget (depth pruning by evidence).
 
 Presets: `taylor` (no normalization), `layerwise` (minmax per layer), `blockwise` (minmax per block).
+
+Note: `log` and `sqrt` apply the same increasing function at every level, so on their own they keep the
+global order of all units and give the plain plan (log up to its tiny per-level floor). They matter only in
+combination with T (the mix is additive) or clipping. `minmax` and `zscore` have per-level parameters and
+do re-rank units across levels.
 """),
     ("params", '''
 MODEL = None
