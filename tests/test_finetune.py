@@ -28,7 +28,7 @@ def test_lora_on_pruned_model_trains_merges_saves_and_reloads(tmp_path, tokenize
     widths_before = layer_widths(model)
     res = finetune(model, tokenizer, _cfg(max_steps=30, eval_every=10), tmp_path / "ckpt", progress=False,
                    log=lambda *_: None)
-    assert res.completed and res.steps == 30 and len(res.history) == 30 and list(res.evals.step) == [10, 20, 30]
+    assert res.completed and res.steps == 30 and len(res.history) == 30 and list(res.evals.step) == [0, 10, 20, 30]
     h = res.history.loss
     assert h.iloc[-5:].mean() < h.iloc[:5].mean() - 0.3, h.tolist()
     assert res.evals.eval_loss.iloc[-1] < res.evals.eval_loss.iloc[0]
@@ -57,6 +57,7 @@ def test_a_stopped_run_resumes_bit_for_bit(tmp_path, tokenizer, method):
     resumed = finetune(_pruned_model()[0], tokenizer, cfg, tmp_path / "b", **quiet)
     assert resumed.completed and resumed.steps == 6 and len(resumed.history) == 6
     assert resumed.history.loss.tolist() == straight.history.loss.tolist()
+    assert resumed.evals.eval_loss.tolist() == straight.evals.eval_loss.tolist()
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="lr"):

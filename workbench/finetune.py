@@ -308,6 +308,8 @@ def finetune(model: nn.Module, tokenizer, cfg: FinetuneConfig, checkpoint_dir: s
             scheduler=scheduler.state_dict(), torch_rng=torch.get_rng_state(),
             cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None))
 
+    if step == 0 and not evals:  # the held-out loss before any update, as the curve's starting point
+        evals.append(dict(step=0, eval_loss=eval_loss(net, val, cfg.batch_size)))
     end = cfg.max_steps if stop_after is None else min(cfg.max_steps, stop_after)
     perms: dict = {}
     t0 = time.perf_counter()
