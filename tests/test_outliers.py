@@ -51,6 +51,17 @@ def test_planted_weight_and_activation_outliers_are_found():
     row = units.query("layer == 1 and block == 'mlp' and unit == 7").iloc[0]
     assert row.is_outlier and row.weight_max_z > 30
     assert units.query("block == 'mlp'").weight_max_z.nlargest(2).iloc[1] < 10
+    assert units.is_outlier.sum() == 1  # nothing else in a random model crosses the relative bounds
+
+
+def test_a_massive_mlp_channel_is_an_outlier_unit():
+    model = tiny_model("qwen3", n_layers=3)
+    with torch.no_grad():  # channel 11 of layer 2: its intermediate activation grows ~ 400×
+        model.model.layers[2].mlp.up_proj.weight[11] *= 400.0
+    units = unit_outliers(model, activation_stats(model, _samples(), progress=False, cache=False), k_sigma=1e9)
+    flagged = units[units.is_outlier]
+    assert list(zip(flagged.layer, flagged.block, flagged.unit)) == [(2, "mlp", 11)]
+    assert flagged.act_over_median.iloc[0] > 100
 
 
 def test_streaming_equals_all_at_once():

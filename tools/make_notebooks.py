@@ -530,7 +530,7 @@ SMOKE = False
 NUM_SAMPLES = 32
 SEQ_LEN = 128
 THRESHOLD = 6.0       # |activation| counted as an outlier (LLM.int8)
-K_SIGMA = 6.0         # |w - mean| / std counted as an outlier weight
+K_SIGMA = 6.0         # weight statistics: share of |w - mean| beyond K_SIGMA · std
 METHOD = "taylor"
 RATIO = 0.2           # of all parameters
 OWL_M = 5.0
@@ -580,7 +580,7 @@ imp = importance_cached(model, samples, batch_size=calib.batch_size)
 budget = Budget.of(model)
 table = build_table(imp.scores(METHOD), budget.costs)
 plan = select(table, budget, SelectionConfig(ratio=RATIO))
-units = unit_outliers(model, acts, k_sigma=K_SIGMA)
+units = unit_outliers(model, acts)  # massive channel: ≥ 10 × its block's median; outlier weight: > 16 σ
 summary, _ = plan_outliers(plan, units)
 summary
 '''),
