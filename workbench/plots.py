@@ -348,6 +348,7 @@ def activation_magnitude(frame: pd.DataFrame, value: str = "max_abs", backend: s
         return fig
     fig, ax = _paper_axes()
     im = ax.imshow(z.to_numpy(), aspect="auto", cmap="magma", interpolation="nearest")
+    ax.grid(False)
     fig.colorbar(im, ax=ax, label=f"log10 {value}")
     ax.set_xlabel("hidden dimension")
     ax.set_ylabel("layer")
