@@ -411,8 +411,8 @@ pd.Series(result.summary()).drop("config")
 recovered_ppl = ppl(model)
 table = pd.DataFrame({"perplexity": [dense_ppl.ppl, pruned_ppl.ppl, recovered_ppl.ppl]},
                      index=["dense", "pruned", f"pruned + {METHOD}"])
-table["recovered share of the loss"] = [None, None, (pruned_ppl.mean_nll - recovered_ppl.mean_nll)
-                                        / (pruned_ppl.mean_nll - dense_ppl.mean_nll)]
+gap = pruned_ppl.mean_nll - dense_ppl.mean_nll  # 0 when nothing was pruned (RATIO = 0: LoRA on the dense model)
+table["recovered share of the loss"] = [None, None, (pruned_ppl.mean_nll - recovered_ppl.mean_nll) / gap if gap else None]
 table
 '''),
     ("md", "### Save the merged model in the pruned-checkpoint format and check the reload"),
