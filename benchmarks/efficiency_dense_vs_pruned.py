@@ -12,31 +12,24 @@ import copy
 
 import pandas as pd
 import torch
+from _models import add_model_args, bench_model
 
 from workbench.data import CalibrationConfig, calibration_samples
 from workbench.efficiency import EfficiencyConfig, compare
 from workbench.importance import importance_cached
-from workbench.models import byte_tokenizer, load_model, tiny_model
 from workbench.prune import apply_plan
 from workbench.selection import SelectionConfig, build_table, select, unit_costs
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="default")
+    add_model_args(ap)
     ap.add_argument("--ratio", type=float, default=0.2)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="float32")
     args = ap.parse_args()
-    if args.model == "tiny":
-        model, tok = tiny_model("llama", n_layers=8, hidden=256, n_heads=8, n_kv_heads=2, head_dim=32,
-                                intermediate=768), byte_tokenizer()
-        model.to(device=args.device, dtype=getattr(torch, args.dtype))
-    else:
-        model, tok = load_model(None if args.model == "default" else args.model, dtype=args.dtype, device=args.device)
+    model, tok = bench_model(args)
     calib = CalibrationConfig(num_samples=64, seq_len=128)
     imp = importance_cached(model, calibration_samples(tok, calib), batch_size=calib.batch_size)
     plan = select(build_table(imp.scores("taylor"), unit_costs(model)), model, SelectionConfig(ratio=args.ratio))

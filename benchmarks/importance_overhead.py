@@ -10,11 +10,11 @@ import argparse
 import time
 
 import torch
+from _models import add_model_args, bench_model
 
 from workbench.data import CalibrationConfig, calibration_samples
 from workbench.efficiency import PeakMemory
 from workbench.importance import compute_importance
-from workbench.models import byte_tokenizer, load_model, tiny_model
 
 
 def bare_pass(model, samples, batch_size):
@@ -26,19 +26,12 @@ def bare_pass(model, samples, batch_size):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="default")
+    add_model_args(ap)
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="float32")
     args = ap.parse_args()
-    if args.model == "tiny":
-        model, tok = tiny_model("llama", n_layers=8, hidden=256, n_heads=8, n_kv_heads=2, head_dim=32,
-                                intermediate=768), byte_tokenizer()
-        model.to(args.device)
-    else:
-        model, tok = load_model(None if args.model == "default" else args.model, dtype=args.dtype, device=args.device)
+    model, tok = bench_model(args)
     samples = calibration_samples(tok, CalibrationConfig(num_samples=args.samples, seq_len=args.seq_len))
     device = next(model.parameters()).device
     # Warm-up (the first iterations are slower), then the bare pass with the same frozen parameters.

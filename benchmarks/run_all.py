@@ -5,6 +5,6 @@ from pathlib import Path
 
 here = Path(__file__).resolve().parent
 for script in sorted(here.glob("*.py")):
-    if script.name != Path(__file__).name:
+    if script.name != Path(__file__).name and not script.name.startswith("_"):
         print(f"== {script.name}", flush=True)
         subprocess.run([sys.executable, str(script)], check=True)

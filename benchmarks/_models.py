@@ -1,0 +1,17 @@
+"""The model a benchmark runs on: `tiny` (a random 8-layer GQA Llama), `default` (SmolLM2) or a path/hub id."""
+import torch
+
+from workbench.models import byte_tokenizer, load_model, tiny_model
+
+
+def add_model_args(ap) -> None:
+    ap.add_argument("--model", default="default", help="tiny | default | a directory, .gguf file or hub id")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float32")
+
+
+def bench_model(args):
+    if args.model == "tiny":
+        model = tiny_model("llama", n_layers=8, hidden=256, n_heads=8, n_kv_heads=2, head_dim=32, intermediate=768)
+        return model.to(device=args.device, dtype=getattr(torch, args.dtype)), byte_tokenizer()
+    return load_model(None if args.model == "default" else args.model, dtype=args.dtype, device=args.device)
