@@ -7,7 +7,7 @@ from workbench.diagnosis import (
     block_removal_loss, bypassed, diagnose, extreme_blocks, gradient_stats, recommend, scale_ratios,
 )
 from workbench.importance import compute_importance
-from workbench.models import layer_widths, tiny_model
+from workbench.models import tiny_model
 from workbench.normalize import NORMALIZERS, PRESETS, ScoringConfig, clip_percentiles, score_table
 from workbench.rescore import Rescorer
 from workbench.selection import Budget, Plan, SelectionConfig, build_table, select

@@ -1,7 +1,5 @@
 """Every numbered notebook runs end to end on a tiny model (SMOKE=True) in a fresh kernel."""
 import json
-import os
-import sys
 from pathlib import Path
 
 import pytest

@@ -132,8 +132,8 @@ def results_record(entries: dict[str, dict]) -> dict:
     return dict(models=entries, versions=library_versions(), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
 
-def results_table(record: dict) -> "pd.DataFrame":
-    """Rows = measures (PPL, mean and per-task accuracy, parameters, efficiency), columns = models."""
+def results_table(record: dict):
+    """A DataFrame: rows = measures (PPL, mean and per-task accuracy, parameters, efficiency), columns = models."""
     import pandas as pd
 
     cols = {}

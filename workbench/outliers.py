@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from workbench import models
 from workbench.models import decoder_layers, geometry, get_spec, layer_parts
-from workbench.selection import Plan, layer_summary
+from workbench.selection import Plan
 
 LLM_INT8_THRESHOLD = 6.0
 SITES = ("residual", "attn_input", "mlp_input", "attn_channels", "mlp_channels")
