@@ -139,3 +139,7 @@ def test_owl_allocation_drives_the_selection():
     assert ((cmp.owl_pruned - ratios) * np.array(layer_params) < max_unit + 1).all()
     with pytest.raises(ValueError, match="layer_ratios has 2"):
         select(table, budget, SelectionConfig(layer_ratios=(0.1, 0.2)))
+    with pytest.raises(ValueError, match="min_units_per_block=1"):
+        SelectionConfig(layer_ratios=tuple(ratios), min_units_per_block=1)
+    with pytest.raises(ValueError, match="tau"):
+        select(table.assign(forced=table.unit == 0), budget, SelectionConfig(layer_ratios=tuple(ratios)))

@@ -89,11 +89,8 @@ def perplexity_after(model: nn.Module, tokenizer, plan, source: str = OFFLINE_SO
     from workbench.prune import apply_plan
 
     pruned = copy.deepcopy(model)
-    try:
-        apply_plan(pruned, plan)
-        return perplexity(pruned, tokenizer, source, **kwargs)
-    finally:
-        del pruned
+    apply_plan(pruned, plan)
+    return perplexity(pruned, tokenizer, source, **kwargs)
 
 
 RESULT_LIBRARIES = ("torch", "transformers", "peft", "datasets", "lm-eval", "numpy", "pandas")

@@ -57,6 +57,18 @@ def write_atomic(path: Path, data: str | bytes) -> Path:
     return path
 
 
+def torch_save_atomic(obj, path: Path) -> Path:
+    """`torch.save` to a temporary name, then rename: a reader never sees a half-written file."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+    return path
+
+
 class Experiment:
     """A run's directory. Holds only its path; every read and write goes through the fixed layout."""
 

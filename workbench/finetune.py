@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from workbench.data import OFFLINE_SOURCE, token_stream
+from workbench.experiments import torch_save_atomic
 from workbench import models
 from workbench.models import get_spec
 
@@ -246,13 +247,6 @@ def eval_loss(model: nn.Module, data: TrainData, batch_size: int) -> float:
     return total / max(count, 1)
 
 
-def _save_state(path: Path, state: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
 def finetune(model: nn.Module, tokenizer, cfg: FinetuneConfig, checkpoint_dir: str | os.PathLike, *,
              data: TrainData | None = None, resume: bool = True, stop_after: int | None = None,
              progress: bool = True, log=print) -> FinetuneResult:
@@ -302,11 +296,11 @@ def finetune(model: nn.Module, tokenizer, cfg: FinetuneConfig, checkpoint_dir: s
         log(f"resumed from {state_path} at step {step}")
 
     def save():
-        _save_state(state_path, dict(
+        torch_save_atomic(dict(
             step=step, config=cfg.to_dict(), history=history, evals=evals,
             trainable={n: p.detach().cpu().clone() for n, p in named}, optimizer=optimizer.state_dict(),
             scheduler=scheduler.state_dict(), torch_rng=torch.get_rng_state(),
-            cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None))
+            cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None), state_path)
 
     if step == 0 and not evals:  # the held-out loss before any update, as the curve's starting point
         evals.append(dict(step=0, eval_loss=eval_loss(net, val, cfg.batch_size)))

@@ -331,15 +331,14 @@ def cache_key(model: nn.Module, samples: torch.Tensor, batch_size: int) -> str:
 
 
 def save_importance(imp: Importance, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    from workbench.experiments import torch_save_atomic
+
     payload = dict(
         acc=asdict(imp.acc), grad_stats=imp.grad_stats.to_dict("list"), grad_batches=imp.grad_stats.attrs.get("batches"),
         widths=imp.widths, model=imp.model, calibration=imp.calibration, seconds=imp.seconds, key=imp.key,
         format=CACHE_FORMAT,
     )
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    torch_save_atomic(payload, path)
 
 
 def load_importance(path: Path) -> Importance:

@@ -243,11 +243,10 @@ def activation_stats(model: nn.Module, samples: torch.Tensor, *, batch_size: int
         model.train(was_training)
     result = ActivationStats(dict(stats), threshold, len(decoder_layers(model)), len(samples), key)
     if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(dict(sites={k: asdict(v) for k, v in result.sites.items()}, threshold=threshold,
-                        n_layers=result.n_layers, samples=result.samples), tmp)
-        tmp.replace(path)
+        from workbench.experiments import torch_save_atomic
+
+        torch_save_atomic(dict(sites={k: asdict(v) for k, v in result.sites.items()}, threshold=threshold,
+                               n_layers=result.n_layers, samples=result.samples), path)
     return result
 
 

@@ -78,6 +78,9 @@ class SelectionConfig:
             bad = [r for r in self.layer_ratios if not 0.0 <= r < 1.0]
             if bad or not len(self.layer_ratios):
                 raise ValueError(f"layer_ratios {list(self.layer_ratios)} must be a non-empty list of values in [0, 1)")
+            if self.min_units_per_block:
+                raise ValueError(f"min_units_per_block={self.min_units_per_block} does not combine with layer_ratios; "
+                                 "use 0 (each layer keeps (1 - its ratio) of its parameters anyway)")
         if not 0.0 <= self.ratio < 1.0:
             raise ValueError(f"ratio={self.ratio} must be in [0, 1)")
         if self.ratio_of not in RATIO_OF:
@@ -234,6 +237,8 @@ def _select_per_layer(table: pd.DataFrame, budget: Budget, cfg: SelectionConfig,
     widths = budget.widths
     if len(cfg.layer_ratios) != len(widths):
         raise ValueError(f"layer_ratios has {len(cfg.layer_ratios)} values; the model has {len(widths)} layers")
+    if "forced" in table and table["forced"].any():
+        raise ValueError("tau (forced whole-block removal) does not combine with layer_ratios; set tau=None")
     removed: dict[str, dict[int, list[int]]] = {b: {} for b in BLOCKS}
     target = selected = 0
     for layer, part in table.groupby("layer", sort=True):

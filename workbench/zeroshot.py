@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from importlib.metadata import version
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -121,7 +122,7 @@ def zero_shot(model: nn.Module, tokenizer, cfg: ZeroShotConfig = ZeroShotConfig(
     norms = [t["acc_norm"] for t in tasks.values() if t["acc_norm"] is not None]
     return ZeroShotResult(tasks=tasks, mean_acc=sum(accs) / len(accs) if accs else float("nan"),
                           mean_acc_norm=sum(norms) / len(norms) if norms else float("nan"),
-                          lm_eval_version=lm_eval.__version__ if hasattr(lm_eval, "__version__") else _version("lm_eval"),
+                          lm_eval_version=version("lm-eval"),
                           config=asdict(cfg))
 
 
@@ -130,9 +131,3 @@ def _num(x) -> float | None:
         return None if x is None or x == "N/A" else float(x)
     except (TypeError, ValueError):
         return None
-
-
-def _version(dist: str) -> str:
-    from importlib.metadata import version
-
-    return version(dist.replace("_", "-"))
