@@ -1,7 +1,8 @@
 """The model a benchmark runs on: `tiny` (a random 8-layer GQA Llama), `default` (SmolLM2) or a path/hub id."""
 import torch
 
-from workbench.models import byte_tokenizer, load_model, tiny_model
+from workbench.testing import byte_tokenizer, tiny_model
+from workbench.checkpoints import load_model
 
 
 def add_model_args(ap) -> None:

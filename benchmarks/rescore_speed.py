@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from workbench.importance import Accumulators, Importance
+from workbench.methods import Accumulators, Importance
 from workbench.normalize import PRESETS, ScoringConfig
 from workbench.rescore import Rescorer
 from workbench.selection import Budget, SelectionConfig

@@ -8,7 +8,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
-from workbench.models import TINY_FAMILIES, byte_tokenizer, tiny_model  # noqa: E402
+from workbench.testing import TINY_FAMILIES, byte_tokenizer, tiny_model  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -31,14 +31,10 @@ def tokenizer():
 
 @pytest.fixture(autouse=True)
 def _isolated_paths(tmp_path, monkeypatch):
-    """Caches, figures and experiments of a test go to its own temporary folder."""
-    import workbench.experiments as ex
-    import workbench.importance as imp
-    import workbench.models as models
-    import workbench.plots as plots
+    """Caches, figures and experiments of a test go to its own temporary folder (resolved at call time)."""
+    import workbench.cache as cache
 
-    monkeypatch.setattr(plots, "FIGURES", tmp_path / "figures")
-    monkeypatch.setattr(ex, "EXPERIMENTS", tmp_path / "experiments")
-    monkeypatch.setattr(imp, "IMPORTANCE_CACHE", tmp_path / "importance")
-    monkeypatch.setattr(imp, "_MEMORY_CACHE", {})
-    monkeypatch.setattr(models, "DATA_CACHE", tmp_path / "data_cache")
+    monkeypatch.setenv("WORKBENCH_FIGURES", str(tmp_path / "figures"))
+    monkeypatch.setenv("WORKBENCH_EXPERIMENTS", str(tmp_path / "experiments"))
+    monkeypatch.setenv("WORKBENCH_DATA_CACHE", str(tmp_path / "data_cache"))
+    monkeypatch.setattr(cache, "_MEMORY", {})

@@ -69,7 +69,7 @@ def _write_hub_wikitext(root):
 
 
 def test_hub_source_code_path_on_local_fixture(tmp_path, tokenizer, monkeypatch):
-    monkeypatch.setattr("workbench.data.DATA_CACHE", tmp_path / "cache")
+    monkeypatch.setenv("WORKBENCH_DATA_CACHE", str(tmp_path / "cache"))
     train, test = _write_hub_wikitext(tmp_path / "hub")
     cal = load_text("wikitext2", "calibration", hub_root=tmp_path / "hub")
     ev = load_text("wikitext2", "evaluation", hub_root=tmp_path / "hub")

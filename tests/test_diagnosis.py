@@ -7,7 +7,7 @@ from workbench.diagnosis import (
     block_removal_loss, bypassed, diagnose, extreme_blocks, gradient_stats, recommend, scale_ratios,
 )
 from workbench.importance import compute_importance
-from workbench.models import tiny_model
+from workbench.testing import tiny_model
 from workbench.normalize import NORMALIZERS, PRESETS, ScoringConfig, clip_percentiles, score_table
 from workbench.rescore import Rescorer
 from workbench.selection import Budget, Plan, SelectionConfig, build_table, select
@@ -107,7 +107,7 @@ def test_block_removal_loss_of_a_zero_block_is_zero(tokenizer):
     with torch.no_grad():
         model.model.layers[1].mlp.down_proj.weight.zero_()
     samples = torch.randint(0, 256, (4, 16))
-    loss = block_removal_loss(model, samples, batch_size=2, progress=False, cache_dir=None)
+    loss = block_removal_loss(model, samples, batch_size=2, progress=False, cache=False)
     assert len(loss) == 6
     assert loss.query("layer == 1 and block == 'mlp'").removal_loss.item() == 0.0
     assert (loss.query("not (layer == 1 and block == 'mlp')").removal_loss.abs() > 0).all()
@@ -182,8 +182,8 @@ def test_compare_matches_one_plan_per_setting():
 def test_block_removal_loss_cache_keeps_base_loss(tmp_path):
     model = tiny_model("mistral", n_layers=2)
     samples = torch.randint(0, 256, (2, 12))
-    first = block_removal_loss(model, samples, batch_size=2, progress=False, cache_dir=tmp_path)
-    again = block_removal_loss(model, samples, batch_size=2, progress=False, cache_dir=tmp_path)
-    assert len(list(tmp_path.glob("*.csv"))) == 1
+    first = block_removal_loss(model, samples, batch_size=2, progress=False, cache=tmp_path)
+    again = block_removal_loss(model, samples, batch_size=2, progress=False, cache=tmp_path)
+    assert len(list(tmp_path.glob("*.pt"))) == 1
     pd.testing.assert_frame_equal(first, again)
     assert first.base_loss.nunique() == 1 and first.base_loss.iloc[0] > 0

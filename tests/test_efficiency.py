@@ -5,7 +5,8 @@ from workbench.efficiency import (
     EfficiencyConfig, compare, kv_cache_bytes_per_token, kv_heads_per_layer, measure, parameter_breakdown,
 )
 from workbench.models import layer_widths, parameter_count
-from workbench.prune import apply_plan, save_pruned
+from workbench.prune import apply_plan
+from workbench.checkpoints import save_pruned
 from workbench.selection import Plan
 
 SMALL = EfficiencyConfig(prompt_len=12, new_tokens=3, warmup=1, repeats=2)

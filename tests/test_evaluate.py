@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from workbench.data import evaluation_windows
 from workbench.evaluate import perplexity
-from workbench.models import tiny_model
+from workbench.testing import tiny_model
 
 
 def test_perplexity_equals_exp_mean_token_nll(tokenizer):
@@ -26,7 +26,8 @@ def test_perplexity_equals_exp_mean_token_nll(tokenizer):
 
 def test_perplexity_after_prunes_a_copy(tokenizer):
     from workbench.evaluate import perplexity_after
-    from workbench.models import layer_widths, parameter_count, tiny_model
+    from workbench.models import layer_widths, parameter_count
+    from workbench.testing import tiny_model
     from workbench.prune import apply_plan
     from workbench.selection import random_plan
 

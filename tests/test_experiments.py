@@ -42,7 +42,7 @@ def test_interrupted_write_leaves_old_file_intact(tmp_path, monkeypatch):
 
 def test_pipeline_on_tiny_model(tmp_path, tokenizer):
     from workbench.data import CalibrationConfig
-    from workbench.models import tiny_model
+    from workbench.testing import tiny_model
     from workbench.pipeline import PruneRunConfig, run_pruning
     from workbench.selection import SelectionConfig
 

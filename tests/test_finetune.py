@@ -3,9 +3,13 @@ import json
 import pytest
 import torch
 
-from workbench.finetune import FinetuneConfig, finetune, instruction_examples, load_instructions, text_examples
-from workbench.models import layer_widths, tiny_model
-from workbench.prune import apply_plan, load_pruned, save_pruned
+from workbench.finetune import (
+    FinetuneConfig, finetune, instruction_examples, load_instructions, text_examples,
+)
+from workbench.models import layer_widths
+from workbench.testing import tiny_model
+from workbench.prune import apply_plan
+from workbench.checkpoints import load_pruned, save_pruned
 from workbench.selection import Plan
 
 

@@ -4,7 +4,7 @@ import torch
 from workbench.importance import (
     IMPORTANCE_METHODS, compute_importance, importance_cached, load_importance, save_importance,
 )
-from workbench.models import tiny_model
+from workbench.testing import tiny_model
 
 HD, RATIO = 16, 3
 
@@ -118,7 +118,7 @@ def test_unknown_method_lists_the_registry():
 def test_cache_round_trip_and_memo(tmp_path, monkeypatch):
     model = tiny_model("llama", n_layers=2)
     samples = torch.randint(0, 256, (2, 8))
-    a = importance_cached(model, samples, cache_dir=tmp_path, progress=False)
+    a = importance_cached(model, samples, cache=tmp_path, progress=False)
     files = list(tmp_path.glob("*.pt"))
     assert len(files) == 1 and a.key in files[0].name
     b = load_importance(files[0])
@@ -128,9 +128,9 @@ def test_cache_round_trip_and_memo(tmp_path, monkeypatch):
                 assert torch.equal(x, y)
     monkeypatch.setattr("workbench.importance.compute_importance",
                         lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
-    assert importance_cached(model, samples, cache_dir=tmp_path, progress=False) is a
-    monkeypatch.setattr("workbench.importance._MEMORY_CACHE", {})
-    c = importance_cached(model, samples, cache_dir=tmp_path, progress=False)  # from disk, no pass
+    assert importance_cached(model, samples, cache=tmp_path, progress=False) is a
+    monkeypatch.setattr("workbench.cache._MEMORY", {})
+    c = importance_cached(model, samples, cache=tmp_path, progress=False)  # from disk, no pass
     assert c.key == a.key
     save_importance(c, tmp_path / "x.pt")
     assert not list(tmp_path.glob(".*tmp"))

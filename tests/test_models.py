@@ -3,9 +3,9 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, MixtralConfig
 
 from workbench.models import (
-    ARCH_SPECS, UnsupportedModelError, anatomy, byte_tokenizer, geometry, get_spec, layer_widths,
-    parameter_count, spec_for_config, tiny_config, tiny_model,
+    ARCH_SPECS, UnsupportedModelError, anatomy, geometry, get_spec, layer_widths, parameter_count, spec_for_config,
 )
+from workbench.testing import byte_tokenizer, tiny_config, tiny_model
 
 
 def test_spec_and_geometry_per_family(family):

@@ -20,8 +20,10 @@ SMOKE_PARAMS = {
 def _prepare_06(experiments):
     """06 evaluates the models of 04 and 05: put tiny ones (of the SMOKE model) where they would be."""
     from workbench.experiments import Experiment
-    from workbench.models import byte_tokenizer, layer_widths, tiny_model
-    from workbench.prune import apply_plan, save_pruned
+    from workbench.testing import byte_tokenizer, tiny_model
+    from workbench.models import layer_widths
+    from workbench.prune import apply_plan
+    from workbench.checkpoints import save_pruned
     from workbench.selection import random_plan
 
     for name, seed in [("nb04-global-pruning", 0), ("nb05-finetuning", 1)]:

@@ -2,10 +2,12 @@ import numpy as np
 import pytest
 import torch
 
-from workbench.models import layer_widths, tiny_model
+from workbench.models import layer_widths
+from workbench.testing import tiny_model
+from workbench.activations import activation_stats
+from workbench.allocation import compare_allocation, layer_outlier_ratio, owl_ratios
 from workbench.outliers import (
-    activation_stats, compare_allocation, layer_outlier_ratio, owl_ratios, plan_outliers, tensor_stats,
-    unit_outliers, warn_removed_outliers, weight_histograms, weight_stats,
+    plan_outliers, tensor_stats, unit_outliers, warn_removed_outliers, weight_histograms, weight_stats,
 )
 from workbench.selection import Budget, Plan, SelectionConfig, build_table, select
 

@@ -1,7 +1,8 @@
 import pytest
 
 from workbench import plots
-from workbench.models import anatomy, layer_widths, tiny_model
+from workbench.models import anatomy, layer_widths
+from workbench.testing import tiny_model
 from workbench.selection import layer_summary, random_plan
 
 
@@ -83,7 +84,9 @@ def test_loss_curve(tmp_path):
 def test_outlier_figures(tmp_path):
     import torch
 
-    from workbench.outliers import activation_stats, weight_histograms, weight_stats
+    from workbench.activations import activation_stats
+
+    from workbench.outliers import weight_histograms, weight_stats
 
     model = tiny_model("llama", n_layers=2)
     hist = weight_histograms(model, bins=21)

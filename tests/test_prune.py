@@ -7,10 +7,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from workbench.models import anatomy, layer_widths, load_model, parameter_count, tiny_model
-from workbench.prune import (
-    EmptyBlock, apply_plan, load_plan, load_pruned, loads_with_plain_transformers, mask_plan, save_pruned,
-)
+from workbench.models import anatomy, layer_widths, parameter_count
+from workbench.checkpoints import load_model
+from workbench.testing import tiny_model
+from workbench.models import EmptyBlock
+from workbench.prune import apply_plan, mask_plan
+from workbench.checkpoints import load_plan, load_pruned, loads_with_plain_transformers, save_pruned
 from workbench.selection import Plan, random_plan, unit_costs
 
 PLANS = {

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from workbench.importance import compute_importance
-from workbench.models import layer_widths, parameter_count, tiny_model
+from workbench.models import layer_widths, parameter_count
+from workbench.testing import tiny_model
 from workbench.prune import apply_plan
 from workbench.selection import (
     Plan, SelectionConfig, build_table, layer_summary, prunable_params, select, unit_costs,

@@ -13,14 +13,23 @@ from pathlib import Path
 
 import torch
 
-from workbench.models import DATA_CACHE
+from workbench.paths import data_cache
 
 SPLITS = ("calibration", "evaluation")
 
 
 @dataclass(frozen=True)
 class HubSource:
-    """A text corpus on the Hugging Face hub: which repo, config, splits and text field."""
+    """A text corpus on the Hugging Face hub: which repo, config, splits and text field.
+
+    Args:
+        path: the dataset repository.
+        name: its configuration (None: the default one).
+        calibration_split, evaluation_split: the splits that become the calibration and evaluation parts.
+        text_field: the column holding the text.
+        data_files: per split, the files to read (large corpora such as C4: one shard).
+        joiner: how records are joined into one text.
+    """
 
     path: str
     name: str | None
@@ -55,7 +64,7 @@ def _pydoc_text(split: str) -> str:
     Some paragraphs recur in several topics; those are kept on the calibration side only, so the
     two parts share no paragraph.
     """
-    from pydoc_data.topics import topics
+    from pydoc_data.topics import topics  # deferred: 465 KB of text, read only for this source
 
     keys = sorted(topics)
     is_eval = [i % _PYDOC_EVAL_EVERY == 0 for i in range(len(keys))]
@@ -67,14 +76,14 @@ def _pydoc_text(split: str) -> str:
 
 
 def _hub_text(src: HubSource, split: str, hub_root: str | os.PathLike | None) -> str:
-    from datasets import load_dataset
+    from datasets import load_dataset  # deferred: datasets loads in seconds
 
     path = src.path
     root = hub_root or os.environ.get("WORKBENCH_HUB_MIRROR")
     if root:  # a local folder laid out the way the hub serves the repository
         path = str(Path(root) / src.path)
     hub_split = src.calibration_split if split == "calibration" else src.evaluation_split
-    kwargs = {"cache_dir": str(DATA_CACHE / "datasets")}
+    kwargs = {"cache_dir": str(data_cache("datasets"))}
     if src.data_files:
         kwargs["data_files"] = {hub_split: src.data_files[hub_split]}
     ds = load_dataset(path, src.name, split=hub_split, **kwargs)
@@ -127,6 +136,16 @@ _TOKEN_CACHE: dict[tuple, torch.Tensor] = {}
 
 @dataclass(frozen=True)
 class CalibrationConfig:
+    """The calibration samples of an importance pass.
+
+    Args:
+        source: a named source (`SOURCES`) or a local text file / folder; only its calibration part is read.
+        num_samples: how many windows.
+        seq_len: tokens per window (>= 2: a window of one token has nothing to predict).
+        seed: which windows (a seeded permutation of the disjoint windows of the part).
+        batch_size: windows per forward + backward pass.
+    """
+
     source: str = OFFLINE_SOURCE
     num_samples: int = 128
     seq_len: int = 128
@@ -134,9 +153,16 @@ class CalibrationConfig:
     batch_size: int = 4
 
     def __post_init__(self):
+        for name in ("num_samples", "seq_len", "batch_size", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name}={value!r} must be an integer, not {type(value).__name__}")
         for name in ("num_samples", "seq_len", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be a positive integer")
+        if self.seq_len < 2:
+            raise ValueError(f"seq_len={self.seq_len} must be at least 2: the loss predicts each token from the "
+                             "ones before it, so a single token has no target")
 
 
 def calibration_samples(tokenizer, cfg: CalibrationConfig, *, hub_root=None) -> torch.Tensor:

@@ -7,13 +7,12 @@ from __future__ import annotations
 import argparse
 import time
 
-import pandas as pd
-
 from workbench import plots
 from workbench.data import CalibrationConfig
 from workbench.experiments import Experiment
-from workbench.importance import IMPORTANCE_METHODS
-from workbench.models import anatomy, load_model, model_summary
+from workbench.methods import IMPORTANCE_METHODS
+from workbench.checkpoints import load_model
+from workbench.models import anatomy, model_summary
 from workbench.pipeline import PruneRunConfig, run_pruning
 from workbench.selection import SelectionConfig
 
@@ -46,11 +45,9 @@ def main(argv=None) -> dict:
         eval_windows=args.eval_windows,
     )
     exp = Experiment.create(args.name, exist_ok=args.name is not None)
-    plots.export(plots.params_per_layer(anat, backend="paper"), "params_per_layer_dense", exp.figures)
+    plots.export(plots.params_per_layer(anat, backend="paper"), "params_per_layer_dense", exp)
     record = run_pruning(model, tokenizer, cfg, exp)
-    paths = plots.export(plots.kept_fraction_per_layer(
-        pd.read_csv(exp.path("analysis/layer_summary.csv")), backend="paper",
-        title=f"{args.method}, {args.ratio:.0%} of {args.ratio_of} parameters"), "demo_kept_fraction_per_layer")
+    paths = [p for p in record["figures"] if p.endswith(".png")]
     print(f"PPL dense {record['dense']['ppl']:.2f} -> pruned {record['pruned']['ppl']:.2f}; "
           f"achieved {record['report']['ratio_total']:.2%} of all parameters, "
           f"{record['report']['ratio_prunable']:.2%} of attention+MLP")

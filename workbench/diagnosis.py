@@ -3,14 +3,14 @@
 Gradient scales differ by orders of magnitude between layers, so a plain global ranking can prune a
 few layers almost completely. This module measures that (per-layer statistics, the largest-over-
 smallest ratios, the blocks a plan prunes beyond a threshold) and recommends a correction following
-the seed's rules of thumb.
+the rules of thumb of the GAQ-Aware-Prune study (mean_ratio > 1000 → log; more than 5 extreme blocks →
+log + clipping; 100–1000 → minmax or sqrt; < 100 → none, or temperature 1).
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -18,10 +18,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from workbench.importance import Importance, model_fingerprint
-from workbench.models import DATA_CACHE, decoder_layers, geometry, get_spec
+from workbench.cache import cached, make_key
+from workbench.methods import Importance
+from workbench.models import BLOCKS, EmptyBlock, decoder_layers, eval_mode, geometry, get_spec
 from workbench.selection import Plan, layer_summary
-from workbench.units import BLOCKS
 
 EXTREME_THRESHOLD = 0.9
 
@@ -76,6 +76,8 @@ def extreme_blocks(plan: Plan, threshold: float = EXTREME_THRESHOLD) -> pd.DataF
 
 @dataclass(frozen=True)
 class Recommendation:
+    """A suggested correction: normalization and level, whether to clip, temperature, and the rule that fired."""
+
     normalization: str
     level: str
     clip: bool
@@ -84,7 +86,7 @@ class Recommendation:
 
 
 def recommend(mean_ratio: float, n_extreme: int) -> Recommendation:
-    """The seed's rules of thumb; `rule` says which fired."""
+    """The GAQ-Aware-Prune study's rules of thumb; `rule` says which fired."""
     if n_extreme > 5:
         return Recommendation("log", "block", True, 0.0,
                               f"{n_extreme} extreme blocks > 5 → log normalization + percentile clipping")
@@ -120,8 +122,6 @@ def diagnose(imp: Importance, plan: Plan, method: str = "taylor", threshold: flo
 @contextlib.contextmanager
 def bypassed(model: nn.Module, layer: int, block: str):
     """Inside the block, one layer's attention or MLP adds nothing to the residual stream."""
-    from workbench.prune import EmptyBlock
-
     spec = get_spec(model)
     target = decoder_layers(model, spec)[layer]
     name = spec.attn if block == "attn" else spec.mlp
@@ -145,30 +145,25 @@ def _mean_loss(model: nn.Module, samples: torch.Tensor, batch_size: int) -> floa
 
 
 def block_removal_loss(model: nn.Module, samples: torch.Tensor, *, batch_size: int = 4, progress: bool = True,
-                       cache_dir: str | Path | None = DATA_CACHE / "block_loss") -> pd.DataFrame:
-    """Calibration-loss increase when each block is bypassed: one row per (layer, block). Cached on disk."""
-    from workbench.data import fingerprint
+                       cache: bool | str | os.PathLike = True) -> pd.DataFrame:
+    """Calibration-loss increase when each block is bypassed: one row per (layer, block), plus `base_loss`.
 
-    key = hashlib.sha1(f"{model_fingerprint(model)}|{fingerprint(samples)}|{tuple(samples.shape)}".encode()).hexdigest()[:20]
-    path = Path(cache_dir) / f"{key}.csv" if cache_dir is not None else None
-    if path is not None and path.exists():
-        return pd.read_csv(path)
-    was_training = model.training
-    model.eval()
-    try:
-        base = _mean_loss(model, samples, batch_size)
-        rows = []
-        n_layers = len(decoder_layers(model))
-        for layer in tqdm(range(n_layers), desc="block removal loss", disable=not progress, leave=False):
-            for block in BLOCKS:
-                with bypassed(model, layer, block):
-                    rows.append(dict(layer=layer, block=block, removal_loss=_mean_loss(model, samples, batch_size) - base))
-    finally:
-        model.train(was_training)
-    df = pd.DataFrame(rows)
-    df["base_loss"] = base  # the unbypassed calibration loss, kept in the cached CSV too
-    if path is not None:
-        from workbench.experiments import write_atomic
+    Cached (`workbench.cache`, kind `block_loss`) by the model's content, the samples and the batch size.
+    """
+    def compute() -> pd.DataFrame:
+        with eval_mode(model):
+            base = _mean_loss(model, samples, batch_size)
+            rows = []
+            n_layers = len(decoder_layers(model))
+            for layer in tqdm(range(n_layers), desc="block removal loss", disable=not progress, leave=False):
+                for block in BLOCKS:
+                    with bypassed(model, layer, block):
+                        rows.append(dict(layer=layer, block=block,
+                                         removal_loss=_mean_loss(model, samples, batch_size) - base))
+        df = pd.DataFrame(rows)
+        df["base_loss"] = base  # the unbypassed calibration loss, kept in the cache too
+        return df
 
-        write_atomic(path, df.to_csv(index=False))
-    return df
+    key = make_key(model=model, data=samples, settings=dict(batch_size=batch_size))
+    return cached("block_loss", key, compute, cache=cache, encode=lambda df: df.to_dict("list"),
+                  decode=pd.DataFrame)

@@ -20,11 +20,22 @@ import pandas as pd
 import torch
 from torch import nn
 
-from workbench.models import decoder_layers, geometry, get_spec, layer_parts, parameter_count
+from workbench.models import decoder_layers, eval_mode, geometry, get_spec, layer_parts, layer_widths, parameter_count
 
 
 @dataclass(frozen=True)
 class EfficiencyConfig:
+    """How efficiency is measured (one protocol for every model compared).
+
+    Args:
+        prompt_len: tokens of the seeded random prompt (prefill).
+        new_tokens: tokens decoded one at a time with the KV cache (greedy).
+        batch_size: prompts decoded together.
+        warmup: untimed runs before the timed ones.
+        repeats: timed runs; latencies are medians over them.
+        seed: seed of the random prompt.
+    """
+
     prompt_len: int = 128
     new_tokens: int = 32
     batch_size: int = 1
@@ -55,7 +66,7 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             return self
-        import psutil
+        import psutil  # deferred: needed only on CPU
 
         proc, self._stop = psutil.Process(), threading.Event()
         self.peak = proc.memory_info().rss
@@ -105,13 +116,7 @@ def parameter_breakdown(model: nn.Module) -> dict[str, int]:
 
 def kv_heads_per_layer(model: nn.Module) -> list[int]:
     """KV heads each layer keeps (0 for an emptied attention block)."""
-    spec = get_spec(model)
-    head_dim = geometry(model.config).head_dim
-    out = []
-    for layer in decoder_layers(model, spec):
-        parts = layer_parts(layer, spec)
-        out.append(0 if parts.k is None else parts.k.weight.shape[0] // head_dim)
-    return out
+    return [groups for groups, _ in layer_widths(model)]
 
 
 def kv_cache_bytes_per_token(model: nn.Module, dtype: torch.dtype | None = None) -> int:
@@ -162,9 +167,7 @@ def measure(model: nn.Module, cfg: EfficiencyConfig = EfficiencyConfig(), *,
     vocab = model.get_input_embeddings().weight.shape[0]
     prompt = torch.randint(0, vocab, (cfg.batch_size, cfg.prompt_len),
                            generator=torch.Generator().manual_seed(cfg.seed)).to(device)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for _ in range(cfg.warmup):
             _run(model, prompt, cfg.new_tokens)
         prefills, steps = [], []
@@ -173,8 +176,6 @@ def measure(model: nn.Module, cfg: EfficiencyConfig = EfficiencyConfig(), *,
                 p, s, cache = _run(model, prompt, cfg.new_tokens)
                 prefills.append(p)
                 steps.extend(s)
-    finally:
-        model.train(was_training)
     tokens_in_cache = cfg.batch_size * (cfg.prompt_len + cfg.new_tokens)
     decode = statistics.median(steps)
     weights = sum(t.numel() * t.element_size() for t in {id(p): p for p in model.parameters()}.values())

@@ -1,19 +1,31 @@
 """Evaluation: perplexity over non-overlapping windows, recorded with everything that defines it."""
 from __future__ import annotations
 
+import copy
 import math
+import platform
+import time
+from importlib.metadata import PackageNotFoundError, version
 from dataclasses import asdict, dataclass
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from workbench.cache import model_fingerprint
+from workbench.efficiency import measure as measure_efficiency
+from workbench.zeroshot import zero_shot as run_zero_shot
 from workbench.data import OFFLINE_SOURCE, evaluation_windows
+from workbench.models import eval_mode, model_summary
+from workbench.prune import apply_plan
 
 
 @dataclass(frozen=True)
 class PerplexityResult:
+    """Perplexity and everything that defines it: model, source, split, window length and count, tokens."""
+
     ppl: float
     mean_nll: float
     model: str
@@ -38,17 +50,13 @@ def window_nll(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, pro
         raise ValueError(f"batch_size={batch_size} must be a positive integer")
     device = _device_of(model)
     total, count = torch.zeros((), dtype=torch.float64), 0
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for start in tqdm(range(0, len(windows), batch_size), desc="perplexity", disable=not progress, leave=False):
             batch = windows[start : start + batch_size].to(device)
             logits = model(input_ids=batch, use_cache=False).logits.float()
             nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1), reduction="sum")
             total += nll.double().cpu()
             count += batch[:, 1:].numel()
-    finally:
-        model.train(was_training)
     return torch.stack([total, torch.tensor(float(count), dtype=torch.float64)])
 
 
@@ -84,10 +92,6 @@ def perplexity_after(model: nn.Module, tokenizer, plan, source: str = OFFLINE_SO
 
     Used to compare plans side by side (one copy at a time, so peak memory is twice the model).
     """
-    import copy
-
-    from workbench.prune import apply_plan
-
     pruned = copy.deepcopy(model)
     apply_plan(pruned, plan)
     return perplexity(pruned, tokenizer, source, **kwargs)
@@ -97,8 +101,6 @@ RESULT_LIBRARIES = ("torch", "transformers", "peft", "datasets", "lm-eval", "num
 
 
 def library_versions() -> dict[str, str | None]:
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
 
     out: dict[str, str | None] = {"python": platform.python_version()}
     for lib in RESULT_LIBRARIES:
@@ -112,9 +114,6 @@ def library_versions() -> dict[str, str | None]:
 def model_entry(model: nn.Module, *, perplexity: PerplexityResult | None = None, zero_shot=None,
                 efficiency: dict | None = None, checkpoint: str | None = None) -> dict:
     """One model's results for `evaluation_results.json` (what is not measured is None)."""
-    from workbench.importance import model_fingerprint
-    from workbench.models import model_summary
-
     return dict(model_hash=model_fingerprint(model), summary=model_summary(model), checkpoint=checkpoint,
                 perplexity=perplexity.to_dict() if perplexity is not None else None,
                 zero_shot=zero_shot.to_dict() if zero_shot is not None else None, efficiency=efficiency)
@@ -122,8 +121,6 @@ def model_entry(model: nn.Module, *, perplexity: PerplexityResult | None = None,
 
 def results_record(entries: dict[str, dict]) -> dict:
     """The whole `evaluation/evaluation_results.json`: every model's entry plus library versions."""
-    import time
-
     if not entries:
         raise ValueError("entries is empty: pass {name: model_entry(...)}")
     return dict(models=entries, versions=library_versions(), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
@@ -131,8 +128,6 @@ def results_record(entries: dict[str, dict]) -> dict:
 
 def results_table(record: dict):
     """A DataFrame: rows = measures (PPL, mean and per-task accuracy, parameters, efficiency), columns = models."""
-    import pandas as pd
-
     cols = {}
     for name, e in record["models"].items():
         col = {"parameters": e["summary"]["parameters"]}
@@ -149,3 +144,31 @@ def results_table(record: dict):
                 col[k] = e["efficiency"][k]
         cols[name] = col
     return pd.DataFrame(cols)
+
+
+def evaluate_models(models: dict[str, nn.Module], tokenizer, *, checkpoints: dict[str, str | None] | None = None,
+                    source: str = OFFLINE_SOURCE, seq_len: int = 128, max_windows: int | None = 50,
+                    zero_shot_cfg=None, efficiency_cfg=None) -> dict:
+    """Perplexity, zero-shot accuracy and efficiency of each model under one protocol: `results_record`'s dict.
+
+    `zero_shot_cfg` / `efficiency_cfg` of None skip that measurement.
+    """
+    checkpoints = checkpoints or {}
+    entries = {}
+    for name, m in models.items():
+        ckpt = checkpoints.get(name)
+        entries[name] = model_entry(
+            m, checkpoint=str(ckpt) if ckpt else None,
+            perplexity=perplexity(m, tokenizer, source, seq_len=seq_len, max_windows=max_windows),
+            zero_shot=run_zero_shot(m, tokenizer, zero_shot_cfg) if zero_shot_cfg is not None else None,
+            efficiency=measure_efficiency(m, efficiency_cfg, checkpoint_dir=ckpt) if efficiency_cfg is not None else None)
+    return results_record(entries)
+
+
+def recovery_table(dense: PerplexityResult, pruned: PerplexityResult, recovered: PerplexityResult,
+                   label: str = "recovered"):
+    """PPL of dense, pruned and recovered models, and the share of the pruning loss (mean NLL) recovered."""
+    table = pd.DataFrame({"perplexity": [dense.ppl, pruned.ppl, recovered.ppl]}, index=["dense", "pruned", label])
+    gap = pruned.mean_nll - dense.mean_nll  # 0 when nothing was pruned (LoRA on the dense model)
+    table["recovered share of the loss"] = [None, None, (pruned.mean_nll - recovered.mean_nll) / gap if gap else None]
+    return table

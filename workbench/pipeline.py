@@ -1,7 +1,7 @@
-"""The prune → evaluate → save pipeline as one call, recorded in an experiment directory.
+"""The prune → evaluate → save pipeline: its steps as functions, and the whole run as one call.
 
-Used by the README demo and by notebooks that want the whole run; each step is also a public
-function of its own module for cell-by-cell work.
+The README demo calls `run_pruning`; notebook 04 calls the same steps one cell at a time (`calibrate`,
+`select_plan`, `record_plan`, `save_and_check`), so the two cannot drift apart.
 """
 from __future__ import annotations
 
@@ -9,21 +9,36 @@ import contextlib
 import time
 from dataclasses import asdict, dataclass, field
 
+import pandas as pd
 import torch
+from torch import nn
 
 from workbench import plots
+from workbench.checkpoints import load_plan, load_pruned, reload_max_diff, save_pruned
 from workbench.data import CalibrationConfig, calibration_samples
 from workbench.diagnosis import diagnose
 from workbench.evaluate import perplexity
 from workbench.experiments import Experiment
-from workbench.importance import importance_cached
+from workbench.importance import Importance, importance_cached
 from workbench.models import anatomy, model_summary
-from workbench.prune import apply_plan, load_pruned, save_pruned
-from workbench.selection import SelectionConfig, build_table, layer_summary, select, unit_costs
+from workbench.prune import PruneReport, apply_plan
+from workbench.selection import Plan, SelectionConfig, build_table, layer_summary, select, unit_costs
 
 
 @dataclass(frozen=True)
 class PruneRunConfig:
+    """One pruning run.
+
+    Args:
+        method: importance method (a key of `IMPORTANCE_METHODS`).
+        calibration: calibration samples and batch size of the importance pass.
+        selection: budget (ratio and its denominator) and block protection of the global selection.
+        eval_source: text source whose evaluation part measures perplexity.
+        eval_seq_len: tokens per evaluation window.
+        eval_windows: evaluation windows (None: all of the evaluation part).
+        save_model: save the pruned checkpoint into the experiment's `model/` and check its reload.
+    """
+
     method: str = "taylor"
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
@@ -31,6 +46,50 @@ class PruneRunConfig:
     eval_seq_len: int = 128
     eval_windows: int | None = 50
     save_model: bool = True
+
+
+def calibrate(model: nn.Module, tokenizer, calibration: CalibrationConfig, *,
+              progress: bool = True) -> tuple[torch.Tensor, Importance]:
+    """The calibration samples and the importance of one (cached) pass over them."""
+    samples = calibration_samples(tokenizer, calibration)
+    imp = importance_cached(model, samples, batch_size=calibration.batch_size, progress=progress,
+                            calibration=asdict(calibration))
+    return samples, imp
+
+
+def select_plan(model: nn.Module, imp: Importance, method: str,
+                selection: SelectionConfig) -> tuple[pd.DataFrame, Plan]:
+    """The global unit table of one importance method and the plan selected from it."""
+    table = build_table(imp.scores(method), unit_costs(model))
+    return table, select(table, model, selection)
+
+
+def record_plan(experiment: Experiment, table: pd.DataFrame, plan: Plan) -> pd.DataFrame:
+    """Write the unit table and the per-layer summary into `analysis/`; returns the summary."""
+    summary = layer_summary(plan)
+    experiment.write_table("analysis/importance_table.csv", table)
+    experiment.write_table("analysis/layer_summary.csv", summary)
+    return summary
+
+
+def save_and_check(model: nn.Module, experiment: Experiment, probe: torch.Tensor, *, tokenizer=None,
+                   plan: Plan | None = None, report: PruneReport | None = None) -> float:
+    """Save the pruned model into the experiment's `model/`, reload it, return max |Δlogit| on `probe`."""
+    save_pruned(model, experiment.model_dir, tokenizer=tokenizer, plan=plan, report=report)
+    return reload_max_diff(model, experiment.model_dir, probe)
+
+
+def pruned_model(model: nn.Module, tokenizer, *, experiment: str | None = None, method: str = "taylor",
+                 calibration: CalibrationConfig = CalibrationConfig(),
+                 selection: SelectionConfig = SelectionConfig()) -> tuple[nn.Module, Plan]:
+    """The pruned model of an earlier experiment (its `model/`), or `model` pruned here by a global plan."""
+    if experiment is not None:
+        source = Experiment.open(experiment).model_dir
+        return load_pruned(source), load_plan(source)
+    _, imp = calibrate(model, tokenizer, calibration)
+    _, plan = select_plan(model, imp, method, selection)
+    apply_plan(model, plan)
+    return model, plan
 
 
 def run_pruning(model, tokenizer, cfg: PruneRunConfig, experiment: Experiment, *, log=print,
@@ -55,15 +114,10 @@ def run_pruning(model, tokenizer, cfg: PruneRunConfig, experiment: Experiment, *
                            max_windows=cfg.eval_windows, progress=progress)
     log(f"dense PPL {dense.ppl:.2f} ({dense.windows} windows × {dense.seq_len} tokens, {dense.source})")
     with step("calibration_importance"):
-        samples = calibration_samples(tokenizer, cfg.calibration)
-        imp = importance_cached(model, samples, batch_size=cfg.calibration.batch_size, progress=progress,
-                                calibration=asdict(cfg.calibration))
+        samples, imp = calibrate(model, tokenizer, cfg.calibration, progress=progress)
     with step("selection"):
-        table = build_table(imp.scores(cfg.method), unit_costs(model))
-        plan = select(table, model, cfg.selection)
-        summary = layer_summary(plan)
-    experiment.write_table("analysis/importance_table.csv", table)
-    experiment.write_table("analysis/layer_summary.csv", summary)
+        table, plan = select_plan(model, imp, cfg.method, cfg.selection)
+    summary = record_plan(experiment, table, plan)
     diagnosis = diagnose(imp, plan, cfg.method)
     experiment.write_json("analysis/gradient_diagnosis.json", diagnosis)
     log(f"diagnosis: mean_ratio {diagnosis['mean_ratio']:.1f}, norm_ratio {diagnosis['norm_ratio']:.1f}, "
@@ -80,19 +134,24 @@ def run_pruning(model, tokenizer, cfg: PruneRunConfig, experiment: Experiment, *
     reload_diff = None
     if cfg.save_model:
         with step("save_reload"):
-            save_pruned(model, experiment.model_dir, tokenizer=tokenizer, plan=plan, report=report)
-            reloaded = load_pruned(experiment.model_dir, dtype=next(model.parameters()).dtype,
-                                   device=next(model.parameters()).device)
-            probe = samples[:2].to(next(model.parameters()).device)
-            with torch.no_grad():
-                reload_diff = float((reloaded(probe).logits - model(probe).logits).abs().max())
+            reload_diff = save_and_check(model, experiment, samples[:2], tokenizer=tokenizer, plan=plan, report=report)
         log(f"reload check: max |Δlogit| = {reload_diff:.2e}")
     with step("figures"):
         fig = plots.kept_fraction_per_layer(summary, backend="paper",
                                             title=f"{cfg.method}, {cfg.selection.ratio:.0%} of {cfg.selection.ratio_of}")
-        figure_paths = plots.export(fig, "kept_fraction_per_layer", experiment.figures)
+        figure_paths = plots.export(fig, "kept_fraction_per_layer", experiment)
     record = dict(dense=dense.to_dict(), pruned=pruned.to_dict(), report=report.to_dict(), plan=plan.to_dict(),
                   reload_max_abs_diff=reload_diff, importance_seconds=imp.seconds, timings=timings,
                   figures=[str(p) for p in figure_paths], anatomy_after=anatomy(model).to_dict("records"))
     experiment.write_json("evaluation/perplexity.json", record)
     return record
+
+
+def experiment_models(experiments: dict[str, str | None]) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """Load the `model/` checkpoint of each named experiment (None entries are skipped): (models, folders)."""
+    models, folders = {}, {}
+    for label, name in experiments.items():
+        if name is not None:
+            folders[label] = str(Experiment.open(name).model_dir)
+            models[label] = load_pruned(folders[label])
+    return models, folders

@@ -1,8 +1,8 @@
 """Figures: one function per figure kind, plotly for interactive views, matplotlib for paper export.
 
 Every figure function takes `backend="plotly"` (interactive, for notebooks) or `backend="paper"`
-(matplotlib, consistent style, for `export`). `export` writes PDF/PNG/SVG atomically into `figures/`
-or an experiment's `figures/` folder.
+(matplotlib, consistent style, for `export`). `export` writes PDF/PNG/SVG atomically, by one rule: into
+an experiment's `figures/` and, named after the experiment, into the project's `figures/`.
 """
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from workbench.models import REPO_ROOT
+from workbench.experiments import Experiment
+from workbench.paths import figures_root
 
-FIGURES = Path(os.environ.get("WORKBENCH_FIGURES", REPO_ROOT / "figures"))
 BACKENDS = ("plotly", "paper")
 EXPORT_FORMATS = ("pdf", "png", "svg")
 
@@ -44,8 +44,8 @@ def _check_backend(backend: str) -> None:
 
 
 def _paper_axes(ncols: int = 1, width_per_panel: float | None = None):
-    import matplotlib.pyplot as plt
-    import seaborn as sns
+    import matplotlib.pyplot as plt  # deferred: plotting libraries load only when drawing
+    import seaborn as sns  # deferred: plotting libraries load only when drawing
 
     sns.set_theme(context="paper", style="whitegrid", rc=PAPER_RC)
     if ncols == 1 and width_per_panel is None:
@@ -73,7 +73,7 @@ def params_per_layer(anatomy_df: pd.DataFrame, backend: str = "plotly"):
     wide = anatomy_df.pivot_table(index="layer", columns="block", values="params", aggfunc="sum").fillna(0)
     blocks = [b for b in ("attn", "mlp", "norms") if b in wide.columns]
     if backend == "plotly":
-        import plotly.graph_objects as go
+        import plotly.graph_objects as go  # deferred: plotting libraries load only when drawing
 
         fig = go.Figure([go.Bar(x=wide.index, y=wide[b], name=b, marker_color=COLORS[b]) for b in blocks])
         fig.update_layout(barmode="stack", title="Parameters per layer and block", xaxis_title="layer",
@@ -96,7 +96,7 @@ def kept_fraction_per_layer(summary: pd.DataFrame, backend: str = "plotly", titl
     _check_backend(backend)
     title = title or "Kept fraction per layer"
     if backend == "plotly":
-        import plotly.graph_objects as go
+        import plotly.graph_objects as go  # deferred: plotting libraries load only when drawing
 
         fig = go.Figure()
         for block in ("attn", "mlp"):
@@ -139,7 +139,7 @@ def scale_per_layer(per_block: pd.DataFrame, columns=("grad_mean_abs", "imp_mean
         return part.layer.to_numpy(), y.to_numpy()
 
     if backend == "plotly":
-        from plotly.subplots import make_subplots
+        from plotly.subplots import make_subplots  # deferred: plotting libraries load only when drawing
 
         fig = make_subplots(rows=1, cols=len(columns), subplot_titles=[STAT_LABELS.get(c, c) for c in columns])
         for j, col in enumerate(columns, start=1):
@@ -174,7 +174,7 @@ def pruned_fraction_by_setting(summaries: dict[str, pd.DataFrame], backend: str 
         raise ValueError("summaries is empty: pass {setting name: layer_summary(plan)}")
     title = title or "Pruned fraction per layer"
     if backend == "plotly":
-        from plotly.subplots import make_subplots
+        from plotly.subplots import make_subplots  # deferred: plotting libraries load only when drawing
 
         fig = make_subplots(rows=1, cols=2, subplot_titles=["attention (KV groups)", "MLP (channels)"], shared_yaxes=True)
         for i, (name, s) in enumerate(summaries.items()):
@@ -208,7 +208,7 @@ def grouped_bars(frame: pd.DataFrame, backend: str = "plotly", *, ylabel: str = 
     if frame.empty:
         raise ValueError("frame is empty: nothing to draw")
     if backend == "plotly":
-        import plotly.graph_objects as go
+        import plotly.graph_objects as go  # deferred: plotting libraries load only when drawing
 
         fig = go.Figure([go.Bar(x=[str(i) for i in frame.index], y=frame[c], name=str(c), marker_color=_series_color(i))
                          for i, c in enumerate(frame.columns)])
@@ -240,7 +240,7 @@ def loss_curve(history: pd.DataFrame, evals: pd.DataFrame | None = None, backend
         raise ValueError("history is empty: no training step was recorded")
     smooth = history.loss.rolling(max(1, len(history) // 20), min_periods=1).mean()
     if backend == "plotly":
-        import plotly.graph_objects as go
+        import plotly.graph_objects as go  # deferred: plotting libraries load only when drawing
 
         fig = go.Figure([
             go.Scatter(x=history.step, y=history.loss, mode="lines", name="train loss", line=dict(color="#c7c7c7")),
@@ -271,7 +271,7 @@ def weight_distribution(hist: pd.DataFrame, backend: str = "plotly", title: str 
     _check_backend(backend)
     kinds = [m for m in MODULE_ORDER if m in set(hist.module)] + sorted(set(hist.module) - set(MODULE_ORDER))
     if backend == "plotly":
-        import plotly.graph_objects as go
+        import plotly.graph_objects as go  # deferred: plotting libraries load only when drawing
 
         fig = go.Figure()
         for i, kind in enumerate(kinds):
@@ -284,8 +284,8 @@ def weight_distribution(hist: pd.DataFrame, backend: str = "plotly", title: str 
     n = len(kinds)
     ncols = min(4, n)
     nrows = -(-n // ncols)
-    import matplotlib.pyplot as plt
-    import seaborn as sns
+    import matplotlib.pyplot as plt  # deferred: plotting libraries load only when drawing
+    import seaborn as sns  # deferred: plotting libraries load only when drawing
 
     sns.set_theme(context="paper", style="whitegrid", rc=PAPER_RC)
     fig, axes = plt.subplots(nrows, ncols, figsize=(1.8 * ncols, 1.6 * nrows), squeeze=False, layout="constrained")
@@ -314,14 +314,14 @@ def outlier_heatmap(stats: pd.DataFrame, value: str = "max_over_std", backend: s
     label = f"log10 {value}" if log else value
     title = title or f"{value} per layer and module"
     if backend == "plotly":
-        import plotly.graph_objects as go
+        import plotly.graph_objects as go  # deferred: plotting libraries load only when drawing
 
         fig = go.Figure(go.Heatmap(z=z.to_numpy(), x=list(wide.columns), y=list(wide.index), colorscale="Viridis",
                                    customdata=wide.to_numpy(), colorbar=dict(title=label),
                                    hovertemplate="layer %{x}<br>%{y}<br>" + value + " %{customdata:.3g}<extra></extra>"))
         fig.update_layout(title=title, xaxis_title="layer", template="plotly_white")
         return fig
-    import seaborn as sns
+    import seaborn as sns  # deferred: plotting libraries load only when drawing
 
     fig, ax = _paper_axes()
     sns.heatmap(z, ax=ax, cmap="viridis", cbar_kws=dict(label=label))
@@ -339,7 +339,7 @@ def activation_magnitude(frame: pd.DataFrame, value: str = "max_abs", backend: s
     z = np.log10(wide.clip(lower=1e-8))
     title = title or f"{value} per hidden dimension and layer (log10)"
     if backend == "plotly":
-        import plotly.graph_objects as go
+        import plotly.graph_objects as go  # deferred: plotting libraries load only when drawing
 
         fig = go.Figure(go.Heatmap(z=z.to_numpy(), x=list(wide.columns), y=list(wide.index), colorscale="Magma",
                                    customdata=wide.to_numpy(), colorbar=dict(title=f"log10 {value}"),
@@ -356,23 +356,35 @@ def activation_magnitude(frame: pd.DataFrame, value: str = "max_abs", backend: s
     return fig
 
 
-def export(fig, name: str, directory: str | os.PathLike | None = None, formats=("pdf", "png")) -> list[Path]:
-    """Write a paper figure (matplotlib) as `name.<fmt>` for each format; returns the paths."""
+def export(fig, name: str, target: Experiment | str | os.PathLike | None = None,
+           formats=("pdf", "png")) -> list[Path]:
+    """Write a paper figure (matplotlib) as `<name>.<fmt>`, by one rule, and close it; returns the paths.
+
+    `target` an experiment: into its `figures/` as `<name>.<fmt>` and into the project's `figures/` as
+    `<experiment name>_<name>.<fmt>` (so runs never overwrite each other). A folder: there only.
+    None: the project's `figures/` only.
+    """
+    import matplotlib.pyplot as plt  # deferred: plotting libraries load only when drawing
+
     bad = [f for f in formats if f not in EXPORT_FORMATS]
     if bad:
         raise ValueError(f"formats {bad} are not allowed; allowed: {list(EXPORT_FORMATS)}")
     if not hasattr(fig, "savefig"):
         raise TypeError("export takes a paper figure: call the figure function with backend='paper'")
-    directory = Path(directory or FIGURES)
-    directory.mkdir(parents=True, exist_ok=True)
+    if not name or Path(name).name != name or any(ord(c) < 32 for c in name):
+        raise ValueError(f"figure name {name!r} must be a plain file name (no folders, no control characters)")
+    if isinstance(target, Experiment):
+        targets = [(target.figures, name), (figures_root(), f"{target.root.name}_{name}")]
+    else:
+        targets = [(Path(target) if target is not None else figures_root(), name)]
     paths = []
-    for fmt in formats:
-        path = directory / f"{name}.{fmt}"
-        tmp = path.with_name(f".{path.name}.tmp")
-        fig.savefig(tmp, format=fmt)
-        os.replace(tmp, path)
-        paths.append(path)
-    import matplotlib.pyplot as plt
-
+    for folder, stem in targets:
+        folder.mkdir(parents=True, exist_ok=True)
+        for fmt in formats:
+            path = folder / f"{stem}.{fmt}"
+            tmp = path.with_name(f".{path.name}.tmp")
+            fig.savefig(tmp, format=fmt)
+            os.replace(tmp, path)
+            paths.append(path)
     plt.close(fig)
     return paths

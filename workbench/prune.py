@@ -1,4 +1,4 @@
-"""Applying a plan: physical slicing, emptied blocks, depth pruning, zeroing, save and reload.
+"""Applying a plan: physical slicing, emptied blocks, depth pruning and zeroing.
 
 `apply_plan` slices weights in place so the model is really smaller. A block left with no unit is
 replaced by `EmptyBlock`, which adds nothing to the residual stream (an emptied attention block
@@ -8,51 +8,24 @@ units in a dense model: the two must compute the same logits (the project's core
 """
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from workbench.models import (
-    ArchSpec, Geometry, decoder_layers, geometry, get_spec, layer_parts, layer_widths, parameter_count,
+    ArchSpec, EmptyBlock, Geometry, decoder_layers, geometry, get_spec, layer_parts, layer_widths, parameter_count,
 )
 from workbench.selection import Plan, prunable_params, unit_costs
 from workbench.units import BLOCKS, block_params, block_units, unit_rows
 
-PLAN_FILE = "pruning_plan.json"
 LAYERS_KEY = "pruned_layers"  # config attribute: per-layer query heads, KV heads, MLP width
-
-
-class EmptyBlock(nn.Module):
-    """Stands in for an attention or MLP block with no units left: its output is zero."""
-
-    def __init__(self, kind: str, layer_idx: int | None = None, head_dim: int | None = None):
-        super().__init__()
-        if kind not in BLOCKS:
-            raise ValueError(f"kind={kind!r} is not allowed; allowed: {list(BLOCKS)}")
-        self.kind, self.layer_idx, self.head_dim = kind, layer_idx, head_dim
-
-    def forward(self, hidden_states: torch.Tensor, *args, past_key_values=None, **kwargs):
-        out = torch.zeros_like(hidden_states)
-        if self.kind == "mlp":
-            return out
-        if past_key_values is not None:  # zero heads, but the cache still advances by this many positions
-            b, s = hidden_states.shape[:2]
-            empty = hidden_states.new_zeros(b, 0, s, self.head_dim)
-            past_key_values.update(empty, empty, self.layer_idx)
-        return out, None
-
-    def extra_repr(self) -> str:
-        return f"kind={self.kind}, layer_idx={self.layer_idx}"
 
 
 @dataclass(frozen=True)
 class PruneReport:
+    """What `apply_plan` did: parameters before/after (all, and attention + MLP), removed layers, emptied blocks."""
+
     params_before: int
     params_after: int
     prunable_before: int
@@ -94,7 +67,7 @@ def _slice_block(parts, block: str, keep: torch.Tensor, geo: Geometry) -> None:
             up.module.out_features, up.module.in_features = new.shape
 
 
-def _shape_layer(layer: nn.Module, spec: ArchSpec, geo: Geometry, layer_idx: int,
+def shape_layer(layer: nn.Module, spec: ArchSpec, geo: Geometry, layer_idx: int,
                  keep: dict[str, torch.Tensor]) -> None:
     """Keep the given units of each block of one layer; a block with none left becomes EmptyBlock."""
     for block in BLOCKS:
@@ -152,7 +125,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> PruneReport:
     layers = decoder_layers(model, spec)
     for i, layer in enumerate(layers):
         keep = {b: torch.tensor(plan.kept(b, i), dtype=torch.long) for b in BLOCKS}
-        _shape_layer(layer, spec, geo, i, keep)
+        shape_layer(layer, spec, geo, i, keep)
     gone = plan.removed_layers()
     if gone:
         kept_idx = [i for i in range(len(layers)) if i not in gone]
@@ -194,78 +167,3 @@ def mask_plan(model: nn.Module, plan: Plan) -> None:
                 out_proj = parts.o if block == "attn" else parts.down
                 if out_proj.bias is not None:
                     out_proj.bias.zero_()
-
-
-# ----------------------------------------------------------------------------------------------
-# Save and reload
-
-
-def is_pruned_checkpoint(directory: str | os.PathLike) -> bool:
-    cfg = Path(directory) / "config.json"
-    return cfg.is_file() and LAYERS_KEY in json.loads(cfg.read_text())
-
-
-def _atomic_dir(target: Path):
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-
-
-def save_pruned(model: nn.Module, directory: str | os.PathLike, *, tokenizer=None, plan: Plan | None = None,
-                report: PruneReport | None = None) -> Path:
-    """Save safetensors weights + a config recording every layer's widths (+ plan), atomically."""
-    target = Path(directory)
-    tmp = _atomic_dir(target)
-    try:
-        record_layer_config(model)
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if plan is not None:
-            payload = dict(plan=plan.to_dict(), report=report.to_dict() if report else None)
-            (tmp / PLAN_FILE).write_text(json.dumps(payload, indent=1))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
-
-
-def load_pruned(directory: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
-                device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a pruned checkpoint with its per-layer shapes (no remote code), weights loaded exactly."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
-
-    directory = Path(directory)
-    config = AutoConfig.from_pretrained(directory)
-    layers_cfg = getattr(config, LAYERS_KEY, None)
-    if layers_cfg is None:
-        raise ValueError(f"{directory} is not a pruned checkpoint: config.json has no {LAYERS_KEY!r}")
-    if len(layers_cfg) != config.num_hidden_layers:
-        raise ValueError(f"{directory}: {len(layers_cfg)} entries in {LAYERS_KEY} but num_hidden_layers="
-                         f"{config.num_hidden_layers}")
-    with no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    spec, geo = get_spec(model), geometry(config)
-    for i, (layer, lc) in enumerate(zip(decoder_layers(model, spec), layers_cfg)):
-        keep = {"attn": torch.arange(lc["num_key_value_heads"]), "mlp": torch.arange(lc["intermediate_size"])}
-        _shape_layer(layer, spec, geo, i, keep)
-    state = {}
-    for f in sorted(directory.glob("*.safetensors")):
-        state.update(load_file(f))
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
-    if unexpected or set(missing) - tied:
-        raise ValueError(f"{directory}: weights do not match the recorded shapes; "
-                         f"missing={sorted(set(missing) - tied)[:5]}, unexpected={sorted(unexpected)[:5]}")
-    if tied:
-        model.tie_weights()
-    return model.to(device=device, dtype=dtype).eval()
-
-
-def load_plan(directory: str | os.PathLike) -> Plan:
-    d = json.loads((Path(directory) / PLAN_FILE).read_text())
-    return Plan.from_dict(d["plan"])

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from workbench.diagnosis import EXTREME_THRESHOLD, extreme_blocks
-from workbench.importance import Importance
+from workbench.methods import Importance
 from workbench.normalize import ScoringConfig, score_table
 from workbench.selection import Budget, Plan, SelectionConfig, build_table, layer_summary, select
 

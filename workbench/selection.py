@@ -15,8 +15,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from workbench.models import geometry, layer_widths, parameter_count
-from workbench.units import BLOCKS, iter_blocks, unit_cost
+from workbench.models import BLOCKS, geometry, layer_widths, parameter_count
+from workbench.units import iter_blocks, unit_cost
 
 RATIO_OF = ("total", "prunable")
 
@@ -39,7 +39,11 @@ def unit_costs(model: nn.Module) -> dict[str, list[int]]:
 
 
 def build_table(scores: dict[str, list[torch.Tensor]], costs: dict[str, list[int]]) -> pd.DataFrame:
-    """One row per unit: layer, block, unit, importance, cost, score (vectorised)."""
+    """One row per unit: layer, block, unit, importance, cost, score (vectorised).
+
+    `table.attrs["widths"]` records the (KV groups, MLP channels) per layer the scores were made for;
+    `select` refuses a model of other widths (importance of another or an already pruned model).
+    """
     frames = []
     for block in BLOCKS:
         if len(scores[block]) != len(costs[block]):
@@ -58,14 +62,50 @@ def build_table(scores: dict[str, list[torch.Tensor]], costs: dict[str, list[int
                 "importance": imp.double().numpy(),
                 "cost": np.full(n, cost, dtype=np.int64),
             }))
+    if not frames:
+        raise ValueError("the scores hold no unit at all; nothing can be selected")
     table = pd.concat(frames, ignore_index=True)
     table["block"] = pd.Categorical(table["block"], categories=list(BLOCKS))
     table["score"] = table["importance"] / table["cost"]
+    table.attrs["widths"] = [(int(scores["attn"][i].numel()), int(scores["mlp"][i].numel()))
+                             for i in range(len(scores["attn"]))]
     return table
+
+
+def check_table_widths(table: pd.DataFrame, widths: list[tuple[int, int]]) -> None:
+    """Refuse a table made for other layer widths than the model's (or with unit indices out of range)."""
+    made_for = table.attrs.get("widths")
+    if made_for is not None:
+        made_for = [tuple(w) for w in made_for]
+        if made_for != [tuple(w) for w in widths]:
+            diff = [(i, a, b) for i, (a, b) in enumerate(zip(made_for, widths)) if tuple(a) != tuple(b)]
+            raise ValueError(
+                f"the importance table was made for layer widths that differ from the model's "
+                f"({len(made_for)} vs {len(widths)} layers; first differences (layer, table, model): {diff[:3]}). "
+                "Compute importance on the model being pruned (not on the dense model after pruning it)")
+        return
+    w = np.asarray(widths, dtype=np.int64).reshape(-1, 2)
+    layer, unit, mlp = table["layer"].to_numpy(), table["unit"].to_numpy(), block_codes(table)
+    bad = (layer < 0) | (layer >= len(w)) | (unit < 0)
+    bad[~bad] |= unit[~bad] >= w[layer[~bad], mlp[~bad]]
+    if bad.any():
+        raise ValueError(f"{int(bad.sum())} table rows name units outside the model's widths "
+                         f"(first: row {int(np.flatnonzero(bad)[0])})")
 
 
 @dataclass(frozen=True)
 class SelectionConfig:
+    """How many parameters to remove, against what, and what to protect.
+
+    Args:
+        ratio: share of the denominator to remove, in [0, 1).
+        ratio_of: the denominator: "total" (every parameter, tied embeddings once) or "prunable"
+            (the parameters owned by attention and MLP units).
+        min_units_per_block: each block keeps at least its N best units; 0 lets blocks (and layers) empty.
+        layer_ratios: per-layer allocation (e.g. OWL): layer i loses layer_ratios[i] of its attention + MLP
+            parameters, lowest scores first within the layer; `ratio` and `ratio_of` are then not used.
+    """
+
     ratio: float = 0.2
     ratio_of: str = "total"
     min_units_per_block: int = 0  # 0 lets blocks (and whole layers) empty
@@ -74,6 +114,12 @@ class SelectionConfig:
     layer_ratios: tuple[float, ...] | None = None
 
     def __post_init__(self):
+        for name in ("ratio", "min_units_per_block"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+                raise TypeError(f"{name}={value!r} must be a number, not {type(value).__name__}")
+        if not float(self.ratio) == float(self.ratio):
+            raise ValueError(f"ratio={self.ratio} is NaN; use a value in [0, 1)")
         if self.layer_ratios is not None:
             bad = [r for r in self.layer_ratios if not 0.0 <= r < 1.0]
             if bad or not len(self.layer_ratios):
@@ -91,7 +137,16 @@ class SelectionConfig:
 
 @dataclass
 class Plan:
-    """Which units to remove: block -> per layer sorted unit indices, plus what it was chosen against."""
+    """Which units to remove: block -> per layer sorted unit indices, plus what it was chosen against.
+
+    Attributes:
+        removed: block -> per layer, the sorted distinct unit indices removed.
+        widths: (KV groups, MLP channels) per layer of the model the plan applies to.
+        target_params: parameters the selection aimed to remove.
+        selected_params: parameters the chosen units own.
+        denominator: the parameters `ratio` was taken of.
+        settings: how the plan was made (selection and scoring settings, or a baseline's).
+    """
 
     removed: dict[str, list[list[int]]]
     widths: list[tuple[int, int]]  # (KV groups, MLP channels) per layer of the model it applies to
@@ -124,13 +179,21 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: dict) -> Plan:
-        return cls(removed={b: [list(map(int, r)) for r in d["removed"][b]] for b in BLOCKS},
-                   widths=[tuple(w) for w in d["widths"]], target_params=d["target_params"],
-                   selected_params=d["selected_params"], denominator=d["denominator"], settings=d["settings"])
+        """A plan from `to_dict`'s output, validated like `from_units` (indices in range, no duplicates)."""
+        widths = [tuple(int(x) for x in w) for w in d["widths"]]
+        for b in BLOCKS:
+            if len(d["removed"][b]) != len(widths):
+                raise ValueError(f"plan: {len(d['removed'][b])} {b} entries for {len(widths)} layers")
+        removed = {b: {i: [int(u) for u in r] for i, r in enumerate(d["removed"][b])} for b in BLOCKS}
+        return cls.from_units(widths, removed, target_params=d["target_params"], selected_params=d["selected_params"],
+                              denominator=d["denominator"], settings=d["settings"])
 
     @classmethod
     def from_units(cls, widths: list[tuple[int, int]], removed: dict[str, dict[int, list[int]]], **kw) -> Plan:
         """A plan from {block: {layer: [units]}} (hand-written or random plans)."""
+        extra = {b: sorted(set(removed.get(b, {})) - set(range(len(widths)))) for b in BLOCKS}
+        if any(extra.values()):
+            raise ValueError(f"plan names layers {extra} outside the model's {len(widths)} layers")
         full = {b: [sorted(removed.get(b, {}).get(i, [])) for i in range(len(widths))] for b in BLOCKS}
         for b in BLOCKS:
             for i, units in enumerate(full[b]):
@@ -179,6 +242,7 @@ def select(table: pd.DataFrame, model: nn.Module | Budget, cfg: SelectionConfig 
     Rows with `forced=True` (tau) are removed first, whole, and count against the budget.
     """
     budget = model if isinstance(model, Budget) else Budget.of(model)
+    check_table_widths(table, budget.widths)
     if cfg.layer_ratios is not None:
         return _select_per_layer(table, budget, cfg, score_column)
     widths = budget.widths
@@ -274,8 +338,17 @@ def layer_summary(plan: Plan) -> pd.DataFrame:
 def random_plan(widths: list[tuple[int, int]], fraction: float, seed: int = 0,
                 empty_blocks: int = 0, remove_layers: int = 0) -> Plan:
     """A random plan (tests, baselines): `fraction` of each block's units, plus whole blocks/layers emptied."""
-    g = torch.Generator().manual_seed(seed)
     n_layers = len(widths)
+    if not 0 <= fraction < 1:
+        raise ValueError(f"fraction={fraction} must be in [0, 1)")
+    if remove_layers < 0 or empty_blocks < 0:
+        raise ValueError(f"remove_layers={remove_layers} and empty_blocks={empty_blocks} must be >= 0")
+    if remove_layers >= n_layers:
+        raise ValueError(f"remove_layers={remove_layers} must leave a layer: the model has {n_layers}")
+    if empty_blocks > n_layers - remove_layers:
+        raise ValueError(f"empty_blocks={empty_blocks}: at most one block per remaining layer "
+                         f"({n_layers - remove_layers}) can be emptied without removing the layer")
+    g = torch.Generator().manual_seed(seed)
     layer_perm = torch.randperm(n_layers, generator=g).tolist()
     gone_layers = set(layer_perm[:remove_layers])
     emptied = {(layer_perm[remove_layers + j], BLOCKS[j % 2]) for j in range(empty_blocks)}

@@ -12,13 +12,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from workbench.models import ArchSpec, LayerParts, decoder_layers, get_spec, layer_parts
-
-BLOCKS = ("attn", "mlp")
+from workbench.models import BLOCKS, ArchSpec, LayerParts, decoder_layers, get_spec, kv_groups, layer_parts, mlp_channels
 
 
 @dataclass(frozen=True)
 class UnitParam:
+    """One unit-indexed parameter: which module and attribute, and the axis along which units lie."""
+
     name: str  # e.g. "q.weight"
     module: nn.Linear
     attr: str  # "weight" or "bias"
@@ -50,8 +50,8 @@ def block_params(parts: LayerParts, block: str) -> list[UnitParam]:
 def block_units(parts: LayerParts, block: str, head_dim: int) -> int:
     """How many units a block has now."""
     if block == "attn":
-        return 0 if parts.k is None else parts.k.out_features // head_dim
-    return 0 if parts.gate is None else parts.gate.out_features
+        return kv_groups(parts, head_dim)
+    return mlp_channels(parts)
 
 
 def reduce_to_units(t: torch.Tensor, axis: int, n_units: int) -> torch.Tensor:

@@ -5,8 +5,9 @@ test or a script passes to `Rescorer.plan`.
 """
 from __future__ import annotations
 
+from workbench import plots
 from workbench.diagnosis import EXTREME_THRESHOLD
-from workbench.importance import IMPORTANCE_METHODS
+from workbench.methods import IMPORTANCE_METHODS
 from workbench.normalize import LEVELS, NORMALIZERS, PRESETS, ScoringConfig
 from workbench.rescore import Rescorer
 from workbench.selection import RATIO_OF, Plan, SelectionConfig, layer_summary
@@ -21,10 +22,9 @@ def settings_from_values(v: dict) -> tuple[ScoringConfig, SelectionConfig]:
 
 def panel(rescorer: Rescorer, initial: ScoringConfig = PRESETS["taylor"], ratio: float = 0.2):
     """Build the panel; returns (widget, state) where state['plan'] is the plan on display."""
-    import ipywidgets as W
-    import plotly.graph_objects as go
+    import ipywidgets as W  # deferred: widgets load only in a notebook
+    import plotly.graph_objects as go  # deferred: plotting libraries load only when drawing
 
-    from workbench import plots
 
     has_loss = rescorer.block_loss is not None
     c = dict(

@@ -1,0 +1,16 @@
+"""What every numbered notebook shares: loading its model in real or smoke mode, in one call."""
+from __future__ import annotations
+
+import torch
+
+from workbench.checkpoints import load_model
+from workbench.testing import byte_tokenizer, tiny_model
+
+
+def load(model: str | None = None, smoke: bool = False, *, dtype: str | torch.dtype = "float32",
+         device: str | torch.device = "cpu"):
+    """(model, tokenizer) for a notebook: the given or default model, or with `smoke=True` a tiny random
+    4-layer Llama with a byte tokenizer (seconds; what the test suite runs every notebook on)."""
+    if smoke:
+        return tiny_model("llama", n_layers=4).to(device), byte_tokenizer()
+    return load_model(model, dtype=dtype, device=device)
