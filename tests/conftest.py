@@ -38,3 +38,22 @@ def _isolated_paths(tmp_path, monkeypatch):
     monkeypatch.setenv("WORKBENCH_EXPERIMENTS", str(tmp_path / "experiments"))
     monkeypatch.setenv("WORKBENCH_DATA_CACHE", str(tmp_path / "data_cache"))
     monkeypatch.setattr(cache, "_MEMORY", {})
+
+
+def _repo_outputs():
+    """Every file under the repository's own output folders (the tests must not write there)."""
+    from workbench.paths import REPO_ROOT
+
+    return {str(p.relative_to(REPO_ROOT)) for d in ("data_cache", "figures", "experiments")
+            for p in (REPO_ROOT / d).rglob("*") if (REPO_ROOT / d).exists()}
+
+
+def pytest_sessionstart(session):
+    session.config._repo_outputs_before = _repo_outputs()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    written = _repo_outputs() - session.config._repo_outputs_before
+    if written:
+        print(f"\nthe test run wrote into the repository's data_cache/, figures/ or experiments/: {sorted(written)[:10]}")
+        session.exitstatus = 1

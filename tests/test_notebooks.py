@@ -1,10 +1,11 @@
-"""Every numbered notebook runs end to end on a tiny model (SMOKE=True) in a fresh kernel."""
+"""Every numbered notebook is a jupytext pair in sync, committed clean, and runs end to end on a tiny model."""
 import json
 from pathlib import Path
 
 import pytest
 
-NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
 SMOKE_PARAMS = {
     "00_quickstart": dict(SMOKE=True, SEQ_LEN=32, EVAL_WINDOWS=4),
     "01_gradient_diagnosis": dict(SMOKE=True, NUM_SAMPLES=8, SEQ_LEN=32),
@@ -38,6 +39,38 @@ PREPARE = {"06_evaluation": _prepare_06}
 
 def test_every_notebook_has_smoke_parameters():
     assert {p.stem for p in NOTEBOOKS} == set(SMOKE_PARAMS)
+
+
+def test_every_notebook_is_a_jupytext_pair():
+    assert {p.stem for p in NOTEBOOK_DIR.glob("[0-9][0-9]_*.py")} == {p.stem for p in NOTEBOOKS}
+
+
+def _cells(nb):
+    return [(c["cell_type"], c["source"].strip(), tuple(c["metadata"].get("tags", []))) for c in nb["cells"]]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_pair_is_in_sync(path):
+    """The .py (what reviewers diff) and the .ipynb (what JupyterLab opens) hold the same cells."""
+    import jupytext
+    import nbformat
+
+    text = jupytext.read(path.with_suffix(".py"))
+    ipynb = nbformat.read(path, as_version=4)
+    assert ipynb.metadata.get("jupytext", {}).get("formats") == "ipynb,py:percent", "pairing metadata is missing"
+    assert _cells(text) == _cells(ipynb), f"{path.name} and {path.with_suffix('.py').name} differ: run " \
+        f"`jupytext --sync notebooks/{path.stem}.py`"
+
+
+def test_drift_is_detected(tmp_path):
+    """The sync check fails on a changed cell (guards the guard)."""
+    import jupytext
+    import nbformat
+
+    src = NOTEBOOKS[0]
+    nb = nbformat.read(src, as_version=4)
+    nb.cells[-1].source += "\n# edited in JupyterLab only"
+    assert _cells(jupytext.read(src.with_suffix(".py"))) != _cells(nb)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

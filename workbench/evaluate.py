@@ -172,3 +172,26 @@ def recovery_table(dense: PerplexityResult, pruned: PerplexityResult, recovered:
     gap = pruned.mean_nll - dense.mean_nll  # 0 when nothing was pruned (LoRA on the dense model)
     table["recovered share of the loss"] = [None, None, (pruned.mean_nll - recovered.mean_nll) / gap if gap else None]
     return table
+
+
+def perplexity_of_plans(model: nn.Module, tokenizer, plans: dict, source: str = OFFLINE_SOURCE,
+                        **kwargs) -> pd.Series:
+    """Perplexity after each plan (each on a fresh copy of `model`, which stays unchanged), by plan name."""
+    kwargs.setdefault("progress", False)
+    return pd.Series({name: perplexity_after(model, tokenizer, plan, source, **kwargs).ppl
+                      for name, plan in tqdm(plans.items(), desc="perplexity per plan")}, name="ppl")
+
+
+EFFICIENCY_ROWS = ("parameters", "prefill_ms", "decode_ms_per_token", "decode_tokens_per_s", "kv_cache_bytes_per_token")
+
+
+def accuracy_table(table: pd.DataFrame, metric: str = "acc") -> pd.DataFrame:
+    """From `results_table`: one row per zero-shot task (`acc` or `acc_norm`), one column per model."""
+    rows = [r for r in table.index if r.startswith(f"{metric}/")]
+    return table.loc[rows].rename(index=lambda r: r.split("/", 1)[1])
+
+
+def efficiency_ratios(table: pd.DataFrame, reference: str = "dense") -> pd.DataFrame:
+    """From `results_table`: the efficiency rows, plus each model's value divided by the reference model's."""
+    eff = table.loc[[r for r in EFFICIENCY_ROWS if r in table.index]]
+    return eff.assign(**{f"{c} / {reference}": eff[c] / eff[reference] for c in eff.columns if c != reference})

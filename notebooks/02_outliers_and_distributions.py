@@ -1,0 +1,137 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (prune-workbench)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 02 · Outliers and weight / activation distributions, next to the pruning decisions
+#
+# LLMs carry outliers: a few weights far from the bulk, a few hidden dimensions whose activations are orders
+# of magnitude above the rest ("massive activations"), channels LLM.int8 must treat apart (|x| > 6).
+# Removing a unit that carries them breaks the model, and layers rich in outliers tolerate less pruning
+# (OWL). This notebook shows both and links them to a pruning plan:
+#
+# 1. weights per layer and module: std, kurtosis, max |w| / σ, share beyond k·σ; histograms on a log count axis;
+# 2. activations over the calibration data, streamed and cached: per hidden dimension max |x| and how often it
+#    exceeds the threshold, massive activations, dimensions that are outliers in many layers;
+# 3. the outlier units a global plan removes (warning), and an OWL-style per-layer allocation:
+#    each layer's ratio shrinks with its outlier ratio (share of |w|·‖x‖ above M × the layer mean), kept within
+#    ±λ of the global ratio, mean equal to it.
+
+# %% tags=["parameters"]
+MODEL = None
+SMOKE = False
+NUM_SAMPLES = 32
+SEQ_LEN = 128
+THRESHOLD = 6.0       # |activation| counted as an outlier (LLM.int8)
+K_SIGMA = 6.0         # weight statistics: share of |w - mean| beyond K_SIGMA · std
+METHOD = "taylor"
+RATIO = 0.2           # of all parameters
+OWL_M = 5.0
+OWL_LAMBDA = 0.08
+EVAL_WINDOWS = 50
+EXPERIMENT = "nb02-outliers"
+
+# %%
+import pandas as pd
+from workbench import notebook, plots
+from workbench.data import CalibrationConfig, calibration_samples
+from workbench.evaluate import perplexity_of_plans
+from workbench.experiments import Experiment
+from workbench.activations import activation_stats
+from workbench.allocation import compare_allocation, layer_outlier_ratio, owl_ratios
+from workbench.importance import importance_cached
+from workbench.outliers import plan_outliers, unit_outliers, warn_removed_outliers, weight_histograms, weight_stats
+from workbench.selection import Budget, SelectionConfig, build_table, layer_summary, select
+
+# %%
+model, tokenizer = notebook.load(MODEL, SMOKE)  # SMOKE: a tiny random model (seconds; what the tests run)
+
+# %% [markdown]
+# ### Weights
+
+# %%
+exp = Experiment.create(EXPERIMENT, exist_ok=True)
+wstats = weight_stats(model, k_sigma=K_SIGMA)
+wstats.sort_values("max_over_std", ascending=False).head(10)
+
+# %%
+plots.outlier_heatmap(wstats, "max_over_std")
+
+# %%
+plots.outlier_heatmap(wstats, "kurtosis", log=False)
+
+# %%
+whist = weight_histograms(model)
+plots.weight_distribution(whist)
+
+# %% [markdown]
+# ### Activations (one streamed pass, cached under `data_cache/outliers/`)
+
+# %%
+calib = CalibrationConfig(num_samples=NUM_SAMPLES, seq_len=SEQ_LEN)
+samples = calibration_samples(tokenizer, calib)
+acts = activation_stats(model, samples, batch_size=calib.batch_size, threshold=THRESHOLD)
+acts.massive("residual").head(12)
+
+# %%
+print(f"hidden dimensions beyond |x| > {THRESHOLD} in at least 2 layers (residual stream):")
+acts.outlier_dims("residual", min_layers=2).head(10)
+
+# %%
+plots.activation_magnitude(acts.frame("residual"), title="residual stream: max |x| per dimension")
+
+# %% [markdown]
+# ### The outlier units of a global plan
+
+# %%
+imp = importance_cached(model, samples, batch_size=calib.batch_size)
+budget = Budget.of(model)
+table = build_table(imp.scores(METHOD), budget.costs)
+plan = select(table, budget, SelectionConfig(ratio=RATIO))
+units = unit_outliers(model, acts)  # massive channel: ≥ 10 × its block's median; outlier weight: > 16 σ
+summary, _ = plan_outliers(plan, units)
+summary
+
+# %%
+flagged = warn_removed_outliers(plan, units)
+flagged.head(20)
+
+# %% [markdown]
+# ### OWL-style allocation against the plain global plan (same number of parameters)
+
+# %%
+lod = layer_outlier_ratio(model, acts, m=OWL_M)
+prunable_ratio = plan.selected_params / budget.prunable_params
+ratios = owl_ratios(lod, prunable_ratio, OWL_LAMBDA)
+owl_plan = select(table, budget, SelectionConfig(layer_ratios=tuple(ratios)))
+allocation = compare_allocation(plan, owl_plan, budget, lod)
+print(f"global plan removes {prunable_ratio:.2%} of attention+MLP; OWL mean ratio {ratios.mean():.2%}, "
+      f"range [{ratios.min():.2%}, {ratios.max():.2%}]")
+plots.pruned_fraction_by_setting({"global": layer_summary(plan), "OWL": layer_summary(owl_plan)},
+                                 title="global vs OWL allocation")
+
+# %%
+ppl = perplexity_of_plans(model, tokenizer, {"global": plan, "OWL": owl_plan}, seq_len=SEQ_LEN, max_windows=EVAL_WINDOWS)
+ppl
+
+# %%
+exp.write_table("analysis/weight_stats.csv", wstats)
+exp.write_table("analysis/massive_activations.csv", acts.massive("residual"))
+exp.write_table("analysis/outlier_dims.csv", acts.outlier_dims("residual", min_layers=2))
+exp.write_table("analysis/plan_outliers.csv", summary)
+exp.write_table("analysis/owl_allocation.csv", allocation)
+exp.write_json("evaluation/perplexity.json", dict(ratio=RATIO, method=METHOD, owl_m=OWL_M, owl_lambda=OWL_LAMBDA, ppl=ppl.to_dict()))
+plots.export(plots.weight_distribution(whist, backend="paper"), "weight_distribution", exp)
+plots.export(plots.outlier_heatmap(wstats, "max_over_std", backend="paper"), "weight_outliers", exp)
+plots.export(plots.activation_magnitude(acts.frame("residual"), backend="paper"), "activation_magnitude", exp)

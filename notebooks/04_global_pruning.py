@@ -1,0 +1,95 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (prune-workbench)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 04 · Global GQA-aware pruning
+#
+# One calibration pass computes every importance method at once (cached: re-running a cell or switching
+# the method costs no forward pass). Units are whole GQA groups (one KV head with its query heads) and
+# MLP channels; each has an exact parameter cost, and the lowest `score = importance / cost` units across
+# all layers are removed until the budget is met (a fractional knapsack). Blocks left empty add nothing to
+# the residual stream; layers with both blocks empty are removed.
+
+# %% tags=["parameters"]
+MODEL = None
+SMOKE = False
+METHOD = "taylor"       # see IMPORTANCE_METHODS below
+RATIO = 0.2
+RATIO_OF = "total"      # "total": all parameters; "prunable": attention + MLP parameters
+MIN_UNITS_PER_BLOCK = 0 # 0 lets blocks empty (depth pruning)
+NUM_SAMPLES = 64
+SEQ_LEN = 128
+EVAL_WINDOWS = 50
+EXPERIMENT = "nb04-global-pruning"
+
+# %%
+import pandas as pd
+from workbench import notebook, plots
+from workbench.data import CalibrationConfig
+from workbench.evaluate import perplexity
+from workbench.experiments import Experiment
+from workbench.importance import IMPORTANCE_METHODS
+from workbench.pipeline import calibrate, record_plan, save_and_check, select_plan
+from workbench.prune import apply_plan
+from workbench.selection import SelectionConfig
+pd.DataFrame([(m.name, m.description) for m in IMPORTANCE_METHODS.values()], columns=["method", "what"])
+
+# %%
+model, tokenizer = notebook.load(MODEL, SMOKE)  # SMOKE: a tiny random model (seconds; what the tests run)
+
+# %%
+exp = Experiment.create(EXPERIMENT, exist_ok=True)
+dense_ppl = perplexity(model, tokenizer, seq_len=SEQ_LEN, max_windows=EVAL_WINDOWS)
+dense_ppl
+
+# %% [markdown]
+# ### One calibration pass (cached on disk under `data_cache/importance/`)
+
+# %%
+samples, imp = calibrate(model, tokenizer, CalibrationConfig(num_samples=NUM_SAMPLES, seq_len=SEQ_LEN))
+print(f"{imp.acc.batches} batches, {imp.acc.tokens} tokens; the pass took {imp.seconds:.1f} s (cached since)")
+
+# %% [markdown]
+# ### The global table (one row per unit) and the plan selected from it
+
+# %%
+selection = SelectionConfig(ratio=RATIO, ratio_of=RATIO_OF, min_units_per_block=MIN_UNITS_PER_BLOCK)
+table, plan = select_plan(model, imp, METHOD, selection)
+table.nsmallest(15, "score")
+
+# %%
+summary = record_plan(exp, table, plan)
+print(f"target {plan.target_params:,} of {plan.denominator:,} ({RATIO_OF}); selected {plan.selected_params:,}")
+print("emptied blocks:", plan.emptied_blocks(), " removed layers:", plan.removed_layers())
+plots.kept_fraction_per_layer(summary, title=f"{METHOD}: kept fraction per layer")
+
+# %% [markdown]
+# ### Prune physically, evaluate, save and reload
+
+# %%
+report = apply_plan(model, plan)
+pruned_ppl = perplexity(model, tokenizer, seq_len=SEQ_LEN, max_windows=EVAL_WINDOWS)
+pd.DataFrame({"dense": [dense_ppl.ppl, report.params_before], "pruned": [pruned_ppl.ppl, report.params_after]},
+             index=["perplexity", "parameters"])
+
+# %%
+print(f"achieved: {report.ratio_total:.2%} of all parameters, {report.ratio_prunable:.2%} of attention+MLP")
+print("reload max |Δlogit|:", save_and_check(model, exp, samples[:2], tokenizer=tokenizer, plan=plan, report=report))
+
+# %%
+exp.write_json("evaluation/perplexity.json", dict(dense=dense_ppl.to_dict(), pruned=pruned_ppl.to_dict(),
+                                                  report=report.to_dict(), method=METHOD))
+plots.export(plots.kept_fraction_per_layer(summary, backend="paper", title=f"{METHOD}, {RATIO:.0%} of {RATIO_OF}"),
+             f"kept_fraction_{METHOD}", exp)

@@ -1,0 +1,74 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (prune-workbench)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 06 · Evaluation: dense vs pruned vs recovered
+#
+# Perplexity (one protocol for all), zero-shot accuracy through lm-evaluation-harness on the models in
+# memory, and efficiency measured side by side with the same prompts and settings (warm-up, repeats,
+# median). Everything goes to `evaluation/evaluation_results.json` with each model's hash and the library
+# versions.
+#
+# Zero-shot tasks: the seed's seven (`STUDY_TASKS`: BoolQ, PIQA, HellaSwag, WinoGrande, ARC-Easy,
+# ARC-Challenge, OpenBookQA) need the hub; offline, the project's own `pydoc_cloze` task (sentence
+# completion on the evaluation part of the offline corpus, 4 choices, chance 25 %) runs the same way, and any
+# local task YAML path works too.
+
+# %% tags=["parameters"]
+MODEL = None
+SMOKE = False
+PRUNED_EXPERIMENT = "nb04-global-pruning"   # its model/ is the pruned model
+RECOVERED_EXPERIMENT = "nb05-finetuning"    # its model/ is the fine-tuned model (None to skip)
+TASKS = ["pydoc_cloze"]                     # or list(STUDY_TASKS) with internet
+LIMIT = None                                # examples per task (None = all)
+EVAL_WINDOWS = 50
+PROMPT_LEN = 128
+NEW_TOKENS = 32
+EXPERIMENT = "nb06-evaluation"
+
+# %%
+from workbench import notebook, plots
+from workbench.efficiency import EfficiencyConfig
+from workbench.evaluate import accuracy_table, efficiency_ratios, evaluate_models, results_table
+from workbench.experiments import Experiment
+from workbench.pipeline import experiment_models
+from workbench.zeroshot import STUDY_TASKS, ZeroShotConfig
+
+# %%
+model, tokenizer = notebook.load(MODEL, SMOKE)  # SMOKE: a tiny random model (seconds; what the tests run)
+
+# %%
+exp = Experiment.create(EXPERIMENT, exist_ok=True)
+models, checkpoints = experiment_models({"pruned": PRUNED_EXPERIMENT, "recovered": RECOVERED_EXPERIMENT})
+models = {"dense": model, **models}
+
+# %%
+record = evaluate_models(models, tokenizer, checkpoints=checkpoints, seq_len=128, max_windows=EVAL_WINDOWS,
+                         zero_shot_cfg=ZeroShotConfig(tasks=tuple(TASKS), limit=LIMIT),
+                         efficiency_cfg=EfficiencyConfig(prompt_len=PROMPT_LEN, new_tokens=NEW_TOKENS))
+exp.write_json("evaluation/evaluation_results.json", record)
+table = results_table(record)
+table
+
+# %%
+acc = accuracy_table(table)
+plots.grouped_bars(acc, ylabel="accuracy", title="zero-shot accuracy (acc)")
+
+# %%
+efficiency_ratios(table)
+
+# %%
+plots.export(plots.grouped_bars(acc, backend="paper", ylabel="accuracy", title="zero-shot accuracy (acc)"), "zero_shot", exp)
+plots.export(plots.grouped_bars(table.loc[["ppl"]], backend="paper", ylabel="perplexity", title="perplexity"), "perplexity", exp)
