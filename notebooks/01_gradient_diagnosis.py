@@ -24,7 +24,7 @@
 #   importance statistics, on log axes;
 # * `mean_ratio` / `norm_ratio`: largest over smallest per-layer mean |g| / gradient norm;
 # * the *extreme blocks* of a naive global plan: blocks whose pruned fraction exceeds `THRESHOLD`;
-# * the recommendation, with the rule that fired: mean_ratio > 1000 → log normalization; more than 5
+# * the recommendation by the GAQ-Aware-Prune study's rules of thumb, with the rule that fired: mean_ratio > 1000 → log normalization; more than 5
 #   extreme blocks → log + percentile clipping; 100–1000 → minmax or sqrt; < 100 → none, or temperature 1.
 #
 # Everything is written to `analysis/gradient_diagnosis.json` in the experiment directory.
@@ -43,13 +43,14 @@ EXPERIMENT = "nb01-gradient-diagnosis"
 import pandas as pd
 from workbench import notebook, plots
 from workbench.data import CalibrationConfig
-from workbench.diagnosis import diagnose, extreme_blocks, gradient_stats
+from workbench.diagnosis import diagnose
 from workbench.experiments import Experiment
 from workbench.importance import IMPORTANCE_METHODS
 from workbench.pipeline import calibrate
 from workbench.normalize import ScoringConfig
 from workbench.rescore import Rescorer
-from workbench.selection import Budget, SelectionConfig, layer_summary
+from workbench.selection import Budget, SelectionConfig
+from workbench.plans import layer_summary
 
 # %%
 model, tokenizer = notebook.load(MODEL, SMOKE)  # SMOKE: a tiny random model (seconds; what the tests run)

@@ -43,7 +43,6 @@ EVAL_WINDOWS = 50
 EXPERIMENT = "nb02-outliers"
 
 # %%
-import pandas as pd
 from workbench import notebook, plots
 from workbench.data import CalibrationConfig, calibration_samples
 from workbench.evaluate import perplexity_of_plans
@@ -52,7 +51,8 @@ from workbench.activations import activation_stats
 from workbench.allocation import compare_allocation, layer_outlier_ratio, owl_ratios
 from workbench.importance import importance_cached
 from workbench.outliers import plan_outliers, unit_outliers, warn_removed_outliers, weight_histograms, weight_stats
-from workbench.selection import Budget, SelectionConfig, build_table, layer_summary, select
+from workbench.selection import Budget, SelectionConfig, build_table, select
+from workbench.plans import layer_summary
 
 # %%
 model, tokenizer = notebook.load(MODEL, SMOKE)  # SMOKE: a tiny random model (seconds; what the tests run)

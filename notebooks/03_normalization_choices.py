@@ -59,7 +59,8 @@ from workbench.experiments import Experiment
 from workbench.normalize import PRESETS, standard_settings
 from workbench.pipeline import calibrate
 from workbench.rescore import Rescorer
-from workbench.selection import Budget, SelectionConfig, layer_summary
+from workbench.selection import Budget, SelectionConfig
+from workbench.plans import layer_summary
 from workbench.widgets import panel
 
 # %%

@@ -21,7 +21,7 @@
 # median). Everything goes to `evaluation/evaluation_results.json` with each model's hash and the library
 # versions.
 #
-# Zero-shot tasks: the seed's seven (`STUDY_TASKS`: BoolQ, PIQA, HellaSwag, WinoGrande, ARC-Easy,
+# Zero-shot tasks: the GAQ-Aware-Prune study's seven (`STUDY_TASKS`: BoolQ, PIQA, HellaSwag, WinoGrande, ARC-Easy,
 # ARC-Challenge, OpenBookQA) need the hub; offline, the project's own `pydoc_cloze` task (sentence
 # completion on the evaluation part of the offline corpus, 4 choices, chance 25 %) runs the same way, and any
 # local task YAML path works too.
@@ -44,7 +44,7 @@ from workbench.efficiency import EfficiencyConfig
 from workbench.evaluate import accuracy_table, efficiency_ratios, evaluate_models, results_table
 from workbench.experiments import Experiment
 from workbench.pipeline import experiment_models
-from workbench.zeroshot import STUDY_TASKS, ZeroShotConfig
+from workbench.zeroshot import STUDY_TASKS, ZeroShotConfig  # noqa: F401 (STUDY_TASKS: for TASKS with internet)
 
 # %%
 model, tokenizer = notebook.load(MODEL, SMOKE)  # SMOKE: a tiny random model (seconds; what the tests run)

@@ -10,7 +10,8 @@ from workbench.importance import compute_importance
 from workbench.testing import tiny_model
 from workbench.normalize import NORMALIZERS, PRESETS, ScoringConfig, clip_percentiles, score_table
 from workbench.rescore import Rescorer
-from workbench.selection import Budget, Plan, SelectionConfig, build_table, select
+from workbench.selection import Budget, SelectionConfig, build_table, select
+from workbench.plans import Plan
 
 
 def _constructed_table(n_layers=4, groups=2, channels=10, seed=0):

@@ -7,7 +7,7 @@ from workbench.efficiency import (
 from workbench.models import layer_widths, parameter_count
 from workbench.prune import apply_plan
 from workbench.checkpoints import save_pruned
-from workbench.selection import Plan
+from workbench.plans import Plan
 
 SMALL = EfficiencyConfig(prompt_len=12, new_tokens=3, warmup=1, repeats=2)
 

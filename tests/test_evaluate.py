@@ -29,7 +29,7 @@ def test_perplexity_after_prunes_a_copy(tokenizer):
     from workbench.models import layer_widths, parameter_count
     from workbench.testing import tiny_model
     from workbench.prune import apply_plan
-    from workbench.selection import random_plan
+    from workbench.plans import random_plan
 
     model = tiny_model("qwen2", n_layers=3)
     plan = random_plan(layer_widths(model), 0.4, seed=1, empty_blocks=1)

@@ -10,7 +10,7 @@ from workbench.models import layer_widths
 from workbench.testing import tiny_model
 from workbench.prune import apply_plan
 from workbench.checkpoints import load_pruned, save_pruned
-from workbench.selection import Plan
+from workbench.plans import Plan
 
 
 def _pruned_model(seed=0):

@@ -25,7 +25,7 @@ def _prepare_06(experiments):
     from workbench.models import layer_widths
     from workbench.prune import apply_plan
     from workbench.checkpoints import save_pruned
-    from workbench.selection import random_plan
+    from workbench.plans import random_plan
 
     for name, seed in [("nb04-global-pruning", 0), ("nb05-finetuning", 1)]:
         model = tiny_model("llama", n_layers=4)

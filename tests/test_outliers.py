@@ -9,7 +9,8 @@ from workbench.allocation import compare_allocation, layer_outlier_ratio, owl_ra
 from workbench.outliers import (
     plan_outliers, tensor_stats, unit_outliers, warn_removed_outliers, weight_histograms, weight_stats,
 )
-from workbench.selection import Budget, Plan, SelectionConfig, build_table, select
+from workbench.selection import Budget, SelectionConfig, build_table, select
+from workbench.plans import Plan
 
 
 def _samples(n=6, length=16, seed=0):

@@ -3,7 +3,7 @@ import pytest
 from workbench import plots
 from workbench.models import anatomy, layer_widths
 from workbench.testing import tiny_model
-from workbench.selection import layer_summary, random_plan
+from workbench.plans import layer_summary, random_plan
 
 
 @pytest.fixture

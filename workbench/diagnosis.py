@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from workbench.cache import cached, make_key
 from workbench.methods import Importance
 from workbench.models import BLOCKS, EmptyBlock, decoder_layers, eval_mode, geometry, get_spec
-from workbench.selection import Plan, layer_summary
+from workbench.plans import Plan, layer_summary
 
 EXTREME_THRESHOLD = 0.9
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from workbench.activations import ActivationStats
 from workbench.models import decoder_layers, geometry, get_spec, kv_groups, layer_parts, mlp_channels
-from workbench.selection import Plan
+from workbench.plans import Plan
 
 
 # ----------------------------------------------------------------------------------------------

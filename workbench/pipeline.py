@@ -22,7 +22,8 @@ from workbench.experiments import Experiment
 from workbench.importance import Importance, importance_cached
 from workbench.models import anatomy, model_summary
 from workbench.prune import PruneReport, apply_plan
-from workbench.selection import Plan, SelectionConfig, build_table, layer_summary, select, unit_costs
+from workbench.plans import Plan, layer_summary
+from workbench.selection import SelectionConfig, build_table, select, unit_costs
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,8 @@ from torch import nn
 from workbench.models import (
     ArchSpec, EmptyBlock, Geometry, decoder_layers, geometry, get_spec, layer_parts, layer_widths, parameter_count,
 )
-from workbench.selection import Plan, prunable_params, unit_costs
+from workbench.plans import Plan
+from workbench.selection import prunable_params, unit_costs
 from workbench.units import BLOCKS, block_params, block_units, unit_rows
 
 LAYERS_KEY = "pruned_layers"  # config attribute: per-layer query heads, KV heads, MLP width

@@ -13,7 +13,8 @@ import pandas as pd
 from workbench.diagnosis import EXTREME_THRESHOLD, extreme_blocks
 from workbench.methods import Importance
 from workbench.normalize import ScoringConfig, score_table
-from workbench.selection import Budget, Plan, SelectionConfig, build_table, layer_summary, select
+from workbench.selection import Budget, SelectionConfig, build_table, select
+from workbench.plans import Plan, layer_summary
 
 
 @dataclass

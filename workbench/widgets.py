@@ -10,7 +10,8 @@ from workbench.diagnosis import EXTREME_THRESHOLD
 from workbench.methods import IMPORTANCE_METHODS
 from workbench.normalize import LEVELS, NORMALIZERS, PRESETS, ScoringConfig
 from workbench.rescore import Rescorer
-from workbench.selection import RATIO_OF, Plan, SelectionConfig, layer_summary
+from workbench.selection import RATIO_OF, SelectionConfig
+from workbench.plans import Plan, layer_summary
 
 
 def settings_from_values(v: dict) -> tuple[ScoringConfig, SelectionConfig]:
