@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from workbench.cache import cached, make_key
-from workbench.models import decoder_layers, eval_mode
+from workbench.models import check_token_ids, decoder_layers, eval_mode
 from workbench.tracer import trace
 
 LLM_INT8_THRESHOLD = 6.0
@@ -138,6 +138,7 @@ def activation_stats(model: nn.Module, samples: torch.Tensor, *, batch_size: int
         raise ValueError(f"threshold={threshold} must be > 0")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be a positive integer")
+    check_token_ids(samples, model, "calibration token ids")
     key = make_key(model=model, data=samples, settings=dict(threshold=threshold, bins=len(HIST_EDGES)))
 
     def compute() -> ActivationStats:

@@ -207,7 +207,16 @@ def save_pruned(model: nn.Module, directory: str | os.PathLike, *, tokenizer=Non
 
 def _check_weight_files(directory: Path) -> list[Path]:
     """The folder's safetensors files, each checked against `checksums.json` when there is one."""
+    from safetensors import safe_open  # deferred: needed only when reading weights
+
     files = sorted(directory.glob("*.safetensors"))
+    for f in files:  # the header and the file's length must agree (catches truncated files)
+        try:
+            with safe_open(f, framework="pt") as fh:
+                fh.keys()
+        except Exception as e:
+            raise CheckpointError(f"{f} cannot be read as safetensors ({type(e).__name__}: {e}); the file is "
+                                  "damaged (truncated?): save or download the model again") from e
     sums_file = directory / CHECKSUMS_FILE
     if sums_file.is_file():
         sums = json.loads(sums_file.read_text())

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from workbench.cache import cached, make_key
 from workbench.methods import Importance
-from workbench.models import BLOCKS, EmptyBlock, decoder_layers, eval_mode, geometry, get_spec
+from workbench.models import BLOCKS, EmptyBlock, check_token_ids, decoder_layers, eval_mode, geometry, get_spec
 from workbench.plans import Plan, layer_summary
 
 EXTREME_THRESHOLD = 0.9
@@ -150,6 +150,8 @@ def block_removal_loss(model: nn.Module, samples: torch.Tensor, *, batch_size: i
 
     Cached (`workbench.cache`, kind `block_loss`) by the model's content, the samples and the batch size.
     """
+    check_token_ids(samples, model, "calibration token ids")
+
     def compute() -> pd.DataFrame:
         with eval_mode(model):
             base = _mean_loss(model, samples, batch_size)

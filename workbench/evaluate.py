@@ -18,7 +18,7 @@ from workbench.cache import model_fingerprint
 from workbench.efficiency import measure as measure_efficiency
 from workbench.zeroshot import zero_shot as run_zero_shot
 from workbench.data import OFFLINE_SOURCE, evaluation_windows
-from workbench.models import eval_mode, model_summary
+from workbench.models import check_token_ids, eval_mode, model_summary
 from workbench.prune import apply_plan
 
 
@@ -48,6 +48,7 @@ def window_nll(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, pro
     """Summed next-token NLL (float64) and count over a stack of windows, as a 2-vector."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be a positive integer")
+    check_token_ids(windows, model, "evaluation token ids")
     device = _device_of(model)
     total, count = torch.zeros((), dtype=torch.float64), 0
     with eval_mode(model):

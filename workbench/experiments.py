@@ -14,17 +14,21 @@ leaves a file that parses but lies. Names and relative paths are confined to the
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import re
+import shutil
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
 
-from workbench.paths import confined, experiments_root, torch_save_atomic, write_atomic  # noqa: F401 (re-exported)
+from workbench.paths import confined, experiments_root, replace_dir, torch_save_atomic, write_atomic  # noqa: F401 (re-exported)
 
 SUBDIRS = ("analysis", "evaluation", "figures", "model", "checkpoints")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -49,13 +53,50 @@ def _jsonable(obj):
 class Experiment:
     """A run's directory. Holds only its path; every read and write goes through the fixed layout."""
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, name: str | None = None):
         self.root = Path(root)
+        self.name = name or self.root.name  # a staged run is written elsewhere under its final name
+
+    @staticmethod
+    def check_new(name: str, *, base: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
+        """The folder a new experiment `name` would take; refuses a bad name, or an existing one without overwrite."""
+        final = _root_of(name, base)
+        if final.exists() and not overwrite:
+            raise FileExistsError(f"experiment {final} exists; choose another name or pass overwrite=True")
+        return final
+
+    @classmethod
+    @contextlib.contextmanager
+    def staged(cls, name: str | None = None, *, base: str | os.PathLike | None = None,
+               overwrite: bool = False) -> Iterator[Experiment]:
+        """A new run written into a hidden staging folder, moved into place only when the block succeeds.
+
+        A failing run leaves nothing behind (its staging folder is removed); an existing experiment of
+        the same name is refused up front unless `overwrite=True`, and then replaced only at the end.
+        So one directory never mixes two runs, and no run is left half-written under its name.
+        """
+        name = time.strftime("run-%Y%m%d-%H%M%S") if name is None else name
+        final = cls.check_new(name, base=base, overwrite=overwrite)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}.staging-", dir=final.parent))
+        exp = cls(staging, name=name)
+        for sub in SUBDIRS:
+            (staging / sub).mkdir()
+        try:
+            yield exp
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        if final.exists() and not overwrite:  # made by someone else meanwhile
+            shutil.rmtree(staging, ignore_errors=True)
+            raise FileExistsError(f"experiment {final} appeared while this run was going; its results were discarded")
+        replace_dir(staging, final)
+        exp.root = final
 
     @classmethod
     def create(cls, name: str | None = None, config: dict | None = None, *, base: str | os.PathLike | None = None,
                exist_ok: bool = False) -> Experiment:
-        name = name or time.strftime("run-%Y%m%d-%H%M%S")
+        name = time.strftime("run-%Y%m%d-%H%M%S") if name is None else name
         exp = cls(_root_of(name, base))
         if exp.root.exists() and not exist_ok:
             raise FileExistsError(f"experiment {exp.root} exists; choose another name or pass exist_ok=True")

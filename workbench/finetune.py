@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from workbench.cache import model_fingerprint, tensor_fingerprint
 from workbench.data import OFFLINE_SOURCE
 from workbench.models import eval_mode, get_spec
 from workbench.paths import torch_save_atomic
@@ -189,10 +190,20 @@ def finetune(model: nn.Module, tokenizer, cfg: FinetuneConfig, checkpoint_dir: s
 
     checkpoint_dir = Path(checkpoint_dir)
     state_path = checkpoint_dir / STATE_FILE
+    if hasattr(model, "peft_config") and hasattr(model, "unload"):
+        # a stopped LoRA run returns the peft-wrapped model: continue from its base weights
+        model = model.unload()
     torch.manual_seed(cfg.seed)
     data = data if data is not None else training_data(tokenizer, cfg)
     train, val = data.split(cfg.val_fraction, cfg.seed)
     device = next(model.parameters()).device
+    identity = dict(model=model_fingerprint(model), data=_data_fingerprint(data))
+    state = None
+    if resume and state_path.exists():  # every check before the model is touched
+        state = _read_state(state_path)
+        _check_same_config(state["config"], cfg)
+        _check_same_run(state, identity, state_path)
+        identity = dict(state["identity"])  # the run keeps the model and data it started from
 
     if cfg.method == "lora":
         from peft import LoraConfig, get_peft_model  # deferred: peft is needed only for LoRA
@@ -210,9 +221,7 @@ def finetune(model: nn.Module, tokenizer, cfg: FinetuneConfig, checkpoint_dir: s
     scheduler = get_scheduler(cfg.schedule, optimizer, num_warmup_steps=cfg.warmup_steps,
                               num_training_steps=cfg.max_steps)
     history, evals, step = [], [], 0
-    if resume and state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
-        _check_same_config(state["config"], cfg)
+    if state is not None:
         params = dict(named)
         with torch.no_grad():
             for name, value in state["trainable"].items():
@@ -227,7 +236,8 @@ def finetune(model: nn.Module, tokenizer, cfg: FinetuneConfig, checkpoint_dir: s
 
     def save():
         torch_save_atomic(dict(
-            step=step, config=cfg.to_dict(), history=history, evals=evals,
+            step=step, config=cfg.to_dict(), history=history, evals=evals, identity=identity,
+            model_now=model_fingerprint(model) if cfg.method == "full" else identity["model"],
             trainable={n: p.detach().cpu().clone() for n, p in named}, optimizer=optimizer.state_dict(),
             scheduler=scheduler.state_dict(), torch_rng=torch.get_rng_state(),
             cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None), state_path)
@@ -283,6 +293,33 @@ def finetune(model: nn.Module, tokenizer, cfg: FinetuneConfig, checkpoint_dir: s
                           steps=step, trainable_params=n_trainable, seconds=time.perf_counter() - t0,
                           config=dict(cfg.to_dict(), train_examples=len(train), val_examples=len(val),
                                       data_source=data.source))
+
+
+def _data_fingerprint(data: TrainData) -> str:
+    return tensor_fingerprint(torch.cat([data.input_ids, data.labels, data.attention_mask], dim=1))
+
+
+def _read_state(path: Path) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ValueError(f"{path} cannot be read ({type(e).__name__}: {e}); the resumable state is damaged: "
+                         "delete it to start over, or pass resume=False / another checkpoint_dir") from e
+    if not isinstance(state, dict) or "identity" not in state:
+        raise ValueError(f"{path} is not a resumable state of this workbench version (no model/data identity); "
+                         "delete it to start over, or pass resume=False / another checkpoint_dir")
+    return state
+
+
+def _check_same_run(state: dict, identity: dict, path: Path) -> None:
+    """Resume only the same model (its weights and shapes, or a full run's own stopped weights) on the same data."""
+    saved = state["identity"]
+    if identity["model"] not in (saved["model"], state.get("model_now")):
+        raise ValueError(f"{path} was made for another model (weights or shapes differ); nothing was changed. "
+                         "Pass the model that run started from, or resume=False / another checkpoint_dir")
+    if identity["data"] != saved["data"]:
+        raise ValueError(f"{path} was made with other training data; nothing was changed. Use the same data "
+                         "(data= / cfg.data) to resume, or resume=False / another checkpoint_dir")
 
 
 def _check_same_config(saved: dict, cfg: FinetuneConfig) -> None:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from workbench.cache import cached, make_key, read_entry, write_entry
 from workbench.methods import IMPORTANCE_METHODS, Accumulators, Importance, ImportanceMethod  # noqa: F401 (re-exported)
-from workbench.models import BLOCKS, eval_mode, geometry, layer_widths
+from workbench.models import BLOCKS, check_token_ids, eval_mode, geometry, layer_widths
 from workbench.tracer import trace
 from workbench.units import block_params, block_units, iter_blocks, reduce_to_units
 
@@ -108,8 +108,12 @@ def compute_importance(
     """Run one forward+backward pass over `samples` ([N, seq_len] token ids) and accumulate everything."""
     if samples.ndim != 2 or samples.numel() == 0:
         raise ValueError(f"samples must be a non-empty [num_samples, seq_len] tensor, got shape {tuple(samples.shape)}")
+    if samples.shape[1] < 2:
+        raise ValueError(f"samples have seq_len={samples.shape[1]}: at least 2 tokens are needed, since the loss "
+                         "predicts each token from the ones before it")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be a positive integer")
+    check_token_ids(samples, model, "calibration token ids")
     geo = geometry(model.config)
     device = next(model.parameters()).device
     blocks = list(iter_blocks(model))

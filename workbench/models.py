@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 from torch import nn
+from transformers.cache_utils import DynamicLayer
 
 BLOCKS = ("attn", "mlp")  # the two prunable blocks of a decoder layer, in this order everywhere
 
@@ -137,11 +138,36 @@ class LayerParts:
     down: nn.Linear | None
 
 
+class PositionsOnlyCacheLayer(DynamicLayer):
+    """The KV-cache layer of an emptied attention block: zero heads, but it counts the positions seen.
+
+    transformers reads the cache's length from layer 0 (`DynamicLayer.get_seq_length` answers 0 when
+    its keys hold no element), so a model whose first attention is emptied would decode every new
+    token at position 0. This layer answers with the positions it was given.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.positions = 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        out = super().update(key_states, value_states, *args, **kwargs)
+        self.positions += key_states.shape[-2]
+        return out
+
+    def get_seq_length(self) -> int:
+        return self.positions
+
+    def crop(self, max_length: int) -> None:
+        super().crop(max_length)
+        self.positions = max_length if max_length >= 0 else max(0, self.positions + max_length)
+
+
 class EmptyBlock(nn.Module):
     """Stands in for an attention or MLP block with no units left: its output is zero.
 
-    An emptied attention block still records zero-head keys/values in the KV cache, so the cache keeps
-    counting positions for the layers after it.
+    An emptied attention block still records zero-head keys/values in the KV cache, through a
+    `PositionsOnlyCacheLayer`, so the cache keeps counting positions whichever layer it is asked.
     """
 
     def __init__(self, kind: str, layer_idx: int | None = None, head_dim: int | None = None):
@@ -155,6 +181,9 @@ class EmptyBlock(nn.Module):
         if self.kind == "mlp":
             return out
         if past_key_values is not None:  # zero heads, but the cache still advances by this many positions
+            layers = getattr(past_key_values, "layers", None)
+            if layers is not None and type(layers[self.layer_idx]) is DynamicLayer:
+                layers[self.layer_idx] = PositionsOnlyCacheLayer()
             b, s = hidden_states.shape[:2]
             empty = hidden_states.new_zeros(b, 0, s, self.head_dim)
             past_key_values.update(empty, empty, self.layer_idx)
@@ -251,6 +280,19 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         yield model
     finally:
         model.train(was_training)
+
+
+def check_token_ids(ids: torch.Tensor, model: nn.Module, what: str = "token ids") -> None:
+    """Refuse token ids the model's embedding cannot look up (negative, >= vocab, not integers), by value."""
+    if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise TypeError(f"{what} must be an integer tensor, got {ids.dtype}")
+    if ids.numel() == 0:
+        return
+    vocab = model.get_input_embeddings().num_embeddings
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab:
+        raise ValueError(f"{what} must lie in [0, {vocab}) (the model's vocabulary); found min {lo}, max {hi}. "
+                         "Were they made with another tokenizer?")
 
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -19,7 +19,7 @@ from workbench.data import CalibrationConfig, calibration_samples
 from workbench.diagnosis import diagnose
 from workbench.evaluate import perplexity
 from workbench.experiments import Experiment
-from workbench.importance import Importance, importance_cached
+from workbench.importance import IMPORTANCE_METHODS, Importance, importance_cached
 from workbench.models import anatomy, model_summary
 from workbench.prune import PruneReport, apply_plan
 from workbench.plans import Plan, layer_summary
@@ -47,6 +47,15 @@ class PruneRunConfig:
     eval_seq_len: int = 128
     eval_windows: int | None = 50
     save_model: bool = True
+
+    def __post_init__(self):
+        if self.method not in IMPORTANCE_METHODS:
+            raise ValueError(f"method={self.method!r} is not registered; allowed: {list(IMPORTANCE_METHODS)}")
+        if isinstance(self.eval_seq_len, bool) or not isinstance(self.eval_seq_len, int) or self.eval_seq_len < 2:
+            raise ValueError(f"eval_seq_len={self.eval_seq_len!r} must be an integer >= 2")
+        if self.eval_windows is not None and (isinstance(self.eval_windows, bool)
+                                              or not isinstance(self.eval_windows, int) or self.eval_windows < 1):
+            raise ValueError(f"eval_windows={self.eval_windows!r} must be a positive integer or None (all)")
 
 
 def calibrate(model: nn.Module, tokenizer, calibration: CalibrationConfig, *,
@@ -143,7 +152,7 @@ def run_pruning(model, tokenizer, cfg: PruneRunConfig, experiment: Experiment, *
         figure_paths = plots.export(fig, "kept_fraction_per_layer", experiment)
     record = dict(dense=dense.to_dict(), pruned=pruned.to_dict(), report=report.to_dict(), plan=plan.to_dict(),
                   reload_max_abs_diff=reload_diff, importance_seconds=imp.seconds, timings=timings,
-                  figures=[str(p) for p in figure_paths], anatomy_after=anatomy(model).to_dict("records"))
+                  figures=[_relative(p, experiment.root) for p in figure_paths], anatomy_after=anatomy(model).to_dict("records"))
     experiment.write_json("evaluation/perplexity.json", record)
     return record
 
@@ -156,3 +165,11 @@ def experiment_models(experiments: dict[str, str | None]) -> tuple[dict[str, nn.
             folders[label] = str(Experiment.open(name).model_dir)
             models[label] = load_pruned(folders[label])
     return models, folders
+
+
+def _relative(path, root) -> str:
+    """A path inside the experiment relative to it (it stays right when a staged run is moved), others as they are."""
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)

@@ -374,7 +374,7 @@ def export(fig, name: str, target: Experiment | str | os.PathLike | None = None,
     if not name or Path(name).name != name or any(ord(c) < 32 for c in name):
         raise ValueError(f"figure name {name!r} must be a plain file name (no folders, no control characters)")
     if isinstance(target, Experiment):
-        targets = [(target.figures, name), (figures_root(), f"{target.root.name}_{name}")]
+        targets = [(target.figures, name), (figures_root(), f"{target.name}_{name}")]
     else:
         targets = [(Path(target) if target is not None else figures_root(), name)]
     paths = []
