@@ -22,7 +22,7 @@ def synthetic_rescorer() -> Rescorer:
     g = torch.Generator().manual_seed(0)
     scale = 10 ** torch.linspace(0, 3, L)
     first = {"attn": [torch.rand(G, generator=g) * s for s in scale], "mlp": [torch.rand(C, generator=g) * s for s in scale]}
-    acc = Accumulators(first=first, fisher=first, magnitude=first, wanda=first, batches=1, tokens=1)
+    acc = Accumulators(first=first, fisher=first, magnitude=first, wanda=first, fluctuation=first, batches=1, tokens=1)
     imp = Importance(acc=acc, grad_stats=pd.DataFrame(), widths=[(G, C)] * L, model="synthetic-llama3-8b")
     costs = {"attn": [2 * R * HD * HIDDEN + 2 * HD * HIDDEN] * L, "mlp": [3 * HIDDEN] * L}
     budget = Budget([(G, C)] * L, costs, total_params=8_030_261_248)

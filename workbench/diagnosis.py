@@ -134,7 +134,7 @@ def bypassed(model: nn.Module, layer: int, block: str):
 
 
 @torch.no_grad()
-def _mean_loss(model: nn.Module, samples: torch.Tensor, batch_size: int) -> float:
+def mean_loss(model: nn.Module, samples: torch.Tensor, batch_size: int) -> float:
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for start in range(0, len(samples), batch_size):
@@ -154,14 +154,14 @@ def block_removal_loss(model: nn.Module, samples: torch.Tensor, *, batch_size: i
 
     def compute() -> pd.DataFrame:
         with eval_mode(model):
-            base = _mean_loss(model, samples, batch_size)
+            base = mean_loss(model, samples, batch_size)
             rows = []
             n_layers = len(decoder_layers(model))
             for layer in tqdm(range(n_layers), desc="block removal loss", disable=not progress, leave=False):
                 for block in BLOCKS:
                     with bypassed(model, layer, block):
                         rows.append(dict(layer=layer, block=block,
-                                         removal_loss=_mean_loss(model, samples, batch_size) - base))
+                                         removal_loss=mean_loss(model, samples, batch_size) - base))
         df = pd.DataFrame(rows)
         df["base_loss"] = base  # the unbypassed calibration loss, kept in the cache too
         return df

@@ -28,7 +28,7 @@ from workbench.tracer import trace
 from workbench.units import block_params, block_units, iter_blocks, reduce_to_units
 
 CACHE_KIND = "importance"
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3  # 3: FLAP fluctuation added to the accumulators
 
 
 # ----------------------------------------------------------------------------------------------
@@ -43,17 +43,22 @@ _WANDA_SITE = {"q.weight": "attn_input", "k.weight": "attn_input", "v.weight": "
 
 @contextlib.contextmanager
 def input_sq_norms(model: nn.Module):
-    """Accumulate Σ x² per input feature of the projections' inputs while inside the block.
+    """Accumulate Σ x² per input feature of the projections' inputs (and Σ x at the output projections' inputs).
 
     Yields {(layer, site): tensor[in_features]} for the sites attn_input, attn_channels, mlp_input,
-    mlp_channels, filled during forward passes.
+    mlp_channels (Σ x²), and (layer, "sum:attn_channels") / (layer, "sum:mlp_channels") (Σ x, for FLAP's
+    fluctuation), filled during forward passes.
     """
     sums: dict[tuple[int, str], torch.Tensor] = {}
 
-    def add(layer: int, site: str, x: torch.Tensor) -> None:
-        s = x.detach().float().square().reshape(-1, x.shape[-1]).sum(0)
-        key = (layer, site)
+    def put(key, s) -> None:
         sums[key] = s if key not in sums else sums[key] + s
+
+    def add(layer: int, site: str, x: torch.Tensor) -> None:
+        x = x.detach().float().reshape(-1, x.shape[-1])
+        put((layer, site), x.square().sum(0))
+        if site in _FLAP_SITE.values():
+            put((layer, f"sum:{site}"), x.sum(0))
 
     with trace(model, ("attn_input", "attn_channels", "mlp_input", "mlp_channels"), add):
         yield sums
@@ -94,6 +99,29 @@ def _wanda_scores(model: nn.Module, norms: dict[tuple[int, str], torch.Tensor]) 
                 w = up.param.detach().float().abs()
                 total += reduce_to_units(w * xnorm[None, :], up.axis, n).cpu()
         out[block].append(total)
+    return out
+
+
+_FLAP_SITE = {"attn": "attn_channels", "mlp": "mlp_channels"}
+
+
+def _fluctuation_scores(model: nn.Module, norms: dict[tuple[int, str], torch.Tensor],
+                        tokens: int) -> dict[str, list[torch.Tensor]]:
+    """FLAP's fluctuation metric (An et al., 2024) per unit: Σ_j Var(x_j)·‖W[:, j]‖² over the unit's input
+    columns j of o_proj / down_proj (how much the output moves when the column is replaced by its mean)."""
+    geo = geometry(model.config)
+    out: dict[str, list[torch.Tensor]] = {b: [] for b in BLOCKS}
+    for i, block, parts in iter_blocks(model):
+        n = block_units(parts, block, geo.head_dim)
+        if not n:
+            out[block].append(torch.zeros(0))
+            continue
+        site = _FLAP_SITE[block]
+        mean = norms[(i, f"sum:{site}")].double() / tokens
+        var = (norms[(i, site)].double() / tokens - mean.square()).clamp_min(0)
+        w = (parts.o if block == "attn" else parts.down).weight.detach().double()
+        per_column = var.to(w.device) * w.square().sum(0)
+        out[block].append(per_column.reshape(n, -1).sum(1).float().cpu())
     return out
 
 
@@ -154,6 +182,7 @@ def compute_importance(
                 n_batches += 1
                 n_tokens += batch.numel()
         wanda = _wanda_scores(model, norms)
+        fluctuation = _fluctuation_scores(model, norms, n_tokens) if n_tokens else None
     finally:
         model.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - t0
@@ -179,6 +208,7 @@ def compute_importance(
         fisher={b: [fisher[(i, b)].cpu() for i, bb, _ in blocks if bb == b] for b in BLOCKS},
         magnitude=magnitude,
         wanda=wanda,
+        fluctuation=fluctuation,
         batches=n_batches,
         tokens=n_tokens,
     )

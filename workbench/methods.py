@@ -22,6 +22,7 @@ class Accumulators:
     fisher: dict[str, list[torch.Tensor]]  # block -> per layer [units]: Σ_batches Σ_e (w·g)²
     magnitude: dict[str, list[torch.Tensor]]  # block -> per layer [units]: Σ_e |w|
     wanda: dict[str, list[torch.Tensor]]  # block -> per layer [units]: Σ_e |w|·‖x_in(e)‖₂
+    fluctuation: dict[str, list[torch.Tensor]]  # block -> per layer [units]: Σ_j Var(x_j)·‖W_out[:, j]‖² (FLAP)
     batches: int
     tokens: int
 
@@ -77,6 +78,10 @@ IMPORTANCE_METHODS: dict[str, ImportanceMethod] = {
         ImportanceMethod(
             "wanda", "Wanda: Σ|w|·‖x‖₂ with ‖x‖₂ the input-activation norm over calibration tokens",
             _per_block(lambda a, b, i: a.wanda[b][i]),
+        ),
+        ImportanceMethod(
+            "fluctuation", "FLAP's fluctuation: Σ Var(x_j)·‖W_out[:, j]‖² over the unit's output-projection inputs",
+            _per_block(lambda a, b, i: a.fluctuation[b][i]),
         ),
         ImportanceMethod(
             "magnitude", "weight magnitude Σ|w| (baseline; no data needed)",

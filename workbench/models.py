@@ -168,6 +168,7 @@ class EmptyBlock(nn.Module):
 
     An emptied attention block still records zero-head keys/values in the KV cache, through a
     `PositionsOnlyCacheLayer`, so the cache keeps counting positions whichever layer it is asked.
+    `bias` (None unless set, e.g. by reconstruction) is a constant the block adds to the residual stream.
     """
 
     def __init__(self, kind: str, layer_idx: int | None = None, head_dim: int | None = None):
@@ -175,9 +176,12 @@ class EmptyBlock(nn.Module):
         if kind not in BLOCKS:
             raise ValueError(f"kind={kind!r} is not allowed; allowed: {list(BLOCKS)}")
         self.kind, self.layer_idx, self.head_dim = kind, layer_idx, head_dim
+        self.bias: nn.Parameter | None = None
 
     def forward(self, hidden_states: torch.Tensor, *args, past_key_values=None, **kwargs):
         out = torch.zeros_like(hidden_states)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
         if self.kind == "mlp":
             return out
         if past_key_values is not None:  # zero heads, but the cache still advances by this many positions

@@ -1,7 +1,7 @@
 """The prune → evaluate → save pipeline: its steps as functions, and the whole run as one call.
 
 The README demo calls `run_pruning`; notebook 04 calls the same steps one cell at a time (`calibrate`,
-`select_plan`, `record_plan`, `save_and_check`), so the two cannot drift apart.
+`select_plan`, `record_plan`, `prune_and_reconstruct`, `save_and_check`), so the two cannot drift apart.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from workbench.experiments import Experiment
 from workbench.importance import IMPORTANCE_METHODS, Importance, importance_cached
 from workbench.models import anatomy, model_summary
 from workbench.prune import PruneReport, apply_plan
+from workbench.reconstruct import ReconstructConfig, Reconstruction, apply_reconstruction, solve_reconstruction
 from workbench.plans import Plan, layer_summary
 from workbench.selection import SelectionConfig, build_table, select, unit_costs
 
@@ -38,6 +39,8 @@ class PruneRunConfig:
         eval_seq_len: tokens per evaluation window.
         eval_windows: evaluation windows (None: all of the evaluation part).
         save_model: save the pruned checkpoint into the experiment's `model/` and check its reload.
+        reconstruction: re-fit the pruned blocks' output projections in closed form on the calibration
+            samples (`workbench.reconstruct`); None: off.
     """
 
     method: str = "taylor"
@@ -47,6 +50,7 @@ class PruneRunConfig:
     eval_seq_len: int = 128
     eval_windows: int | None = 50
     save_model: bool = True
+    reconstruction: ReconstructConfig | None = None
 
     def __post_init__(self):
         if self.method not in IMPORTANCE_METHODS:
@@ -89,16 +93,32 @@ def save_and_check(model: nn.Module, experiment: Experiment, probe: torch.Tensor
     return reload_max_diff(model, experiment.model_dir, probe)
 
 
+def prune_and_reconstruct(model: nn.Module, plan: Plan, samples: torch.Tensor,
+                          cfg: ReconstructConfig | None = ReconstructConfig(), *,
+                          progress: bool = True) -> tuple[PruneReport, Reconstruction | None]:
+    """Prune `model` in place by `plan`, then (cfg not None) re-fit its output projections in closed form.
+
+    The reconstruction's statistics come from `model` before it is pruned, so no copy is held in one_shot mode.
+    """
+    rec = solve_reconstruction(model, plan, samples, cfg, progress=progress) if cfg is not None else None
+    report = apply_plan(model, plan)
+    if rec is not None:
+        apply_reconstruction(model, plan, rec)
+    return report, rec
+
+
 def pruned_model(model: nn.Module, tokenizer, *, experiment: str | None = None, method: str = "taylor",
                  calibration: CalibrationConfig = CalibrationConfig(),
-                 selection: SelectionConfig = SelectionConfig()) -> tuple[nn.Module, Plan]:
-    """The pruned model of an earlier experiment (its `model/`), or `model` pruned here by a global plan."""
+                 selection: SelectionConfig = SelectionConfig(),
+                 reconstruction: ReconstructConfig | None = None) -> tuple[nn.Module, Plan]:
+    """The pruned model of an earlier experiment (its `model/`), or `model` pruned here by a global plan
+    (and reconstructed on the calibration samples when `reconstruction` is given)."""
     if experiment is not None:
         source = Experiment.open(experiment).model_dir
         return load_pruned(source), load_plan(source)
-    _, imp = calibrate(model, tokenizer, calibration)
+    samples, imp = calibrate(model, tokenizer, calibration)
     _, plan = select_plan(model, imp, method, selection)
-    apply_plan(model, plan)
+    prune_and_reconstruct(model, plan, samples, reconstruction)
     return model, plan
 
 
@@ -133,7 +153,9 @@ def run_pruning(model, tokenizer, cfg: PruneRunConfig, experiment: Experiment, *
     log(f"diagnosis: mean_ratio {diagnosis['mean_ratio']:.1f}, norm_ratio {diagnosis['norm_ratio']:.1f}, "
         f"{diagnosis['n_extreme']} extreme blocks; {diagnosis['recommendation']['rule']}")
     with step("prune"):
-        report = apply_plan(model, plan)
+        report, rec = prune_and_reconstruct(model, plan, samples, cfg.reconstruction, progress=progress)
+    if rec is not None:
+        log(f"reconstructed {len(rec.solutions)} blocks from {rec.tokens:,} tokens ({rec.seconds:.1f} s when computed)")
     log(f"removed {report.params_before - report.params_after:,} parameters: "
         f"{report.ratio_total:.2%} of all, {report.ratio_prunable:.2%} of attention+MLP; "
         f"layers removed {report.removed_layers}, emptied blocks {report.emptied_blocks}")

@@ -53,6 +53,11 @@ class Plan:
     def removed_layers(self) -> list[int]:
         return [i for i in range(self.n_layers) if self.n_kept("attn", i) == 0 and self.n_kept("mlp", i) == 0]
 
+    def kept_widths(self) -> list[tuple[int, int]]:
+        """(KV groups, MLP channels) per layer of the pruned model (removed layers left out)."""
+        gone = set(self.removed_layers())
+        return [(self.n_kept("attn", i), self.n_kept("mlp", i)) for i in range(self.n_layers) if i not in gone]
+
     def to_dict(self) -> dict:
         return asdict(self)
 

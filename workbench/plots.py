@@ -232,6 +232,33 @@ def grouped_bars(frame: pd.DataFrame, backend: str = "plotly", *, ylabel: str = 
     return fig
 
 
+def xy_curve(result: pd.DataFrame, backend: str = "plotly", title: str = "Attention:MLP distribution search"):
+    """PPL on held-out calibration windows against x of x:y (x + y = 10), coarse and fine points apart."""
+    _check_backend(backend)
+    finite = result[np.isfinite(result["ppl"])]
+    if finite.empty:
+        raise ValueError("the search has no feasible point: nothing to draw")
+    if backend == "plotly":
+        import plotly.graph_objects as go  # deferred: plotting libraries load only when drawing
+
+        fig = go.Figure([go.Scatter(x=part["x"], y=part["ppl"], mode="markers+lines" if phase == "coarse" else "markers",
+                                    name=phase, marker_color=_series_color(i))
+                         for i, (phase, part) in enumerate(finite.groupby("phase", sort=True))])
+        fig.update_layout(title=title, xaxis_title="x (attention share of removed parameters, of 10)",
+                          yaxis_title="held-out PPL", template="plotly_white")
+        fig.update_yaxes(type="log")
+        return fig
+    fig, ax = _paper_axes()
+    for i, (phase, part) in enumerate(finite.groupby("phase", sort=True)):
+        ax.plot(part["x"], part["ppl"], "o-" if phase == "coarse" else "o", label=phase, color=_series_color(i), ms=3)
+    ax.set_yscale("log")
+    ax.set_xlabel("x of x:y (attention share of removed parameters, of 10)")
+    ax.set_ylabel("held-out PPL")
+    ax.set_title(title)
+    ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return fig
+
+
 def loss_curve(history: pd.DataFrame, evals: pd.DataFrame | None = None, backend: str = "plotly",
                title: str = "Fine-tuning loss"):
     """Training loss per optimizer step (with a moving average) and the held-out loss at its steps."""

@@ -89,12 +89,43 @@ def _set_layer_indices(model: nn.Module, spec: ArchSpec) -> None:
         getattr(layer, spec.attn).layer_idx = i
 
 
+def output_bias(layer: nn.Module, spec: ArchSpec, block: str) -> nn.Parameter | None:
+    """The bias a block adds after its units (o_proj / down_proj bias, or an emptied block's constant)."""
+    parts = layer_parts(layer, spec)
+    module = parts.attn if block == "attn" else parts.mlp
+    if isinstance(module, EmptyBlock):
+        return module.bias
+    return (parts.o if block == "attn" else parts.down).bias
+
+
+def add_output_bias(layer: nn.Module, spec: ArchSpec, block: str, hidden: int) -> nn.Parameter:
+    """Give a block an output bias (zeros) if it has none, and return it (bias compensation, reconstruction)."""
+    existing = output_bias(layer, spec, block)
+    if existing is not None:
+        return existing
+    parts = layer_parts(layer, spec)
+    module = parts.attn if block == "attn" else parts.mlp
+    target = module if isinstance(module, EmptyBlock) else (parts.o if block == "attn" else parts.down)
+    like = next((p for p in layer.parameters()), None)
+    target.bias = nn.Parameter(torch.zeros(hidden, dtype=like.dtype, device=like.device), requires_grad=False)
+    return target.bias
+
+
 def record_layer_config(model: nn.Module) -> list[dict]:
-    """Write per-layer widths into the config; a uniform model also gets standard config fields."""
-    geo = geometry(model.config)
+    """Write per-layer widths into the config; a uniform model also gets standard config fields.
+
+    A block with an output bias its family would not have (added by reconstruction) is recorded as
+    `attn_out_bias` / `mlp_out_bias`, so the loader re-creates it.
+    """
+    spec, geo = get_spec(model), geometry(model.config)
     widths = layer_widths(model)
     layers = [dict(num_attention_heads=g * geo.gqa_ratio, num_key_value_heads=g, intermediate_size=c)
               for g, c in widths]
+    family_bias = {"attn": geo.o_bias, "mlp": geo.mlp_bias}
+    for entry, layer in zip(layers, decoder_layers(model, spec)):
+        for block in BLOCKS:
+            if output_bias(layer, spec, block) is not None and not (family_bias[block] and _has_units(entry, block)):
+                entry[f"{block}_out_bias"] = True
     cfg = model.config
     setattr(cfg, LAYERS_KEY, layers)
     cfg.head_dim = geo.head_dim  # explicit: head counts may change, head_dim never does
@@ -107,13 +138,8 @@ def record_layer_config(model: nn.Module) -> list[dict]:
     return layers
 
 
-def loads_with_plain_transformers(config) -> bool:
-    """Whether `AutoModelForCausalLM.from_pretrained` reproduces this pruned model's shapes."""
-    layers = getattr(config, LAYERS_KEY, None) or []
-    geo = geometry(config)
-    return bool(layers) and all(
-        lc["num_key_value_heads"] == geo.n_kv_heads and lc["intermediate_size"] == geo.intermediate for lc in layers
-    )
+def _has_units(entry: dict, block: str) -> bool:
+    return (entry["num_key_value_heads"] if block == "attn" else entry["intermediate_size"]) > 0
 
 
 def apply_plan(model: nn.Module, plan: Plan) -> PruneReport:

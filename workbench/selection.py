@@ -105,6 +105,9 @@ class SelectionConfig:
         min_units_per_block: each block keeps at least its N best units; 0 lets blocks (and layers) empty.
         layer_ratios: per-layer allocation (e.g. OWL): layer i loses layer_ratios[i] of its attention + MLP
             parameters, lowest scores first within the layer; `ratio` and `ratio_of` are then not used.
+        attn_mlp: the Attention:MLP distribution x:y of the GAQ-Aware-Prune study: x/(x+y) of the removed
+            parameters come from attention groups and y/(x+y) from MLP channels, each kind chosen by its own
+            knapsack (lowest scores first). None: one knapsack over both kinds.
     """
 
     ratio: float = 0.2
@@ -113,6 +116,7 @@ class SelectionConfig:
     # Per-layer allocation (e.g. OWL): layer i loses layer_ratios[i] of its attention+MLP parameters,
     # lowest scores first within the layer; `ratio` and `ratio_of` are then not used.
     layer_ratios: tuple[float, ...] | None = None
+    attn_mlp: tuple[float, float] | None = None
 
     def __post_init__(self):
         for name in ("ratio", "min_units_per_block"):
@@ -130,10 +134,25 @@ class SelectionConfig:
                                  "use 0 (each layer keeps (1 - its ratio) of its parameters anyway)")
         if not 0.0 <= self.ratio < 1.0:
             raise ValueError(f"ratio={self.ratio} must be in [0, 1)")
+        if self.attn_mlp is not None:
+            check_attn_mlp(self.attn_mlp)
+            if self.layer_ratios is not None:
+                raise ValueError("attn_mlp with layer_ratios: use allocation.layerwise_plan for per-layer x:y")
         if self.ratio_of not in RATIO_OF:
             raise ValueError(f"ratio_of={self.ratio_of!r} is not allowed; allowed: {list(RATIO_OF)}")
         if self.min_units_per_block < 0:
             raise ValueError(f"min_units_per_block={self.min_units_per_block} must be >= 0")
+
+
+def check_attn_mlp(attn_mlp) -> tuple[float, float]:
+    """A valid x:y (two finite numbers >= 0, not both 0), or a clear error."""
+    try:
+        x, y = (float(v) for v in attn_mlp)
+    except (TypeError, ValueError):
+        raise ValueError(f"attn_mlp={attn_mlp!r} must be two numbers (x, y), e.g. (2, 8)") from None
+    if not (np.isfinite(x) and np.isfinite(y)) or x < 0 or y < 0 or x + y == 0:
+        raise ValueError(f"attn_mlp={attn_mlp!r}: x and y must be finite, >= 0 and not both 0 (e.g. (2, 8), (0, 10))")
+    return x, y
 
 
 def prunable_params(costs: dict[str, list[int]], widths: list[tuple[int, int]]) -> int:
@@ -157,7 +176,7 @@ class Budget:
         return prunable_params(self.costs, self.widths)
 
 
-def _stable_argsort(x: np.ndarray) -> np.ndarray:
+def stable_argsort(x: np.ndarray) -> np.ndarray:
     """argsort(kind="stable") semantics at quicksort speed: only runs of equal values are re-ordered by index."""
     order = np.argsort(x)
     xs = x[order]
@@ -193,7 +212,7 @@ def select(table: pd.DataFrame, model: nn.Module | Budget, cfg: SelectionConfig 
     whole = np.flatnonzero(forced)
     whole_cost = int(cost[whole].sum())
     idx = np.flatnonzero(~forced)
-    order = idx[_stable_argsort(score[idx])]  # ascending score; ties keep table order
+    order = idx[stable_argsort(score[idx])]  # ascending score; ties keep table order
     if cfg.min_units_per_block > 0:  # protect each block's best units
         by_group = np.argsort(group[order], kind="stable")
         g_sorted = group[order][by_group]
@@ -203,17 +222,16 @@ def select(table: pd.DataFrame, model: nn.Module | Budget, cfg: SelectionConfig 
         protected = np.zeros(len(order), dtype=bool)
         protected[by_group] = pos >= np.repeat(sizes, sizes) - cfg.min_units_per_block
         order = order[~protected]
-    cum = cost[order].cumsum()
-    available = whole_cost + (int(cum[-1]) if len(cum) else 0)
-    if target > available:
-        raise ValueError(
-            f"ratio={cfg.ratio} of {cfg.ratio_of} parameters ({denominator:,}) asks for {target:,} parameters, "
-            f"but only {available:,} can be removed with min_units_per_block={cfg.min_units_per_block} "
-            f"(max ratio ≈ {available / denominator:.3f})"
-        )
-    rest = target - whole_cost
-    n_remove = 0 if rest <= 0 else int(np.searchsorted(cum, rest, side="left")) + 1
-    chosen = np.concatenate([whole, order[:n_remove]])
+    if cfg.attn_mlp is None:
+        chosen = np.concatenate([whole, _prefix(order, cost, target - whole_cost, target, whole_cost, denominator, cfg)])
+    else:
+        if len(whole):
+            raise ValueError("tau (forced whole-block removal) does not combine with attn_mlp; set tau=None")
+        x, y = check_attn_mlp(cfg.attn_mlp)
+        attn_target = int(np.ceil(target * x / (x + y)))
+        parts = [_prefix(order[mlp[order] == k], cost, t, t, 0, denominator, cfg, kind=BLOCKS[k], share=sh)
+                 for k, (t, sh) in enumerate(((attn_target, x / (x + y)), (target - attn_target, y / (x + y))))]
+        chosen = np.concatenate(parts)
     chosen = chosen[np.argsort(group[chosen].astype(np.int64) * (int(unit.max()) + 1) + unit[chosen])]  # unique keys
     removed: dict[str, dict[int, list[int]]] = {b: {} for b in BLOCKS}
     bounds = np.flatnonzero(np.diff(group[chosen])) + 1
@@ -228,6 +246,25 @@ def select(table: pd.DataFrame, model: nn.Module | Budget, cfg: SelectionConfig 
     return plan
 
 
+def _prefix(order: np.ndarray, cost: np.ndarray, rest: int, target: int, whole_cost: int, denominator: int,
+            cfg: SelectionConfig, kind: str | None = None, share: float = 1.0) -> np.ndarray:
+    """The shortest prefix of `order` whose cost reaches `rest` (clear error when even all of it cannot)."""
+    cum = cost[order].cumsum()
+    available = whole_cost + (int(cum[-1]) if len(cum) else 0)
+    if target > available:
+        if kind is None:
+            raise ValueError(
+                f"ratio={cfg.ratio} of {cfg.ratio_of} parameters ({denominator:,}) asks for {target:,} parameters, "
+                f"but only {available:,} can be removed with min_units_per_block={cfg.min_units_per_block} "
+                f"(max ratio ≈ {available / denominator:.3f})")
+        raise ValueError(
+            f"attn_mlp={cfg.attn_mlp} asks {kind} for {target:,} parameters of ratio={cfg.ratio}, but only "
+            f"{available:,} can be removed from {kind} (min_units_per_block={cfg.min_units_per_block}); "
+            f"at this x:y the largest feasible ratio of {cfg.ratio_of} is ≈ {available / share / denominator:.3f}")
+    n_remove = 0 if rest <= 0 else int(np.searchsorted(cum, rest, side="left")) + 1
+    return order[:n_remove]
+
+
 def _select_per_layer(table: pd.DataFrame, budget: Budget, cfg: SelectionConfig, score_column: str) -> Plan:
     """Within each layer, remove the lowest-score units until the layer's own ratio of its parameters is met."""
     widths = budget.widths
@@ -238,7 +275,7 @@ def _select_per_layer(table: pd.DataFrame, budget: Budget, cfg: SelectionConfig,
     removed: dict[str, dict[int, list[int]]] = {b: {} for b in BLOCKS}
     target = selected = 0
     for layer, part in table.groupby("layer", sort=True):
-        part = part.iloc[_stable_argsort(part[score_column].to_numpy(dtype=np.float64))]
+        part = part.iloc[stable_argsort(part[score_column].to_numpy(dtype=np.float64))]
         layer_params = sum(widths[layer][k] * budget.costs[b][layer] for k, b in enumerate(BLOCKS))
         want = int(np.ceil(cfg.layer_ratios[layer] * layer_params))
         cum = part["cost"].to_numpy().cumsum()

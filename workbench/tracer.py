@@ -3,11 +3,16 @@
 Sites are named from the family's `ArchSpec`, so no caller touches module paths or hook handles:
 
     residual        the input hidden states of each decoder layer (the residual stream)
+    layer_output    the output hidden states of each decoder layer
     attn_input      the input of the query projection (what q, k and v read)
     attn_channels   the input of o_proj (the concatenated heads)
     mlp_input       the input of the gate projection (what gate and up read)
+    mlp_block       the input of the MLP block itself (the same tensor; also there for an emptied MLP)
     mlp_channels    the input of down_proj (the intermediate channels)
     outputs         the output of every leaf module of every layer, reported as "output:<module path>"
+
+`layer_calls(model, fn)` hands over what each decoder layer is called with (its positional and keyword
+arguments), so a layer can be replayed on its own.
 
 Inside `trace(model, sites, fn)` every forward pass calls `fn(layer, site, tensor)`; the hooks are
 removed on exit, also when the block raises. An emptied block has no projection sites.
@@ -22,7 +27,7 @@ from torch import nn
 
 from workbench.models import decoder_layers, get_spec, layer_parts
 
-SITES = ("residual", "attn_input", "attn_channels", "mlp_input", "mlp_channels", "outputs")
+SITES = ("residual", "layer_output", "attn_input", "attn_channels", "mlp_input", "mlp_block", "mlp_channels", "outputs")
 _PROJECTION_OF = {"attn_input": "q", "attn_channels": "o", "mlp_input": "gate", "mlp_channels": "down"}
 
 Callback = Callable[[int, str, torch.Tensor], None]
@@ -60,6 +65,10 @@ def trace(model: nn.Module, sites: Iterable[str], fn: Callback) -> Iterator[None
             for site in sites:
                 if site == "residual":
                     handles.append(layer.register_forward_pre_hook(_input_hook(fn, i, site), with_kwargs=True))
+                elif site == "layer_output":
+                    handles.append(layer.register_forward_hook(_output_hook(fn, i, site)))
+                elif site == "mlp_block":
+                    handles.append(parts.mlp.register_forward_pre_hook(_input_hook(fn, i, site), with_kwargs=True))
                 elif site == "outputs":
                     for name, mod in layer.named_modules():
                         if name and not list(mod.children()):
@@ -69,6 +78,37 @@ def trace(model: nn.Module, sites: Iterable[str], fn: Callback) -> Iterator[None
                     if module is not None:
                         handles.append(module.register_forward_pre_hook(_input_hook(fn, i, site)))
         yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class StopForward(Exception):
+    """Raised by a layer-call callback to end a forward pass early (caught by `layer_calls`)."""
+
+
+@contextlib.contextmanager
+def layer_calls(model: nn.Module, fn: Callable[[int, tuple, dict], None]) -> Iterator[None]:
+    """Call `fn(layer, args, kwargs)` with what every decoder layer is called with, inside the block.
+
+    Used to replay layers one at a time (layer-wise reconstruction). `fn` may raise `StopForward` to skip the
+    rest of the pass: the exception ends the forward and is swallowed at the `with`.
+    """
+    spec = get_spec(model)
+    handles = []
+
+    def hook_for(i):
+        def hook(_module, args, kwargs):
+            fn(i, args, kwargs)
+
+        return hook
+
+    try:
+        for i, layer in enumerate(decoder_layers(model, spec)):
+            handles.append(layer.register_forward_pre_hook(hook_for(i), with_kwargs=True))
+        yield
+    except StopForward:
+        pass
     finally:
         for h in handles:
             h.remove()

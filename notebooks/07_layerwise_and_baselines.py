@@ -1,0 +1,105 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (prune-workbench)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 07 · Layer-wise pruning, the Attention:MLP split and the literature baselines, on one table
+#
+# Every method here makes a `Plan` from the same calibration pass (cached), so pruning, reconstruction,
+# checkpoints and evaluation treat them alike: the GAQ-Aware-Prune study's layer-wise (v1.0) strategies,
+# its x:y search, and LLM-Pruner, Wanda-sp, FLAP and ShortGPT beside the global knapsack, at one budget.
+# Expected runtime on 2 CPU cores with SmolLM2-135M: ≈ 15 min (≈ 1 min cached); smoke mode: seconds.
+
+# %% tags=["parameters"]
+MODEL = None
+SMOKE = False
+RATIO = 0.2              # share of all parameters removed by every method
+NUM_SAMPLES = 64
+SEQ_LEN = 128
+LAYER_SAMPLES = 16       # calibration samples for the layer-removal loss (one pass per layer)
+HELD_OUT = 16            # calibration windows (not used for importance) that score x:y candidates
+XY_START = 2.0
+RECONSTRUCT = True       # also report each plan's PPL after closed-form reconstruction
+EVAL_WINDOWS = 50
+EXPERIMENT = "nb07-layerwise-and-baselines"
+
+# %%
+import pandas as pd
+from workbench import notebook, plots
+from workbench.allocation import ALLOCATIONS, LayerwiseConfig, allocate, layer_params, normalized
+from workbench.baselines import BASELINES
+from workbench.comparison import baseline_plans, compare_plans, study_variants
+from workbench.data import CalibrationConfig, held_out_samples
+from workbench.distribution import best_split, xy_search
+from workbench.experiments import Experiment
+from workbench.layer_importance import LAYER_IMPORTANCE, layer_importance
+from workbench.pipeline import calibrate
+from workbench.reconstruct import ReconstructConfig
+from workbench.rescore import Rescorer
+from workbench.selection import Budget, SelectionConfig
+from workbench.normalize import ScoringConfig
+pd.DataFrame([(b.name, b.source, b.description) for b in BASELINES.values()], columns=["plan", "source", "what"])
+
+# %%
+model, tokenizer = notebook.load(MODEL, SMOKE)  # SMOKE: a tiny random model (seconds; what the tests run)
+exp = Experiment.create(EXPERIMENT, exist_ok=True)
+calibration = CalibrationConfig(num_samples=NUM_SAMPLES, seq_len=SEQ_LEN)
+samples, imp = calibrate(model, tokenizer, calibration)
+rescorer = Rescorer(imp, Budget.of(model))
+
+# %% [markdown]
+# ### Layer importance: removal loss and Block Influence (both cached)
+
+# %%
+layer_scores = {m: layer_importance(model, samples[:LAYER_SAMPLES], m).to_numpy() for m in LAYER_IMPORTANCE}
+importance_frame = pd.DataFrame({m: normalized(v) for m, v in layer_scores.items()})
+plots.grouped_bars(importance_frame, ylabel="normalized layer importance", title="Layer importance per layer")
+
+# %% [markdown]
+# ### Per-layer ratios of each strategy (importance: removal loss), with and without freezing the top 3
+
+# %%
+target = int(RATIO * rescorer.budget.total_params)
+ratios = pd.DataFrame({f"{s} α={a}" + (" freeze 3" if f else ""): allocate(
+    layer_scores["removal"], layer_params(rescorer.budget), target, LayerwiseConfig(strategy=s, alpha=a, freeze_top_n=f))
+    for s in ALLOCATIONS for a in (1.0, 2.0) for f in (0, 3) if not (s == "uniform" and (a, f) != (1.0, 0))})
+plots.grouped_bars(ratios, ylabel="share of the layer's attention + MLP removed", title="Allocations per strategy")
+
+# %% [markdown]
+# ### The x:y search (global Taylor knapsack split x:y; PPL on held-out calibration windows; cached per point)
+
+# %%
+held_out = held_out_samples(tokenizer, calibration, HELD_OUT)
+make_global = lambda split: rescorer.plan(ScoringConfig(), SelectionConfig(ratio=RATIO, attn_mlp=split))[1]
+search = xy_search(model, make_global, held_out, settings=dict(method="taylor", ratio=RATIO), start=XY_START)
+best = best_split(search)
+print("best x:y", best)
+plots.xy_curve(search)
+
+# %% [markdown]
+# ### One table at the same budget (PPL on the evaluation part; FLAP with its bias compensation)
+
+# %%
+plans = baseline_plans(rescorer, RATIO, layer_scores=layer_scores, variants=study_variants(best))
+table = compare_plans(model, tokenizer, plans, samples, reconstruction=ReconstructConfig() if RECONSTRUCT else None,
+                      seq_len=SEQ_LEN, max_windows=EVAL_WINDOWS)
+table.sort_values("ppl")
+
+# %%
+exp.write_table("analysis/comparison.csv", table.reset_index())
+exp.write_table("analysis/xy_search.csv", search)
+exp.write_json("config.json", dict(ratio=RATIO, calibration=calibration.__dict__, held_out=HELD_OUT, best_xy=best))
+plots.export(plots.grouped_bars(table[["ppl"]].drop("dense").sort_values("ppl"), backend="paper", log_y=True,
+                                ylabel="PPL", title=f"{RATIO:.0%} of all parameters"), "comparison_ppl", exp)
+plots.export(plots.xy_curve(search, backend="paper"), "xy_search", exp)
