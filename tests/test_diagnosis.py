@@ -185,6 +185,6 @@ def test_block_removal_loss_cache_keeps_base_loss(tmp_path):
     samples = torch.randint(0, 256, (2, 12))
     first = block_removal_loss(model, samples, batch_size=2, progress=False, cache=tmp_path)
     again = block_removal_loss(model, samples, batch_size=2, progress=False, cache=tmp_path)
-    assert len(list(tmp_path.glob("*.pt"))) == 1
+    assert len(list(tmp_path.rglob("*.pt"))) == 1
     pd.testing.assert_frame_equal(first, again)
     assert first.base_loss.nunique() == 1 and first.base_loss.iloc[0] > 0

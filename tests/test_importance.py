@@ -119,7 +119,7 @@ def test_cache_round_trip_and_memo(tmp_path, monkeypatch):
     model = tiny_model("llama", n_layers=2)
     samples = torch.randint(0, 256, (2, 8))
     a = importance_cached(model, samples, cache=tmp_path, progress=False)
-    files = list(tmp_path.glob("*.pt"))
+    files = list(tmp_path.rglob("*.pt"))
     assert len(files) == 1 and a.key in files[0].name
     b = load_importance(files[0])
     for m in IMPORTANCE_METHODS:
@@ -133,4 +133,4 @@ def test_cache_round_trip_and_memo(tmp_path, monkeypatch):
     c = importance_cached(model, samples, cache=tmp_path, progress=False)  # from disk, no pass
     assert c.key == a.key
     save_importance(c, tmp_path / "x.pt")
-    assert not list(tmp_path.glob(".*tmp"))
+    assert not list(tmp_path.rglob(".*tmp"))

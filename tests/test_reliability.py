@@ -228,7 +228,7 @@ def test_cache_key_sees_every_weight_and_the_config():
 def test_a_damaged_cache_file_is_named_and_recomputed(tmp_path):
     model, samples = tiny_model("llama", n_layers=2), torch.randint(0, 256, (2, 8))
     first = importance_cached(model, samples, cache=tmp_path, progress=False)
-    (path,) = tmp_path.glob("*.pt")
+    (path,) = tmp_path.rglob("*.pt")
     path.write_bytes(path.read_bytes()[:50])
     import workbench.cache as cache
 

@@ -102,7 +102,7 @@ def test_plan_round_trips_through_dict():
 
 @pytest.mark.parametrize("n,distinct", [(0, 3), (1, 3), (7, 2), (5000, 5), (5000, 10**9)])
 def test_fast_argsort_is_stable_on_ties(n, distinct):
-    from workbench.selection import _stable_argsort
+    from workbench.selection import stable_argsort
 
     x = np.random.default_rng(n).integers(0, distinct, n).astype(np.float64)
-    assert (_stable_argsort(x) == np.argsort(x, kind="stable")).all()
+    assert (stable_argsort(x) == np.argsort(x, kind="stable")).all()
