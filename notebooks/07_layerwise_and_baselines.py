@@ -37,7 +37,7 @@ EXPERIMENT = "nb07-layerwise-and-baselines"
 # %%
 import pandas as pd
 from workbench import notebook, plots
-from workbench.allocation import ALLOCATIONS, LayerwiseConfig, allocate, layer_params, normalized
+from workbench.allocation import ALLOCATIONS, LayerwiseConfig, allocate
 from workbench.baselines import BASELINES
 from workbench.comparison import baseline_plans, compare_plans, study_variants
 from workbench.data import CalibrationConfig, held_out_samples
@@ -48,7 +48,7 @@ from workbench.pipeline import calibrate
 from workbench.reconstruct import ReconstructConfig
 from workbench.rescore import Rescorer
 from workbench.selection import Budget, SelectionConfig
-from workbench.normalize import ScoringConfig
+from workbench.normalize import NORMALIZERS, ScoringConfig
 pd.DataFrame([(b.name, b.source, b.description) for b in BASELINES.values()], columns=["plan", "source", "what"])
 
 # %%
@@ -63,7 +63,7 @@ rescorer = Rescorer(imp, Budget.of(model))
 
 # %%
 layer_scores = {m: layer_importance(model, samples[:LAYER_SAMPLES], m).to_numpy() for m in LAYER_IMPORTANCE}
-importance_frame = pd.DataFrame({m: normalized(v) for m, v in layer_scores.items()})
+importance_frame = pd.DataFrame({m: NORMALIZERS["minmax"].fn(v) for m, v in layer_scores.items()})
 plots.grouped_bars(importance_frame, ylabel="normalized layer importance", title="Layer importance per layer")
 
 # %% [markdown]
@@ -72,7 +72,7 @@ plots.grouped_bars(importance_frame, ylabel="normalized layer importance", title
 # %%
 target = int(RATIO * rescorer.budget.total_params)
 ratios = pd.DataFrame({f"{s} α={a}" + (" freeze 3" if f else ""): allocate(
-    layer_scores["removal"], layer_params(rescorer.budget), target, LayerwiseConfig(strategy=s, alpha=a, freeze_top_n=f))
+    layer_scores["removal"], rescorer.budget.layer_params(), target, LayerwiseConfig(strategy=s, alpha=a, freeze_top_n=f))
     for s in ALLOCATIONS for a in (1.0, 2.0) for f in (0, 3) if not (s == "uniform" and (a, f) != (1.0, 0))})
 plots.grouped_bars(ratios, ylabel="share of the layer's attention + MLP removed", title="Allocations per strategy")
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from workbench.allocation import ALLOCATIONS, LayerwiseConfig, allocate, kind_rates, layer_params, layerwise_plan
+from workbench.allocation import ALLOCATIONS, LayerwiseConfig, allocate, kind_rates, layerwise_plan
 from workbench.baselines import BASELINES, default_llm_pruner_range, make_plan, shortgpt_plan
 from workbench.checkpoints import CheckpointError, load_pruned, loads_with_plain_transformers, save_pruned
 from workbench.comparison import baseline_plans, compare_plans
@@ -195,7 +195,7 @@ def test_llm_pruner_keeps_its_first_and_last_layers():
 def test_shortgpt_removes_the_least_influential_layers_closest_to_the_budget():
     _, _, r, _ = _setup("qwen3")
     bi = np.array([0.9, 0.1, 0.5, 0.05, 0.3, 0.8])
-    per_layer = layer_params(r.budget)[0]
+    per_layer = r.budget.layer_params()[0]
     plan = shortgpt_plan(r.budget, bi, ratio=2.2 * per_layer / r.budget.prunable_params, ratio_of="prunable")
     assert plan.removed_layers() == [1, 3]
     with pytest.raises(ValueError, match="6 finite values"):

@@ -17,18 +17,21 @@
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
-from dataclasses import asdict, dataclass
-from collections.abc import Callable
-
 from workbench.activations import ActivationStats
 from workbench.models import BLOCKS, decoder_layers, get_spec, layer_parts
 from workbench.plans import Plan
-from workbench.selection import RATIO_OF, Budget, check_attn_mlp, check_table_widths, stable_argsort
+from workbench.normalize import NORMALIZERS
+from workbench.selection import (
+    RATIO_OF, Budget, SelectionConfig, check_attn_mlp, check_table_widths, select, stable_argsort,
+)
 
 
 def layer_outlier_ratio(model: nn.Module, acts: ActivationStats, m: float = 5.0) -> np.ndarray:
@@ -120,7 +123,8 @@ class LayerwiseConfig:
         epsilon: ε > 0 added to the normalized importance n ∈ [0, 1] (bounds the largest weight).
         freeze_top_n: the n most important layers are not pruned (their share moves to the others).
         frozen: layers that are never pruned, by index (e.g. LLM-Pruner's first and last layers).
-        max_layer_ratio: the most a layer may give, as a share of its attention + MLP parameters, in (0, 1].
+        max_layer_ratio: the most a layer may give, as a share of its attention + MLP parameters, in (0, 1)
+            (a layer emptied whole is depth pruning: ShortGPT).
         attn_mlp: x:y split of the removed parameters between attention groups and MLP channels; None: each
             layer's lowest-score units whatever their kind.
         method: importance method choosing units within a layer (a key of `IMPORTANCE_METHODS`).
@@ -151,20 +155,13 @@ class LayerwiseConfig:
             raise ValueError(f"epsilon={self.epsilon!r} must be a finite number > 0")
         if isinstance(self.freeze_top_n, bool) or not isinstance(self.freeze_top_n, int) or self.freeze_top_n < 0:
             raise ValueError(f"freeze_top_n={self.freeze_top_n!r} must be an integer >= 0")
-        if not 0 < self.max_layer_ratio <= 1:
-            raise ValueError(f"max_layer_ratio={self.max_layer_ratio!r} must be in (0, 1]")
+        if not 0 < self.max_layer_ratio < 1:
+            raise ValueError(f"max_layer_ratio={self.max_layer_ratio!r} must be in (0, 1)")
         if self.attn_mlp is not None:
             check_attn_mlp(self.attn_mlp)
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def normalized(values: np.ndarray) -> np.ndarray:
-    """Min-max to [0, 1] (all equal: 0.5)."""
-    v = np.asarray(values, dtype=np.float64)
-    span = v.max() - v.min()
-    return (v - v.min()) / span if span > 0 else np.full_like(v, 0.5)
 
 
 def allocate(importance: np.ndarray, layer_params: np.ndarray, target: int, cfg: LayerwiseConfig) -> np.ndarray:
@@ -182,7 +179,7 @@ def allocate(importance: np.ndarray, layer_params: np.ndarray, target: int, cfg:
         raise ValueError(f"frozen={list(cfg.frozen)}: layers {bad} are outside 0..{n_layers - 1}")
     if cfg.freeze_top_n >= n_layers:
         raise ValueError(f"freeze_top_n={cfg.freeze_top_n} must be below the number of layers ({n_layers})")
-    w = ALLOCATIONS[cfg.strategy].weights(normalized(importance), cfg.alpha, cfg.epsilon)
+    w = ALLOCATIONS[cfg.strategy].weights(NORMALIZERS["minmax"].fn(importance), cfg.alpha, cfg.epsilon)
     frozen = set(cfg.frozen) | set(np.argsort(-importance, kind="stable")[: cfg.freeze_top_n].tolist())
     w[sorted(frozen)] = 0.0
     w[p == 0] = 0.0
@@ -276,35 +273,17 @@ def plan_from_counts(table: pd.DataFrame, budget: Budget, counts: np.ndarray, *,
                            settings=dict(settings or {}, score_column=score_column))
 
 
-def _target(budget: Budget, ratio: float, ratio_of: str) -> tuple[int, int]:
-    denominator = budget.total_params if ratio_of == "total" else budget.prunable_params
-    return int(np.ceil(ratio * denominator)), denominator
-
-
-def layer_params(budget: Budget) -> np.ndarray:
-    """Attention + MLP parameters per layer."""
-    return np.array([sum(w[k] * budget.costs[b][i] for k, b in enumerate(BLOCKS)) for i, w in enumerate(budget.widths)],
-                    dtype=np.float64)
-
-
 def layerwise_plan(table: pd.DataFrame, budget: Budget, layer_importance, cfg: LayerwiseConfig, *,
                    score_column: str = "score") -> Plan:
     """The study's layer-wise plan: per-layer ratios from layer importance, units by score within each layer."""
-    target, denominator = _target(budget, cfg.ratio, cfg.ratio_of)
-    ratios = allocate(layer_importance, layer_params(budget), target, cfg)
-    layer_targets = ratios * layer_params(budget)
+    target, denominator = budget.target(cfg.ratio, cfg.ratio_of)
+    ratios = allocate(layer_importance, budget.layer_params(), target, cfg)
     settings = dict(kind="layerwise", **cfg.to_dict(), layer_ratios=ratios.round(6).tolist())
-    if cfg.attn_mlp is not None:
-        counts = counts_for_targets(budget, layer_targets, cfg.attn_mlp, target)
-        return plan_from_counts(table, budget, counts, score_column=score_column, target=target,
-                                denominator=denominator, settings=settings)
-    counts = np.zeros((len(budget.widths), 2), dtype=np.int64)
-    for layer, part in table.groupby("layer", sort=True):
-        part = part.iloc[stable_argsort(part[score_column].to_numpy(dtype=np.float64))]
-        want = int(np.ceil(layer_targets[int(layer)] - 1e-6))
-        n = 0 if want <= 0 else int(np.searchsorted(part["cost"].to_numpy().cumsum(), want, side="left")) + 1
-        for k, b in enumerate(BLOCKS):
-            counts[int(layer), k] = int((part["block"].iloc[:n] == b).sum())
+    if cfg.attn_mlp is None:  # each layer's lowest-score units until its own ratio: the per-layer selection
+        plan = select(table, budget, SelectionConfig(layer_ratios=tuple(ratios)), score_column=score_column)
+        plan.settings = dict(settings, score_column=score_column)
+        return plan
+    counts = counts_for_targets(budget, ratios * budget.layer_params(), cfg.attn_mlp, target)
     return plan_from_counts(table, budget, counts, score_column=score_column, target=target,
                             denominator=denominator, settings=settings)
 
@@ -318,7 +297,7 @@ def uniform_plan(table: pd.DataFrame, budget: Budget, ratio: float, ratio_of: st
     removed ≥ target, overshooting by less than one MLP channel per pruned layer (by less than one group per
     pruned layer when the MLP is not pruned). Raises when the layers cannot give the budget.
     """
-    target, denominator = _target(budget, ratio, ratio_of)
+    target, denominator = budget.target(ratio, ratio_of)
     n_layers = len(budget.widths)
     layers = list(range(n_layers)) if layers is None else sorted(set(layers))
     bad = [i for i in layers if not 0 <= i < n_layers]
@@ -355,7 +334,7 @@ def uniform_plan(table: pd.DataFrame, budget: Budget, ratio: float, ratio_of: st
 def kind_rates(plan: Plan, budget: Budget) -> dict:
     """Pruned share of attention and of MLP parameters, and the share of the removed parameters that is attention."""
     gone = {b: sum(len(plan.removed[b][i]) * budget.costs[b][i] for i in range(plan.n_layers)) for b in BLOCKS}
-    total = {b: sum(w[k] * budget.costs[b][i] for i, w in enumerate(plan.widths)) for k, b in enumerate(BLOCKS)}
+    total = {b: sum(w[k] * budget.costs[b][i] for i, w in enumerate(budget.widths)) for k, b in enumerate(BLOCKS)}
     removed = gone["attn"] + gone["mlp"]
     return dict(attn_rate=gone["attn"] / max(total["attn"], 1), mlp_rate=gone["mlp"] / max(total["mlp"], 1),
                 attn_share=gone["attn"] / removed if removed else 0.0, removed_params=removed)

@@ -31,7 +31,7 @@ from workbench.normalize import ScoringConfig, score_table
 from workbench.plans import Plan
 from workbench.reconstruct import ReconstructConfig
 from workbench.rescore import Rescorer
-from workbench.selection import RATIO_OF, SelectionConfig, select
+from workbench.selection import SelectionConfig, select
 
 
 @dataclass(frozen=True)
@@ -109,18 +109,14 @@ def shortgpt_plan(budget, block_influence, ratio: float, ratio_of: str = "total"
     n_layers = len(budget.widths)
     if len(bi) != n_layers or not np.isfinite(bi).all():
         raise ValueError(f"block influence must be {n_layers} finite values (one per layer), got {len(bi)}")
-    if ratio_of not in RATIO_OF:
-        raise ValueError(f"ratio_of={ratio_of!r} is not allowed; allowed: {list(RATIO_OF)}")
-    denominator = budget.total_params if ratio_of == "total" else budget.prunable_params
-    target = int(np.ceil(ratio * denominator))
+    target, denominator = budget.target(ratio, ratio_of)
     order = np.argsort(bi, kind="stable")
-    per_layer = np.array([sum(w[k] * budget.costs[b][i] for k, b in enumerate(BLOCKS))
-                          for i, w in enumerate(budget.widths)])
+    per_layer = budget.layer_params()
     cum = np.r_[0, np.cumsum(per_layer[order])][:n_layers]  # removing 0 .. n_layers - 1 layers
     n = int(np.argmin(np.abs(cum - target)))
     gone = sorted(order[:n].tolist())
     removed = {b: {i: list(range(budget.widths[i][k])) for i in gone} for k, b in enumerate(BLOCKS)}
-    return Plan.from_units(budget.widths, removed, target_params=target, selected_params=int(cum[n]),
+    return Plan.from_units(budget.widths, removed, target_params=target, selected_params=int(round(cum[n])),
                            denominator=denominator,
                            settings=dict(baseline="shortgpt", ratio=ratio, ratio_of=ratio_of, layers_removed=gone))
 

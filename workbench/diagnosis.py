@@ -144,6 +144,20 @@ def mean_loss(model: nn.Module, samples: torch.Tensor, batch_size: int) -> float
     return total / count
 
 
+def removal_losses(model: nn.Module, samples: torch.Tensor, targets: list[list[tuple[int, str]]], *,
+                   batch_size: int = 4, progress: bool = True, desc: str = "removal loss") -> tuple[float, list[float]]:
+    """(intact calibration loss, loss increase with each target's (layer, block) list bypassed together)."""
+    with eval_mode(model):
+        base = mean_loss(model, samples, batch_size)
+        out = []
+        for target in tqdm(targets, desc=desc, disable=not progress, leave=False):
+            with contextlib.ExitStack() as stack:
+                for layer, block in target:
+                    stack.enter_context(bypassed(model, layer, block))
+                out.append(mean_loss(model, samples, batch_size) - base)
+    return base, out
+
+
 def block_removal_loss(model: nn.Module, samples: torch.Tensor, *, batch_size: int = 4, progress: bool = True,
                        cache: bool | str | os.PathLike = True) -> pd.DataFrame:
     """Calibration-loss increase when each block is bypassed: one row per (layer, block), plus `base_loss`.
@@ -153,16 +167,10 @@ def block_removal_loss(model: nn.Module, samples: torch.Tensor, *, batch_size: i
     check_token_ids(samples, model, "calibration token ids")
 
     def compute() -> pd.DataFrame:
-        with eval_mode(model):
-            base = mean_loss(model, samples, batch_size)
-            rows = []
-            n_layers = len(decoder_layers(model))
-            for layer in tqdm(range(n_layers), desc="block removal loss", disable=not progress, leave=False):
-                for block in BLOCKS:
-                    with bypassed(model, layer, block):
-                        rows.append(dict(layer=layer, block=block,
-                                         removal_loss=mean_loss(model, samples, batch_size) - base))
-        df = pd.DataFrame(rows)
+        targets = [[(layer, block)] for layer in range(len(decoder_layers(model))) for block in BLOCKS]
+        base, losses = removal_losses(model, samples, targets, batch_size=batch_size, progress=progress,
+                                      desc="block removal loss")
+        df = pd.DataFrame([dict(layer=t[0][0], block=t[0][1], removal_loss=v) for t, v in zip(targets, losses)])
         df["base_loss"] = base  # the unbypassed calibration loss, kept in the cache too
         return df
 

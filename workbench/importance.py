@@ -119,7 +119,7 @@ def _fluctuation_scores(model: nn.Module, norms: dict[tuple[int, str], torch.Ten
         site = _FLAP_SITE[block]
         mean = norms[(i, f"sum:{site}")].double() / tokens
         var = (norms[(i, site)].double() / tokens - mean.square()).clamp_min(0)
-        w = (parts.o if block == "attn" else parts.down).weight.detach().double()
+        w = parts.out_proj(block).weight.detach().double()
         per_column = var.to(w.device) * w.square().sum(0)
         out[block].append(per_column.reshape(n, -1).sum(1).float().cpu())
     return out
@@ -182,7 +182,7 @@ def compute_importance(
                 n_batches += 1
                 n_tokens += batch.numel()
         wanda = _wanda_scores(model, norms)
-        fluctuation = _fluctuation_scores(model, norms, n_tokens) if n_tokens else None
+        fluctuation = _fluctuation_scores(model, norms, n_tokens)
     finally:
         model.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - t0

@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from workbench.cache import cached, make_key
-from workbench.diagnosis import bypassed, mean_loss
+from workbench.diagnosis import removal_losses
 from workbench.models import BLOCKS, check_token_ids, decoder_layers, eval_mode
 from workbench.tracer import trace
 
@@ -34,15 +33,9 @@ def layer_removal_loss(model: nn.Module, samples: torch.Tensor, *, batch_size: i
     check_token_ids(samples, model, "calibration token ids")
 
     def compute() -> dict:
-        with eval_mode(model):
-            base = mean_loss(model, samples, batch_size)
-            out = []
-            for layer in tqdm(range(len(decoder_layers(model))), desc="layer removal loss", disable=not progress,
-                              leave=False):
-                with contextlib.ExitStack() as stack:
-                    for block in BLOCKS:
-                        stack.enter_context(bypassed(model, layer, block))
-                    out.append(mean_loss(model, samples, batch_size) - base)
+        targets = [[(layer, block) for block in BLOCKS] for layer in range(len(decoder_layers(model)))]
+        base, out = removal_losses(model, samples, targets, batch_size=batch_size, progress=progress,
+                                   desc="layer removal loss")
         return dict(values=out, base_loss=base)
 
     key = make_key(model=model, data=samples, settings=dict(batch_size=batch_size))

@@ -137,6 +137,14 @@ class LayerParts:
     up: nn.Linear | None
     down: nn.Linear | None
 
+    def block(self, block: str) -> nn.Module:
+        """The attention or MLP module (an `EmptyBlock` when emptied)."""
+        return self.attn if block == "attn" else self.mlp
+
+    def out_proj(self, block: str) -> nn.Linear | None:
+        """The block's output projection: o_proj or down_proj (None when emptied)."""
+        return self.o if block == "attn" else self.down
+
 
 class PositionsOnlyCacheLayer(DynamicLayer):
     """The KV-cache layer of an emptied attention block: zero heads, but it counts the positions seen.

@@ -92,10 +92,8 @@ def _set_layer_indices(model: nn.Module, spec: ArchSpec) -> None:
 def output_bias(layer: nn.Module, spec: ArchSpec, block: str) -> nn.Parameter | None:
     """The bias a block adds after its units (o_proj / down_proj bias, or an emptied block's constant)."""
     parts = layer_parts(layer, spec)
-    module = parts.attn if block == "attn" else parts.mlp
-    if isinstance(module, EmptyBlock):
-        return module.bias
-    return (parts.o if block == "attn" else parts.down).bias
+    module = parts.block(block)
+    return module.bias if isinstance(module, EmptyBlock) else parts.out_proj(block).bias
 
 
 def add_output_bias(layer: nn.Module, spec: ArchSpec, block: str, hidden: int) -> nn.Parameter:
@@ -104,8 +102,8 @@ def add_output_bias(layer: nn.Module, spec: ArchSpec, block: str, hidden: int) -
     if existing is not None:
         return existing
     parts = layer_parts(layer, spec)
-    module = parts.attn if block == "attn" else parts.mlp
-    target = module if isinstance(module, EmptyBlock) else (parts.o if block == "attn" else parts.down)
+    module = parts.block(block)
+    target = module if isinstance(module, EmptyBlock) else parts.out_proj(block)
     like = next((p for p in layer.parameters()), None)
     target.bias = nn.Parameter(torch.zeros(hidden, dtype=like.dtype, device=like.device), requires_grad=False)
     return target.bias
@@ -191,6 +189,6 @@ def mask_plan(model: nn.Module, plan: Plan) -> None:
                 rows = unit_rows(gone.to(up.param.device), up.param.shape[up.axis], n)
                 up.param.index_fill_(up.axis, rows, 0.0)
             if gone.numel() == n:  # biases added after the units (o_proj / down_proj) go too
-                out_proj = parts.o if block == "attn" else parts.down
+                out_proj = parts.out_proj(block)
                 if out_proj.bias is not None:
                     out_proj.bias.zero_()

@@ -182,10 +182,6 @@ def _kept_columns(plan: Plan, dense_layer: int, block: str, dense_in: int) -> to
     return unit_rows(kept, dense_in, n_units) if len(kept) else kept
 
 
-def _out_proj(parts, block: str) -> nn.Linear:
-    return parts.o if block == "attn" else parts.down
-
-
 def _layer_map(plan: Plan) -> list[tuple[int, int]]:
     """(dense layer, pruned layer) for every layer the plan keeps."""
     removed = set(plan.removed_layers())
@@ -199,7 +195,7 @@ def _wanted(plan: Plan, cfg: ReconstructConfig, layer: int) -> list[str]:
 
 def _solve(ne: NormalEquations, dense_layer: nn.Module, spec, plan: Plan, layer: int, block: str,
            cfg: ReconstructConfig) -> dict:
-    proj = _out_proj(layer_parts(dense_layer, spec), block)
+    proj = layer_parts(dense_layer, spec).out_proj(block)
     return ne.solve(proj.weight, proj.bias, _kept_columns(plan, layer, block, proj.in_features), cfg)
 
 
@@ -252,7 +248,7 @@ def _sequential(dense: nn.Module, pruned: nn.Module, plan: Plan, samples: torch.
                          leave=False):
             dense_layer, layer = dense_layers[i], pruned_layers[j]
             for block in _wanted(plan, cfg, i):
-                ne = NormalEquations(_out_proj(layer_parts(dense_layer, spec), block).in_features, device)
+                ne = NormalEquations(layer_parts(dense_layer, spec).out_proj(block).in_features, device)
                 add = lambda l, s, x, ne=ne: ne.add(x) if l == i else None  # noqa: E731
                 for h, kw in zip(hidden, (c[i] for c in calls)):
                     if block == "attn":  # the dense layer on the pruned stream: its full attention heads
@@ -277,7 +273,7 @@ def _call(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
 
 def _apply_block(layer: nn.Module, spec, block: str, sol: dict, hidden: int) -> None:
     if sol["weight"] is not None:
-        proj = _out_proj(layer_parts(layer, spec), block)
+        proj = layer_parts(layer, spec).out_proj(block)
         proj.weight.data.copy_(sol["weight"].to(proj.weight.device, proj.weight.dtype))
     if sol["bias"] is not None:
         b = add_output_bias(layer, spec, block, hidden)

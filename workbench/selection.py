@@ -175,6 +175,18 @@ class Budget:
     def prunable_params(self) -> int:
         return prunable_params(self.costs, self.widths)
 
+    def layer_params(self) -> np.ndarray:
+        """Attention + MLP parameters per layer."""
+        return np.array([sum(w[k] * self.costs[b][i] for k, b in enumerate(BLOCKS)) for i, w in enumerate(self.widths)],
+                        dtype=np.float64)
+
+    def target(self, ratio: float, ratio_of: str) -> tuple[int, int]:
+        """(parameters to remove, denominator) for `ratio` of "total" or "prunable" parameters."""
+        if ratio_of not in RATIO_OF:
+            raise ValueError(f"ratio_of={ratio_of!r} is not allowed; allowed: {list(RATIO_OF)}")
+        denominator = self.total_params if ratio_of == "total" else self.prunable_params
+        return int(np.ceil(ratio * denominator)), denominator
+
 
 def stable_argsort(x: np.ndarray) -> np.ndarray:
     """argsort(kind="stable") semantics at quicksort speed: only runs of equal values are re-ordered by index."""
@@ -197,9 +209,7 @@ def select(table: pd.DataFrame, model: nn.Module | Budget, cfg: SelectionConfig 
     if cfg.layer_ratios is not None:
         return _select_per_layer(table, budget, cfg, score_column)
     widths = budget.widths
-    prunable = budget.prunable_params
-    denominator = budget.total_params if cfg.ratio_of == "total" else prunable
-    target = int(np.ceil(cfg.ratio * denominator))
+    target, denominator = budget.target(cfg.ratio, cfg.ratio_of)
 
     score = table[score_column].to_numpy(dtype=np.float64)
     layer = table["layer"].to_numpy()

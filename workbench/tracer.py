@@ -83,16 +83,11 @@ def trace(model: nn.Module, sites: Iterable[str], fn: Callback) -> Iterator[None
             h.remove()
 
 
-class StopForward(Exception):
-    """Raised by a layer-call callback to end a forward pass early (caught by `layer_calls`)."""
-
-
 @contextlib.contextmanager
 def layer_calls(model: nn.Module, fn: Callable[[int, tuple, dict], None]) -> Iterator[None]:
     """Call `fn(layer, args, kwargs)` with what every decoder layer is called with, inside the block.
 
-    Used to replay layers one at a time (layer-wise reconstruction). `fn` may raise `StopForward` to skip the
-    rest of the pass: the exception ends the forward and is swallowed at the `with`.
+    Used to replay layers one at a time (layer-wise reconstruction).
     """
     spec = get_spec(model)
     handles = []
@@ -107,8 +102,6 @@ def layer_calls(model: nn.Module, fn: Callable[[int, tuple, dict], None]) -> Ite
         for i, layer in enumerate(decoder_layers(model, spec)):
             handles.append(layer.register_forward_pre_hook(hook_for(i), with_kwargs=True))
         yield
-    except StopForward:
-        pass
     finally:
         for h in handles:
             h.remove()
