@@ -37,15 +37,16 @@ RATIO = 0.2             # of all parameters
 THRESHOLD = 0.9         # a block pruned beyond this fraction is "extreme"
 NUM_SAMPLES = 64
 SEQ_LEN = 128
+FISHER = "batch"        # "sequence": also the per-sequence Fisher (one backward per window; taylor2_seq, fisher_seq)
 EXPERIMENT = "nb01-gradient-diagnosis"
 
 # %%
 import pandas as pd
 from workbench import notebook, plots
 from workbench.data import CalibrationConfig
-from workbench.diagnosis import diagnose
+from workbench.diagnosis import diagnose, taylor_terms
 from workbench.experiments import Experiment
-from workbench.importance import IMPORTANCE_METHODS
+from workbench.methods import available_methods
 from workbench.pipeline import calibrate
 from workbench.normalize import ScoringConfig
 from workbench.rescore import Rescorer
@@ -57,7 +58,7 @@ model, tokenizer = notebook.load(MODEL, SMOKE)  # SMOKE: a tiny random model (se
 
 # %%
 exp = Experiment.create(EXPERIMENT, exist_ok=True)
-calib = CalibrationConfig(num_samples=NUM_SAMPLES, seq_len=SEQ_LEN)
+calib = CalibrationConfig(num_samples=NUM_SAMPLES, seq_len=SEQ_LEN, fisher=FISHER)
 _, imp = calibrate(model, tokenizer, calib)
 rescorer = Rescorer(imp, Budget.of(model))
 _, naive = rescorer.plan(ScoringConfig(method=METHOD), SelectionConfig(ratio=RATIO))
@@ -88,9 +89,19 @@ plots.kept_fraction_per_layer(layer_summary(naive), title=f"naive {METHOD} plan,
 # Every importance method under the same budget, no correction:
 
 # %%
-by_method, _ = rescorer.compare({m: ScoringConfig(method=m) for m in IMPORTANCE_METHODS}, SelectionConfig(ratio=RATIO),
+by_method, _ = rescorer.compare({m: ScoringConfig(method=m) for m in available_methods(imp)}, SelectionConfig(ratio=RATIO),
                                 THRESHOLD)
 by_method[["n_extreme", "emptied_blocks", "removed_layers", "attn_max_pruned", "mlp_max_pruned", "mlp_std_pruned"]]
+
+# %% [markdown]
+# ### Second-order Taylor: the size of each term
+# `taylor2` adds ½Σw²F to Σ|w·g|. With F from batch-mean gradients the second term is typically orders of
+# magnitude smaller, so it cannot change the ranking; the per-sequence Fisher (`FISHER = "sequence"`) is larger.
+
+# %%
+terms = taylor_terms(imp)
+display(terms.round(6).head(10))
+plots.scale_per_layer(terms, columns=("first", "second_batch", "batch_over_first"), title="Taylor terms per layer")
 
 # %% [markdown]
 # ### Recommendation
@@ -103,6 +114,7 @@ print({k: v for k, v in rec.items() if k != "rule"})
 # %%
 exp.write_json("analysis/gradient_diagnosis.json", diag)
 exp.write_table("analysis/extreme_by_method.csv", by_method.reset_index())
+exp.write_table("analysis/taylor_terms.csv", terms)
 plots.export(plots.scale_per_layer(per_block, columns=("grad_mean_abs", "imp_mean"), backend="paper",
                                    title=f"{METHOD}: gradient and importance scale per layer"), "scale_per_layer", exp)
 plots.export(plots.kept_fraction_per_layer(layer_summary(naive), backend="paper",

@@ -4,6 +4,7 @@ import torch
 from workbench.importance import (
     IMPORTANCE_METHODS, compute_importance, importance_cached, load_importance, save_importance,
 )
+from workbench.methods import available_methods
 from workbench.testing import tiny_model
 
 HD, RATIO = 16, 3
@@ -122,7 +123,7 @@ def test_cache_round_trip_and_memo(tmp_path, monkeypatch):
     files = list(tmp_path.rglob("*.pt"))
     assert len(files) == 1 and a.key in files[0].name
     b = load_importance(files[0])
-    for m in IMPORTANCE_METHODS:
+    for m in available_methods(a):
         for blk in ("attn", "mlp"):
             for x, y in zip(a.scores(m)[blk], b.scores(m)[blk]):
                 assert torch.equal(x, y)
@@ -134,3 +135,98 @@ def test_cache_round_trip_and_memo(tmp_path, monkeypatch):
     assert c.key == a.key
     save_importance(c, tmp_path / "x.pt")
     assert not list(tmp_path.rglob(".*tmp"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Second-order Taylor: the per-sequence Fisher, the second-order-only score, both terms in the diagnosis
+
+
+def test_per_sequence_fisher_matches_hand_computation(family):
+    torch.manual_seed(1)
+    samples = torch.randint(0, 256, (5, 12))  # batches of 2, 2, 1
+    batch = compute_importance(tiny_model(family, n_layers=2), samples, batch_size=2, progress=False)
+    seq = compute_importance(tiny_model(family, n_layers=2), samples, batch_size=2, fisher="sequence", progress=False)
+    ref = tiny_model(family, n_layers=2)
+    grads = []
+    for s in samples:
+        ref.zero_grad()
+        ref(input_ids=s[None], labels=s[None]).loss.backward()
+        grads.append({p: p.grad.clone() for p in ref.parameters() if p.grad is not None})
+    assert seq.acc.sequences == 5 and batch.acc.fisher_seq is None
+    for i, layer in enumerate(ref.model.layers):
+        for block, n in (("attn", 2), ("mlp", 96)):
+            # everything the batch pass has is the same: .grad still sums to the batch-mean gradient
+            for name in ("first", "fisher", "wanda", "fluctuation"):
+                torch.testing.assert_close(getattr(seq.acc, name)[block][i], getattr(batch.acc, name)[block][i],
+                                           rtol=1e-4, atol=1e-9)
+            for u in range(0, n, max(1, n // 5)):
+                expect = sum(float(((p.detach()[idx] * g[p][idx]) ** 2).sum())
+                             for g in grads for p, idx in _unit_slices(layer, block, u))
+                torch.testing.assert_close(seq.acc.fisher_seq[block][i][u], torch.tensor(expect), rtol=1e-4, atol=1e-12)
+    obd = seq.scores("fisher_seq")["mlp"][0]
+    torch.testing.assert_close(obd, 0.5 * seq.acc.fisher_seq["mlp"][0] / 5)
+    torch.testing.assert_close(seq.scores("taylor2_seq")["mlp"][0], seq.scores("taylor")["mlp"][0] + obd)
+
+
+def test_batches_of_one_make_both_fishers_equal():
+    samples = torch.randint(0, 256, (3, 10))
+    imp = compute_importance(tiny_model("llama", n_layers=1), samples, batch_size=1, fisher="sequence", progress=False)
+    for block in ("attn", "mlp"):
+        torch.testing.assert_close(imp.acc.fisher_seq[block][0], imp.acc.fisher[block][0], rtol=1e-5, atol=1e-12)
+
+
+def test_sequence_methods_need_the_sequence_pass():
+    imp = compute_importance(tiny_model("llama", n_layers=1), torch.randint(0, 256, (2, 8)), progress=False)
+    with pytest.raises(ValueError, match="fisher='sequence'"):
+        imp.scores("taylor2_seq")
+    assert "taylor2_seq" not in available_methods(imp) and "taylor" in available_methods(imp)
+    with pytest.raises(ValueError, match="fisher='per_token'.*batch.*sequence"):
+        compute_importance(tiny_model("llama", n_layers=1), torch.randint(0, 256, (2, 8)), fisher="per_token")
+    from workbench.data import CalibrationConfig
+    with pytest.raises(ValueError, match="fisher='x'"):
+        CalibrationConfig(fisher="x")
+
+
+def test_sequence_pass_is_cached_apart_and_round_trips(tmp_path):
+    model = tiny_model("llama", n_layers=1)
+    samples = torch.randint(0, 256, (2, 8))
+    a = importance_cached(model, samples, cache=tmp_path, progress=False)
+    b = importance_cached(model, samples, fisher="sequence", cache=tmp_path, progress=False)
+    assert a.key != b.key and b.acc.fisher_seq is not None
+    c = load_importance(next(p for p in tmp_path.rglob("*.pt") if b.key in p.name))
+    assert c.acc.sequences == 2
+    assert torch.equal(c.scores("fisher_seq")["mlp"][0], b.scores("fisher_seq")["mlp"][0])
+
+
+def test_taylor_terms_show_both_terms_per_block():
+    from workbench.diagnosis import taylor_terms
+    samples = torch.randint(0, 256, (4, 10))
+    batch = taylor_terms(compute_importance(tiny_model("mistral", n_layers=2), samples, progress=False))
+    seq = taylor_terms(compute_importance(tiny_model("mistral", n_layers=2), samples, batch_size=2, fisher="sequence",
+                                          progress=False))
+    assert list(seq[["layer", "block"]].itertuples(index=False, name=None)) == [(0, "attn"), (0, "mlp"), (1, "attn"),
+                                                                                (1, "mlp")]
+    assert batch.second_seq.isna().all() and seq.second_seq.notna().all()
+    assert (seq.first > 0).all() and (seq.second_batch > 0).all()
+    torch.testing.assert_close(torch.tensor(seq.batch_over_first.to_numpy()),
+                               torch.tensor((seq.second_batch / seq.first).to_numpy()))
+    # E_s[g_s²] >= (E_s g_s)² elementwise, so the per-sequence term is never below the batch-mean one (batch = 2)
+    assert (seq.second_seq >= seq.second_batch * (1 - 1e-5)).all()
+
+
+def test_global_plan_from_wanda_warns_and_wanda_sp_does_not():
+    import warnings
+    from workbench.baselines import make_plan
+    from workbench.normalize import ScoringConfig
+    from workbench.rescore import Rescorer
+    from workbench.selection import Budget, SelectionConfig
+    model = tiny_model("qwen3", n_layers=3)
+    imp = compute_importance(model, torch.randint(0, 256, (2, 8)), progress=False)
+    r = Rescorer(imp, Budget.of(model))
+    with pytest.warns(UserWarning, match="'wanda' is not comparable across layers.*wanda_sp"):
+        r.plan(ScoringConfig(method="wanda"), SelectionConfig(ratio=0.2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r.plan(ScoringConfig(method="wanda", normalization="zscore", level="block"), SelectionConfig(ratio=0.2))
+        r.plan(ScoringConfig(method="taylor"), SelectionConfig(ratio=0.2))
+        make_plan("wanda_sp", r, 0.2)

@@ -16,6 +16,7 @@ import torch
 from workbench.paths import data_cache
 
 SPLITS = ("calibration", "evaluation")
+FISHER_MODES = ("batch", "sequence")  # how the importance pass estimates the Fisher diagonal
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,8 @@ class CalibrationConfig:
         seq_len: tokens per window (>= 2: a window of one token has nothing to predict).
         seed: which windows (a seeded permutation of the disjoint windows of the part).
         batch_size: windows per forward + backward pass.
+        fisher: "batch" (the Fisher diagonal from batch-mean gradients, free) or "sequence" (also the empirical
+            Fisher over sequences, one backward pass per window; enables the taylor2_seq and fisher_seq methods).
     """
 
     source: str = OFFLINE_SOURCE
@@ -151,6 +154,7 @@ class CalibrationConfig:
     seq_len: int = 128
     seed: int = 0
     batch_size: int = 4
+    fisher: str = "batch"
 
     def __post_init__(self):
         for name in ("num_samples", "seq_len", "batch_size", "seed"):
@@ -163,6 +167,8 @@ class CalibrationConfig:
         if self.seq_len < 2:
             raise ValueError(f"seq_len={self.seq_len} must be at least 2: the loss predicts each token from the "
                              "ones before it, so a single token has no target")
+        if self.fisher not in FISHER_MODES:
+            raise ValueError(f"fisher={self.fisher!r} is not allowed; allowed: {list(FISHER_MODES)}")
 
 
 def calibration_samples(tokenizer, cfg: CalibrationConfig, *, hub_root=None) -> torch.Tensor:

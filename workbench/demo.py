@@ -14,6 +14,7 @@ from workbench.experiments import Experiment
 from workbench.methods import IMPORTANCE_METHODS
 from workbench.checkpoints import load_model
 from workbench.models import anatomy, model_summary
+from workbench.normalize import ScoringConfig
 from workbench.pipeline import PruneRunConfig, run_pruning
 from workbench.selection import SelectionConfig
 
@@ -34,7 +35,7 @@ def main(argv=None) -> dict:
     # every argument is checked before the model is loaded
     try:
         cfg = PruneRunConfig(
-            method=args.method,
+            scoring=ScoringConfig(method=args.method),
             calibration=CalibrationConfig(num_samples=args.samples, seq_len=args.seq_len),
             selection=SelectionConfig(ratio=args.ratio, ratio_of=args.ratio_of),
             eval_seq_len=args.seq_len,

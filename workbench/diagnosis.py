@@ -54,6 +54,27 @@ def importance_stats(imp: Importance, method: str) -> pd.DataFrame:
     return pd.DataFrame(rows).sort_values(["layer", "block"]).reset_index(drop=True)
 
 
+def taylor_terms(imp: Importance) -> pd.DataFrame:
+    """Per layer and block, the two terms of the second-order Taylor score summed over the block's units.
+
+    `first` = Σ|w·g| (mean over batches); `second_batch` = ½Σw²·F with F from batch-mean gradients;
+    `second_seq` = the same with the empirical Fisher over sequences (NaN unless the pass had fisher="sequence");
+    and each second term over the first, which says whether adding it can change a ranking at all.
+    """
+    a = imp.acc
+    rows = []
+    for block in BLOCKS:
+        for layer, first in enumerate(a.first[block]):
+            if not first.numel():
+                continue
+            f1 = float(first.sum()) / a.batches
+            sb = 0.5 * float(a.fisher[block][layer].sum()) / a.batches
+            ss = 0.5 * float(a.fisher_seq[block][layer].sum()) / a.sequences if a.fisher_seq is not None else np.nan
+            rows.append(dict(layer=layer, block=block, first=f1, second_batch=sb, second_seq=ss,
+                             batch_over_first=sb / f1 if f1 else np.nan, seq_over_first=ss / f1 if f1 else np.nan))
+    return pd.DataFrame(rows).sort_values(["layer", "block"]).reset_index(drop=True)
+
+
 def scale_ratios(grad: pd.DataFrame) -> dict:
     """Largest over smallest per-layer mean |g| and gradient norm (layer = attention and MLP together)."""
     per_layer = grad.groupby("layer").agg(mean=("grad_mean_abs", "mean"), norm=("grad_norm", lambda x: np.sqrt((x ** 2).sum())))

@@ -4,6 +4,9 @@ A single loop over calibration batches (forward + backward on the LM loss) accum
 and in float32 whatever the model's dtype:
   first  = mean over batches of Σ_e |w_e·g_e|          (first-order Taylor)
   fisher = Σ_e w_e² · F_e, F_e = mean over batches of g_e²  (Fisher diagonal, second-order term)
+and, with fisher="sequence", the empirical Fisher over sequences (each window's own backward pass, the
+gradients read by tensor hooks before they are summed into the batch gradient):
+  fisher_seq = Σ_e w_e² · mean over sequences of g_{s,e}²
 and, through forward hooks, the squared input-activation norm of every prunable linear layer
 (Wanda). Σ_e runs over the parameters the unit owns (`workbench.units`). Gradient statistics per
 layer, block and module are gathered in the same pass for the diagnosis. Methods are then cheap
@@ -22,13 +25,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from workbench.cache import cached, make_key, read_entry, write_entry
+from workbench.data import FISHER_MODES
 from workbench.methods import IMPORTANCE_METHODS, Accumulators, Importance, ImportanceMethod  # noqa: F401 (re-exported)
 from workbench.models import BLOCKS, check_token_ids, eval_mode, geometry, layer_widths
 from workbench.tracer import trace
 from workbench.units import block_params, block_units, iter_blocks, reduce_to_units
 
 CACHE_KIND = "importance"
-CACHE_FORMAT = 3  # 3: FLAP fluctuation added to the accumulators
+CACHE_FORMAT = 4  # 3: FLAP fluctuation added to the accumulators; 4: per-sequence Fisher (optional)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -78,6 +82,18 @@ def only_prunable_grads(model: nn.Module):
     finally:
         for p, flag in saved.items():
             p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def gradient_taps(params: list[torch.Tensor], sink):
+    """Call `sink(index, grad)` with each backward pass's own gradient of `params[index]` (before it is summed
+    into `.grad`); the hooks are removed on exit."""
+    handles = [p.register_hook(lambda g, k=k: sink(k, g)) for k, p in enumerate(params)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,10 +146,15 @@ def compute_importance(
     samples: torch.Tensor,
     *,
     batch_size: int = 4,
+    fisher: str = "batch",
     progress: bool = True,
     calibration: dict | None = None,
 ) -> Importance:
-    """Run one forward+backward pass over `samples` ([N, seq_len] token ids) and accumulate everything."""
+    """Run one forward+backward pass over `samples` ([N, seq_len] token ids) and accumulate everything.
+
+    fisher="sequence" runs each window forward and backward on its own (the batch gradient is their mean, so
+    every other accumulator is the same as with "batch") and adds the per-sequence Fisher.
+    """
     if samples.ndim != 2 or samples.numel() == 0:
         raise ValueError(f"samples must be a non-empty [num_samples, seq_len] tensor, got shape {tuple(samples.shape)}")
     if samples.shape[1] < 2:
@@ -141,6 +162,8 @@ def compute_importance(
                          "predicts each token from the ones before it")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be a positive integer")
+    if fisher not in FISHER_MODES:
+        raise ValueError(f"fisher={fisher!r} is not allowed; allowed: {list(FISHER_MODES)}")
     check_token_ids(samples, model, "calibration token ids")
     geo = geometry(model.config)
     device = next(model.parameters()).device
@@ -148,21 +171,35 @@ def compute_importance(
     n_units = {(i, b): block_units(parts, b, geo.head_dim) for i, b, parts in blocks}
     zeros = lambda i, b: torch.zeros(n_units[(i, b)], dtype=torch.float32, device=device)  # noqa: E731
     first = {(i, b): zeros(i, b) for i, b, _ in blocks}
-    fisher = {(i, b): zeros(i, b) for i, b, _ in blocks}
+    fisher_b = {(i, b): zeros(i, b) for i, b, _ in blocks}
+    per_seq = fisher == "sequence"
+    fisher_s = {(i, b): zeros(i, b) for i, b, _ in blocks} if per_seq else None
+    taps = [(i, b, up) for i, b, parts in blocks for up in block_params(parts, b)]
+    scale = [1.0]  # 1 / (the current window's share of its batch's loss)
+
+    def tap(k: int, g: torch.Tensor) -> None:
+        i, b, up = taps[k]
+        prod = up.param.detach().float() * (g.float() * scale[0])
+        fisher_s[(i, b)] += reduce_to_units(prod.square(), up.axis, n_units[(i, b)])
+
     stat_keys = [(i, b, up.name) for i, b, parts in blocks for up in block_params(parts, b)]
     # abs_sum, sq_sum, max_abs, zeros per module, accumulated on the device
     stats = torch.zeros(len(stat_keys), 4, dtype=torch.float64, device=device)
 
     n_batches, n_tokens = 0, 0
     t0 = time.perf_counter()
+    taps_on = gradient_taps([up.param for _, _, up in taps], tap) if per_seq else contextlib.nullcontext()
     try:
-        with eval_mode(model), only_prunable_grads(model), input_sq_norms(model) as norms:
+        with eval_mode(model), only_prunable_grads(model), input_sq_norms(model) as norms, taps_on:
             for start in tqdm(range(0, len(samples), batch_size), desc="importance", disable=not progress, leave=False):
                 batch = samples[start : start + batch_size].to(device)
-                loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(_locate_nonfinite_forward(model, batch, n_batches))
-                loss.backward()
+                # one window at a time with fisher="sequence": each loss / len(batch), so .grad sums to the batch's
+                for part in (batch.split(1) if per_seq else (batch,)):
+                    loss = model(input_ids=part, labels=part, use_cache=False).loss
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(_locate_nonfinite_forward(model, part, n_batches))
+                    scale[0] = len(batch) / len(part)
+                    (loss * (len(part) / len(batch))).backward()
                 batch_stats = []
                 for i, b, parts in blocks:
                     n = n_units[(i, b)]
@@ -170,7 +207,7 @@ def compute_importance(
                         g = up.param.grad.float()
                         prod = up.param.detach().float() * g
                         first[(i, b)] += reduce_to_units(prod.abs(), up.axis, n)
-                        fisher[(i, b)] += reduce_to_units(prod.square(), up.axis, n)
+                        fisher_b[(i, b)] += reduce_to_units(prod.square(), up.axis, n)
                         ga = g.abs()
                         batch_stats.append(torch.stack([ga.sum(), g.square().sum(), ga.max(), (g == 0).sum().float()]))
                         up.param.grad = None
@@ -205,12 +242,15 @@ def compute_importance(
     grad_stats.attrs["batches"] = n_batches
     acc = Accumulators(
         first={b: [first[(i, b)].cpu() for i, bb, _ in blocks if bb == b] for b in BLOCKS},
-        fisher={b: [fisher[(i, b)].cpu() for i, bb, _ in blocks if bb == b] for b in BLOCKS},
+        fisher={b: [fisher_b[(i, b)].cpu() for i, bb, _ in blocks if bb == b] for b in BLOCKS},
         magnitude=magnitude,
         wanda=wanda,
         fluctuation=fluctuation,
         batches=n_batches,
         tokens=n_tokens,
+        fisher_seq=({b: [fisher_s[(i, b)].cpu() for i, bb, _ in blocks if bb == b] for b in BLOCKS}
+                    if per_seq else None),
+        sequences=len(samples) if per_seq else 0,
     )
     return Importance(
         acc=acc, grad_stats=grad_stats, widths=layer_widths(model),
@@ -277,18 +317,21 @@ def importance_cached(
     samples: torch.Tensor,
     *,
     batch_size: int = 4,
+    fisher: str = "batch",
     cache: bool | str | os.PathLike = True,
     progress: bool = True,
     calibration: dict | None = None,
 ) -> Importance:
-    """`compute_importance`, cached (`workbench.cache`) by the model's content, the samples and the batch size.
+    """`compute_importance`, cached (`workbench.cache`) by the model's content, the samples, the batch size and
+    the Fisher mode.
 
     `cache=True`: memory + `data_cache/importance/`; a folder: memory + that folder; False: always computed.
     """
-    key = make_key(model=model, data=samples, settings=dict(batch_size=batch_size))
+    key = make_key(model=model, data=samples, settings=dict(batch_size=batch_size, fisher=fisher))
 
     def compute() -> Importance:
-        imp = compute_importance(model, samples, batch_size=batch_size, progress=progress, calibration=calibration)
+        imp = compute_importance(model, samples, batch_size=batch_size, fisher=fisher, progress=progress,
+                                 calibration=calibration)
         imp.key = key
         return imp
 

@@ -25,6 +25,9 @@ class Accumulators:
     fluctuation: dict[str, list[torch.Tensor]]  # block -> per layer [units]: Σ_j Var(x_j)·‖W_out[:, j]‖² (FLAP)
     batches: int
     tokens: int
+    # Only from a pass with fisher="sequence": Σ_sequences Σ_e (w·g_s)², g_s the gradient of one sequence's loss.
+    fisher_seq: dict[str, list[torch.Tensor]] | None = None
+    sequences: int = 0
 
 
 @dataclass
@@ -43,7 +46,28 @@ class Importance:
         """Per-unit importance of one registered method: block -> per-layer tensors."""
         if method not in IMPORTANCE_METHODS:
             raise ValueError(f"importance method {method!r} is not registered; allowed: {list(IMPORTANCE_METHODS)}")
-        return IMPORTANCE_METHODS[method].fn(self.acc)
+        m = IMPORTANCE_METHODS[method]
+        if m.needs_sequence_fisher and self.acc.fisher_seq is None:
+            raise ValueError(f"importance method {method!r} needs the per-sequence Fisher, which this pass did not "
+                             "compute; calibrate with fisher='sequence' (CalibrationConfig(fisher='sequence')). "
+                             f"Methods this pass supports: {available_methods(self)}")
+        return m.fn(self.acc)
+
+
+def available_methods(imp: Importance) -> list[str]:
+    """The registered methods this importance result can score (per-sequence ones only after such a pass)."""
+    return [n for n, m in IMPORTANCE_METHODS.items() if not m.needs_sequence_fisher or imp.acc.fisher_seq is not None]
+
+
+def global_warning(method: str, normalization: str) -> str | None:
+    """Why a global plan (one knapsack over all layers) from this method's raw scores is suspect, or None."""
+    m = IMPORTANCE_METHODS[method]
+    if m.layer_local and normalization == "none":
+        return (f"importance method {method!r} is not comparable across layers (its scale follows each layer's "
+                "activation norms), so a global plan from its raw scores tends to empty whole layers: on the default "
+                "model global wanda at 20 % gives PPL ≈ 10⁵. Use the per-layer baseline (Wanda-sp: "
+                "make_plan('wanda_sp', ...)), or a per-block normalization (e.g. minmax or zscore, level='block')")
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -52,9 +76,21 @@ class Importance:
 
 @dataclass(frozen=True)
 class ImportanceMethod:
+    """A registered importance method.
+
+    Args:
+        name: registry key (widgets, configs, tests).
+        description: one line for tables and dropdowns.
+        fn: the per-unit scores from the accumulators.
+        needs_sequence_fisher: only a pass with fisher="sequence" can score it.
+        layer_local: its scale is only meaningful within a layer (a global plan from raw scores is warned about).
+    """
+
     name: str
     description: str
     fn: Callable[[Accumulators], dict[str, list[torch.Tensor]]]
+    needs_sequence_fisher: bool = False
+    layer_local: bool = False
 
 
 def _per_block(fn) -> Callable[[Accumulators], dict[str, list[torch.Tensor]]]:
@@ -72,16 +108,27 @@ IMPORTANCE_METHODS: dict[str, ImportanceMethod] = {
             _per_block(lambda a, b, i: a.first[b][i] / a.batches),
         ),
         ImportanceMethod(
-            "taylor2", "second-order Taylor: Σ(|w·g| + ½·w²·F), F = Fisher diagonal (mean of g²)",
+            "taylor2", "second-order Taylor: Σ(|w·g| + ½·w²·F), F = Fisher diagonal from batch-mean gradients",
             _per_block(lambda a, b, i: a.first[b][i] / a.batches + 0.5 * a.fisher[b][i] / a.batches),
         ),
         ImportanceMethod(
+            "taylor2_seq", "second-order Taylor with the empirical Fisher over sequences: Σ|w·g| + ½·Σw²·E_s[g_s²]",
+            _per_block(lambda a, b, i: a.first[b][i] / a.batches + 0.5 * a.fisher_seq[b][i] / a.sequences),
+            needs_sequence_fisher=True,
+        ),
+        ImportanceMethod(
+            "fisher_seq", "second-order term only (Optimal Brain Damage's saliency, LeCun et al., 1990): "
+            "½·Σw²·E_s[g_s²], per-sequence Fisher",
+            _per_block(lambda a, b, i: 0.5 * a.fisher_seq[b][i] / a.sequences),
+            needs_sequence_fisher=True,
+        ),
+        ImportanceMethod(
             "wanda", "Wanda: Σ|w|·‖x‖₂ with ‖x‖₂ the input-activation norm over calibration tokens",
-            _per_block(lambda a, b, i: a.wanda[b][i]),
+            _per_block(lambda a, b, i: a.wanda[b][i]), layer_local=True,
         ),
         ImportanceMethod(
             "fluctuation", "FLAP's fluctuation: Σ Var(x_j)·‖W_out[:, j]‖² over the unit's output-projection inputs",
-            _per_block(lambda a, b, i: a.fluctuation[b][i]),
+            _per_block(lambda a, b, i: a.fluctuation[b][i]), layer_local=True,
         ),
         ImportanceMethod(
             "magnitude", "weight magnitude Σ|w| (baseline; no data needed)",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import pandas as pd
@@ -14,17 +15,25 @@ import torch
 from torch import nn
 
 from workbench import plots
+from workbench.baselines import BASELINES, make_plan
 from workbench.checkpoints import load_plan, load_pruned, reload_max_diff, save_pruned
 from workbench.data import CalibrationConfig, calibration_samples
-from workbench.diagnosis import diagnose
+from workbench.diagnosis import block_removal_loss, diagnose
+from workbench.efficiency import EfficiencyConfig, measure
 from workbench.evaluate import perplexity
 from workbench.experiments import Experiment
-from workbench.importance import IMPORTANCE_METHODS, Importance, importance_cached
+from workbench.finetune import FinetuneConfig, finetune
+from workbench.importance import Importance, importance_cached
+from workbench.layer_importance import layer_importance
+from workbench.methods import global_warning
 from workbench.models import anatomy, model_summary
 from workbench.prune import PruneReport, apply_plan
 from workbench.reconstruct import ReconstructConfig, Reconstruction, apply_reconstruction, solve_reconstruction
 from workbench.plans import Plan, layer_summary
-from workbench.selection import SelectionConfig, build_table, select, unit_costs
+from workbench.normalize import ScoringConfig
+from workbench.rescore import Rescorer
+from workbench.selection import Budget, SelectionConfig, build_table, select, unit_costs
+from workbench.zeroshot import ZeroShotConfig, zero_shot
 
 
 @dataclass(frozen=True)
@@ -32,48 +41,78 @@ class PruneRunConfig:
     """One pruning run.
 
     Args:
-        method: importance method (a key of `IMPORTANCE_METHODS`).
-        calibration: calibration samples and batch size of the importance pass.
+        scoring: importance method and score corrections of the global selection (`ScoringConfig`; its
+            temperature / tau measure the block-removal loss on the calibration samples).
+        calibration: calibration samples, batch size and Fisher mode of the importance pass.
         selection: budget (ratio and its denominator) and block protection of the global selection.
+        baseline: make the plan with a registered baseline instead (a key of `BASELINES`, e.g. "flap",
+            "shortgpt"), at `selection.ratio` of `selection.ratio_of`; None: the global selection.
+        baseline_params: the baseline's own options (e.g. {"strategy": "inverse", "alpha": 1.0} for layerwise).
         eval_source: text source whose evaluation part measures perplexity.
         eval_seq_len: tokens per evaluation window.
         eval_windows: evaluation windows (None: all of the evaluation part).
         save_model: save the pruned checkpoint into the experiment's `model/` and check its reload.
         reconstruction: re-fit the pruned blocks' output projections in closed form on the calibration
-            samples (`workbench.reconstruct`); None: off.
+            samples (`workbench.reconstruct`); None: off (a baseline's own compensation, e.g. FLAP's, still
+            applies).
+        finetune: recovery training after pruning (`FinetuneConfig`, LoRA or full); None: off.
+        zero_shot: lm-eval tasks on the final model (`ZeroShotConfig`); None: off.
+        efficiency: latency / memory / KV-cache measurement of the final model (`EfficiencyConfig`); None: off.
     """
 
-    method: str = "taylor"
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
+    baseline: str | None = None
+    baseline_params: dict = field(default_factory=dict)
     eval_source: str = "pydoc"
     eval_seq_len: int = 128
     eval_windows: int | None = 50
     save_model: bool = True
     reconstruction: ReconstructConfig | None = None
+    finetune: FinetuneConfig | None = None
+    zero_shot: ZeroShotConfig | None = None
+    efficiency: EfficiencyConfig | None = None
 
     def __post_init__(self):
-        if self.method not in IMPORTANCE_METHODS:
-            raise ValueError(f"method={self.method!r} is not registered; allowed: {list(IMPORTANCE_METHODS)}")
         if isinstance(self.eval_seq_len, bool) or not isinstance(self.eval_seq_len, int) or self.eval_seq_len < 2:
             raise ValueError(f"eval_seq_len={self.eval_seq_len!r} must be an integer >= 2")
         if self.eval_windows is not None and (isinstance(self.eval_windows, bool)
                                               or not isinstance(self.eval_windows, int) or self.eval_windows < 1):
             raise ValueError(f"eval_windows={self.eval_windows!r} must be a positive integer or None (all)")
+        if self.baseline is not None and self.baseline not in BASELINES:
+            raise ValueError(f"baseline={self.baseline!r} is not registered; allowed: {list(BASELINES)} or None "
+                             "(the global selection)")
+        if self.baseline_params and self.baseline is None:
+            raise ValueError(f"baseline_params={self.baseline_params} without a baseline; set baseline too")
+
+    @property
+    def method(self) -> str:
+        """The importance method of the global selection."""
+        return self.scoring.method
+
+    @property
+    def label(self) -> str:
+        """A short name of how the plan is made (figure titles, logs)."""
+        return self.baseline or (self.scoring.method if self.scoring == ScoringConfig(method=self.scoring.method)
+                                 else f"{self.scoring.method} ({self.scoring.normalization}/{self.scoring.level})")
 
 
 def calibrate(model: nn.Module, tokenizer, calibration: CalibrationConfig, *,
               progress: bool = True) -> tuple[torch.Tensor, Importance]:
     """The calibration samples and the importance of one (cached) pass over them."""
     samples = calibration_samples(tokenizer, calibration)
-    imp = importance_cached(model, samples, batch_size=calibration.batch_size, progress=progress,
-                            calibration=asdict(calibration))
+    imp = importance_cached(model, samples, batch_size=calibration.batch_size, fisher=calibration.fisher,
+                            progress=progress, calibration=asdict(calibration))
     return samples, imp
 
 
 def select_plan(model: nn.Module, imp: Importance, method: str,
                 selection: SelectionConfig) -> tuple[pd.DataFrame, Plan]:
-    """The global unit table of one importance method and the plan selected from it."""
+    """The global unit table of one importance method and the plan selected from it (raw scores: a warning
+    when the method is not comparable across layers, e.g. Wanda)."""
+    if selection.layer_ratios is None and (why := global_warning(method, "none")):
+        warnings.warn(why, UserWarning, stacklevel=2)
     table = build_table(imp.scores(method), unit_costs(model))
     return table, select(table, model, selection)
 
@@ -122,9 +161,32 @@ def pruned_model(model: nn.Module, tokenizer, *, experiment: str | None = None, 
     return model, plan
 
 
+LAYER_IMPORTANCE_SAMPLES = 16  # calibration windows a baseline's per-layer importance is measured on
+
+
+def make_run_plan(model: nn.Module, cfg: PruneRunConfig, samples: torch.Tensor, imp: Importance, *,
+                  progress: bool = True) -> tuple[pd.DataFrame, Plan, ReconstructConfig | None]:
+    """The run's unit table, plan, and the compensation that goes with it (the run's reconstruction, else the
+    baseline's own, e.g. FLAP's bias)."""
+    budget = Budget.of(model)
+    block_loss = (block_removal_loss(model, samples, batch_size=cfg.calibration.batch_size, progress=progress)
+                  if cfg.scoring.needs_block_loss else None)
+    rescorer = Rescorer(imp, budget, block_loss)
+    if cfg.baseline is None:
+        table, plan = rescorer.plan(cfg.scoring, cfg.selection)
+        return table, plan, cfg.reconstruction
+    base = BASELINES[cfg.baseline]
+    layer_scores = {m: layer_importance(model, samples[:LAYER_IMPORTANCE_SAMPLES], m, progress=progress).to_numpy()
+                    for m in base.layer_measures}
+    plan = make_plan(cfg.baseline, rescorer, cfg.selection.ratio, cfg.selection.ratio_of, layer_scores=layer_scores,
+                     **cfg.baseline_params)
+    return rescorer.table(cfg.scoring.method), plan, cfg.reconstruction or base.compensation
+
+
 def run_pruning(model, tokenizer, cfg: PruneRunConfig, experiment: Experiment, *, log=print,
                 progress: bool = True) -> dict:
-    """Importance → global selection → physical pruning → PPL before/after → save → reload check.
+    """Importance → plan (global selection or a baseline) → pruning (+ reconstruction) → PPL → optional
+    fine-tuning, zero-shot and efficiency → save → reload check.
 
     Mutates `model` (it is pruned in place). Returns the evaluation record, also written to
     `evaluation/perplexity.json`.
@@ -138,43 +200,64 @@ def run_pruning(model, tokenizer, cfg: PruneRunConfig, experiment: Experiment, *
         timings[name] = round(time.perf_counter() - t, 3)
         log(f"  [{name}] {timings[name]:.1f} s")
 
+    def ppl(m):
+        return perplexity(m, tokenizer, cfg.eval_source, seq_len=cfg.eval_seq_len, max_windows=cfg.eval_windows,
+                          progress=progress)
+
     experiment.write_json("config.json", dict(run=asdict(cfg), model=model_summary(model)))
     with step("perplexity_dense"):
-        dense = perplexity(model, tokenizer, cfg.eval_source, seq_len=cfg.eval_seq_len,
-                           max_windows=cfg.eval_windows, progress=progress)
+        dense = ppl(model)
     log(f"dense PPL {dense.ppl:.2f} ({dense.windows} windows × {dense.seq_len} tokens, {dense.source})")
     with step("calibration_importance"):
         samples, imp = calibrate(model, tokenizer, cfg.calibration, progress=progress)
     with step("selection"):
-        table, plan = select_plan(model, imp, cfg.method, cfg.selection)
+        table, plan, compensation = make_run_plan(model, cfg, samples, imp, progress=progress)
     summary = record_plan(experiment, table, plan)
     diagnosis = diagnose(imp, plan, cfg.method)
     experiment.write_json("analysis/gradient_diagnosis.json", diagnosis)
     log(f"diagnosis: mean_ratio {diagnosis['mean_ratio']:.1f}, norm_ratio {diagnosis['norm_ratio']:.1f}, "
         f"{diagnosis['n_extreme']} extreme blocks; {diagnosis['recommendation']['rule']}")
     with step("prune"):
-        report, rec = prune_and_reconstruct(model, plan, samples, cfg.reconstruction, progress=progress)
+        report, rec = prune_and_reconstruct(model, plan, samples, compensation, progress=progress)
     if rec is not None:
         log(f"reconstructed {len(rec.solutions)} blocks from {rec.tokens:,} tokens ({rec.seconds:.1f} s when computed)")
     log(f"removed {report.params_before - report.params_after:,} parameters: "
         f"{report.ratio_total:.2%} of all, {report.ratio_prunable:.2%} of attention+MLP; "
         f"layers removed {report.removed_layers}, emptied blocks {report.emptied_blocks}")
     with step("perplexity_pruned"):
-        pruned = perplexity(model, tokenizer, cfg.eval_source, seq_len=cfg.eval_seq_len,
-                            max_windows=cfg.eval_windows, progress=progress)
+        pruned = ppl(model)
     log(f"pruned PPL {pruned.ppl:.2f}")
+    record = dict(dense=dense.to_dict(), pruned=pruned.to_dict(), report=report.to_dict(), plan=plan.to_dict(),
+                  diagnosis={k: diagnosis[k] for k in ("mean_ratio", "norm_ratio", "n_extreme")},
+                  importance_seconds=imp.seconds)
+    if cfg.finetune is not None:
+        with step("finetune"):
+            result = finetune(model, tokenizer, cfg.finetune, experiment.checkpoints, progress=progress, log=log)
+            model = result.model
+        with step("perplexity_finetuned"):
+            record["finetuned"] = ppl(model).to_dict()
+        record["finetune"] = result.summary()
+        log(f"fine-tuned PPL {record['finetuned']['ppl']:.2f} after {result.steps} steps")
+    if cfg.zero_shot is not None:
+        with step("zero_shot"):
+            record["zero_shot"] = zero_shot(model, tokenizer, cfg.zero_shot, progress=progress).to_dict()
+        log(f"zero-shot mean acc {record['zero_shot']['mean_acc']:.4f}")
     reload_diff = None
     if cfg.save_model:
         with step("save_reload"):
             reload_diff = save_and_check(model, experiment, samples[:2], tokenizer=tokenizer, plan=plan, report=report)
         log(f"reload check: max |Δlogit| = {reload_diff:.2e}")
+    if cfg.efficiency is not None:
+        with step("efficiency"):
+            record["efficiency"] = measure(model, cfg.efficiency,
+                                           checkpoint_dir=experiment.model_dir if cfg.save_model else None)
     with step("figures"):
         fig = plots.kept_fraction_per_layer(summary, backend="paper",
-                                            title=f"{cfg.method}, {cfg.selection.ratio:.0%} of {cfg.selection.ratio_of}")
+                                            title=f"{cfg.label}, {cfg.selection.ratio:.0%} of {cfg.selection.ratio_of}")
         figure_paths = plots.export(fig, "kept_fraction_per_layer", experiment)
-    record = dict(dense=dense.to_dict(), pruned=pruned.to_dict(), report=report.to_dict(), plan=plan.to_dict(),
-                  reload_max_abs_diff=reload_diff, importance_seconds=imp.seconds, timings=timings,
-                  figures=[_relative(p, experiment.root) for p in figure_paths], anatomy_after=anatomy(model).to_dict("records"))
+    record.update(reload_max_abs_diff=reload_diff, timings=timings,
+                  figures=[_relative(p, experiment.root) for p in figure_paths],
+                  anatomy_after=anatomy(model).to_dict("records"))
     experiment.write_json("evaluation/perplexity.json", record)
     return record
 

@@ -64,6 +64,9 @@ STAT_LABELS = {
     "grad_mean_abs": "mean |g|", "grad_norm": "gradient norm", "grad_max_abs": "max |g|",
     "imp_mean": "mean importance", "imp_sum": "total importance", "imp_max": "max importance",
     "removal_loss": "block removal loss",
+    "first": "Σ|w·g| (first order)", "second_batch": "½Σw²F, batch-mean Fisher",
+    "second_seq": "½Σw²F, per-sequence Fisher", "batch_over_first": "second (batch) / first",
+    "seq_over_first": "second (per sequence) / first",
 }
 
 

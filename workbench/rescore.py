@@ -6,12 +6,13 @@ tests call the same.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import pandas as pd
 
 from workbench.diagnosis import EXTREME_THRESHOLD, extreme_blocks
-from workbench.methods import Importance
+from workbench.methods import Importance, global_warning
 from workbench.normalize import ScoringConfig, score_table
 from workbench.selection import Budget, SelectionConfig, build_table, select
 from workbench.plans import Plan, layer_summary
@@ -30,7 +31,10 @@ class Rescorer:
         return self._tables[method]
 
     def plan(self, scoring: ScoringConfig, selection: SelectionConfig) -> tuple[pd.DataFrame, Plan]:
-        """The scored table and the plan for these settings."""
+        """The scored table and the plan for these settings (a warning when a global plan is built from raw scores
+        that are not comparable across layers, e.g. Wanda's)."""
+        if selection.layer_ratios is None and (why := global_warning(scoring.method, scoring.normalization)):
+            warnings.warn(why, UserWarning, stacklevel=2)
         scored = score_table(self.table(scoring.method), scoring, self.block_loss)
         plan = select(scored, self.budget, selection, score_column="final_score")
         plan.settings["scoring"] = scoring.to_dict()

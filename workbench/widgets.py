@@ -5,9 +5,11 @@ test or a script passes to `Rescorer.plan`.
 """
 from __future__ import annotations
 
+import warnings
+
 from workbench import plots
 from workbench.diagnosis import EXTREME_THRESHOLD
-from workbench.methods import IMPORTANCE_METHODS
+from workbench.methods import available_methods
 from workbench.normalize import LEVELS, NORMALIZERS, PRESETS, ScoringConfig
 from workbench.rescore import Rescorer
 from workbench.selection import RATIO_OF, SelectionConfig
@@ -30,7 +32,7 @@ def panel(rescorer: Rescorer, initial: ScoringConfig = PRESETS["taylor"], ratio:
     has_loss = rescorer.block_loss is not None
     c = dict(
         preset=W.Dropdown(options=["(custom)", *PRESETS], value="(custom)", description="preset"),
-        method=W.Dropdown(options=list(IMPORTANCE_METHODS), value=initial.method, description="importance"),
+        method=W.Dropdown(options=available_methods(rescorer.importance), value=initial.method, description="importance"),
         normalization=W.Dropdown(options=list(NORMALIZERS), value=initial.normalization, description="normalize"),
         level=W.ToggleButtons(options=list(LEVELS), value=initial.level, description="level"),
         clip=W.FloatRangeSlider(value=(initial.clip_low, initial.clip_high), min=0, max=100, step=0.5,
@@ -54,7 +56,9 @@ def panel(rescorer: Rescorer, initial: ScoringConfig = PRESETS["taylor"], ratio:
             return
         try:
             scoring, selection = settings_from_values(_values(c))
-            _, plan = rescorer.plan(scoring, selection)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                _, plan = rescorer.plan(scoring, selection)
         except ValueError as e:
             status.value = f"<b style='color:#d62728'>{e}</b>"
             return
@@ -66,7 +70,8 @@ def panel(rescorer: Rescorer, initial: ScoringConfig = PRESETS["taylor"], ratio:
         achieved = plan.selected_params / plan.denominator
         status.value = (f"removed {plan.selected_params:,} of {plan.denominator:,} ({achieved:.2%} of {selection.ratio_of}); "
                         f"extreme blocks (> {EXTREME_THRESHOLD:.0%} pruned): <b>{rescorer.n_extreme(plan)}</b>; "
-                        f"emptied blocks {len(plan.emptied_blocks())}, removed layers {len(plan.removed_layers())}")
+                        f"emptied blocks {len(plan.emptied_blocks())}, removed layers {len(plan.removed_layers())}"
+                        + "".join(f"<br><b style='color:#d62728'>warning: {w.message}</b>" for w in caught))
 
     def apply_preset(change):
         if change["new"] in PRESETS:

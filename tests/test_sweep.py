@@ -1,0 +1,222 @@
+"""Run files, the command line, resumable sweeps over workers, and consolidation (tiny random models)."""
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from workbench.cli import main
+from workbench.config import ConfigError, RunConfig, config_hash, from_dict, load_run_config, save_config, to_dict
+from workbench.consolidate import best, consolidate, correlations
+from workbench.data import CalibrationConfig
+from workbench.finetune import FinetuneConfig
+from workbench.normalize import PRESETS, ScoringConfig
+from workbench.reconstruct import ReconstructConfig
+from workbench.selection import SelectionConfig
+from workbench.sweep import expand, load_sweep, prepare, run_status, run_sweep, work
+
+RUN = """\
+model: {name: tiny}
+calibration: {num_samples: 4, seq_len: 32, batch_size: 2}
+selection: {ratio: 0.2}
+eval_windows: 4
+eval_seq_len: 32
+save_model: false
+"""
+
+
+def _files(tmp_path, grid="  scoring: [taylor, layerwise, blockwise]\n  calibration.num_samples: [2, 4]\n"):
+    (tmp_path / "run.yaml").write_text(RUN)
+    (tmp_path / "sweep.yaml").write_text(f"base: run.yaml\ngrid:\n{grid}")
+    return tmp_path / "run.yaml", tmp_path / "sweep.yaml"
+
+
+def test_run_config_round_trips_through_yaml(tmp_path):
+    cfg = RunConfig(scoring=ScoringConfig(method="taylor2", normalization="log", level="block", tau=0.01),
+                    calibration=CalibrationConfig(num_samples=8, seq_len=16, fisher="sequence"),
+                    selection=SelectionConfig(ratio=0.3, attn_mlp=(2.0, 8.0)),
+                    reconstruction=ReconstructConfig(mode="sequential", damping=1e-3),
+                    finetune=FinetuneConfig(max_steps=3, warmup_steps=1, target_modules=("q_proj", "v_proj")),
+                    baseline="layerwise", baseline_params={"strategy": "inverse", "alpha": 2.0}, eval_windows=None)
+    save_config(cfg, tmp_path / "r.yaml")
+    again = load_run_config(tmp_path / "r.yaml")
+    assert again == cfg and config_hash(again) == config_hash(cfg)
+    assert to_dict(again)["selection"]["attn_mlp"] == [2.0, 8.0]
+    # overrides with dotted keys; a changed setting changes the key
+    changed = load_run_config(tmp_path / "r.yaml", ["selection.ratio=0.25", "reconstruction=null"])
+    assert changed.selection.ratio == 0.25 and changed.reconstruction is None
+    assert config_hash(changed) != config_hash(cfg)
+
+
+@pytest.mark.parametrize("text, match", [
+    ("selection: {ratoi: 0.2}", r"unknown key 'selection.ratoi'; did you mean 'ratio'"),
+    ("scoring: {method: taylor, normalisation: log}", r"'scoring.normalisation'.*'normalization'"),
+    ("selection: {ratio: high}", r"selection.ratio: 'high' must be a number"),
+    ("selection: {ratio: 1.5}", r"selection: ratio=1.5 must be in \[0, 1\)"),
+    ("calibration: {num_samples: 2.5}", r"calibration.num_samples: 2.5 must be an integer"),
+    ("save_model: 3", r"save_model: 3 must be true or false"),
+    ("baseline: magic", r"baseline='magic' is not registered"),
+    ("selection: {ratio: [0.2", r"not valid YAML"),
+    ("- a\n- b", r"top level must be a mapping"),
+])
+def test_bad_run_files_name_the_key(tmp_path, text, match):
+    (tmp_path / "bad.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_run_config(tmp_path / "bad.yaml")
+
+
+def test_bad_files_and_overrides_exit_2_and_write_nothing(tmp_path, capsys):
+    run, sweep = _files(tmp_path)
+    assert main(["run", str(run), "selection.rato=0.3", "--name", "x"]) == 2
+    assert "did you mean 'ratio'" in capsys.readouterr().err
+    (tmp_path / "empty.yaml").write_text("base: run.yaml\ngrid: {}\n")
+    assert main(["sweep", str(tmp_path / "empty.yaml"), "--dir", str(tmp_path / "s")]) == 2
+    assert "grid is empty" in capsys.readouterr().err
+    (tmp_path / "bad_point.yaml").write_text("base: run.yaml\ngrid:\n  selection.ratio: [0.2, 2.0]\n")
+    assert main(["sweep", str(tmp_path / "bad_point.yaml"), "--dir", str(tmp_path / "s")]) == 2
+    assert "grid point {'selection.ratio': 2.0}" in capsys.readouterr().err
+    (tmp_path / "preset.yaml").write_text("base: run.yaml\ngrid:\n  scoring: [taylr]\n")
+    assert main(["sweep", str(tmp_path / "preset.yaml"), "--dir", str(tmp_path / "s")]) == 2
+    assert "presets" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists() and not (tmp_path / "experiments").exists()
+
+
+def test_grid_expands_in_file_order_with_presets(tmp_path):
+    _, sweep = _files(tmp_path)
+    runs = expand(load_sweep(sweep))
+    assert len(runs) == 6 and len({config_hash(r) for r in runs}) == 6
+    assert [r.scoring for r in runs[::2]] == [PRESETS["taylor"], PRESETS["layerwise"], PRESETS["blockwise"]]
+    assert [r.calibration.num_samples for r in runs[:2]] == [2, 4]
+
+
+def test_cli_run_writes_one_experiment_with_its_resolved_config(tmp_path):
+    run, _ = _files(tmp_path)
+    assert main(["run", str(run), "selection.ratio=0.3", "--name", "one", "--quiet"]) == 0
+    root = tmp_path / "experiments" / "one"
+    cfg = load_run_config(root / "run.yaml")
+    assert cfg.selection.ratio == 0.3 and cfg.model.name == "tiny"
+    rec = json.loads((root / "evaluation" / "perplexity.json").read_text())
+    assert abs(rec["report"]["ratio_total"] - 0.3) < 0.02
+
+
+def test_sweep_resumes_only_what_is_left_after_a_kill(tmp_path):
+    import optuna
+    from workbench.sweep import _storage
+    _, sweep_file = _files(tmp_path)
+    sweep_dir = tmp_path / "s"
+    sweep = load_sweep(sweep_file)
+    assert prepare(sweep, sweep_dir)["enqueued"] == 6
+    assert work(sweep, sweep_dir, max_runs=3, log=lambda *_: None) == 3
+    # the worker is "killed" in the middle of its fourth run: its trial stays RUNNING, a staging folder is left
+    optuna.load_study(study_name="sweep", storage=_storage(sweep_dir, None)).ask()
+    (sweep_dir / "runs" / ".abc.staging-x").mkdir()
+    first = {p.name: (p / "status.json").read_text() for p in (sweep_dir / "runs").iterdir() if not p.name.startswith(".")}
+    assert len(first) == 3
+    counts = run_sweep(sweep_file, sweep_dir, log=lambda *_: None)
+    assert counts == dict(stale=1, enqueued=1, complete=3)  # the abandoned run is queued again; 2 still wait
+    done = {p.name: (p / "status.json").read_text() for p in (sweep_dir / "runs").iterdir() if not p.name.startswith(".")}
+    assert len(done) == 6 and all(done[k] == v for k, v in first.items())  # the first three were not rerun
+    assert all(json.loads(v)["status"] == "complete" for v in done.values())
+    # nothing is left to do
+    assert run_sweep(sweep_file, sweep_dir, log=lambda *_: None) == dict(stale=0, enqueued=0, complete=6)
+
+
+def test_two_worker_processes_run_every_run_exactly_once(tmp_path):
+    import optuna
+    from workbench.sweep import _storage
+    _, sweep_file = _files(tmp_path)
+    sweep_dir = tmp_path / "s"
+    run_sweep(sweep_file, sweep_dir, workers=2, log=lambda *_: None)
+    statuses = [run_status(p) for p in (sweep_dir / "runs").iterdir() if not p.name.startswith(".")]
+    assert len(statuses) == 6 and all(s["status"] == "complete" for s in statuses)
+    study = optuna.load_study(study_name="sweep", storage=_storage(sweep_dir, None))
+    ran = [t.user_attrs["run"] for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))]
+    assert sorted(ran) == sorted(s["key"] for s in statuses)  # each run once
+    assert len({s["pid"] for s in statuses}) == 2  # both workers took runs
+
+
+def test_a_failed_run_is_recorded_and_the_sweep_goes_on(tmp_path):
+    _, sweep_file = _files(tmp_path, grid="  eval_source: [pydoc, missing.txt]\n")
+    sweep_dir = tmp_path / "s"
+    assert main(["sweep", str(sweep_file), "--dir", str(sweep_dir)]) == 1  # 1: a run failed
+    table = pd.read_csv(sweep_dir / "consolidated.csv")
+    assert sorted(table.status) == ["complete", "failed"]
+    failed = table[table.status == "failed"].iloc[0]
+    assert "missing.txt" in failed.error and math.isnan(failed.ppl)
+    assert "Traceback" in run_status(failed.output_dir)["traceback"]
+    ok = table[table.status == "complete"].iloc[0]
+    assert ok.ppl > 1 and ok.method == "taylor" and ok["cfg.selection.ratio"] == 0.2
+    assert abs(ok.pruning_ratio_total - 0.2) < 0.02 and ok.grad_mean_ratio >= 1
+    assert pd.read_parquet(sweep_dir / "consolidated.parquet").shape[0] == 2
+    out = best(sweep_dir)
+    assert out["models"]["tiny"]["best"] == ok.key
+    cmp = json.loads((sweep_dir / "best" / "tiny" / "method_comparison.json").read_text())
+    assert cmp["taylor"]["count"] == 1
+    assert (sweep_dir / "report.txt").read_text().startswith(f"sweep {sweep_dir}: 2 runs, 1 complete, 1 failed")
+
+
+def test_search_runs_its_trials(tmp_path):
+    (tmp_path / "run.yaml").write_text(RUN)
+    (tmp_path / "search.yaml").write_text(
+        "base: run.yaml\nsearch: {trials: 3, sampler: random, seed: 1, params: "
+        "{selection.ratio: {low: 0.1, high: 0.3}, scoring.normalization: {choices: [none, minmax]}}}\n")
+    sweep_dir = tmp_path / "s"
+    run_sweep(tmp_path / "search.yaml", sweep_dir, log=lambda *_: None)
+    table = consolidate(sweep_dir)
+    assert len(table) == 3 and (table.status == "complete").all()
+    assert table["cfg.selection.ratio"].between(0.1, 0.3).all()
+
+
+def test_correlations_match_a_direct_computation():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=12)
+    table = pd.DataFrame(dict(status=["complete"] * 11 + ["failed"], grad_mean_ratio=x,
+                              acc_mean=0.7 * x + rng.normal(scale=0.5, size=12), ppl=rng.normal(size=12)))
+    corr = correlations(table).set_index(["x", "y"])
+    r = np.corrcoef(x[:11], table.acc_mean[:11])[0, 1]
+    t = r * math.sqrt(9 / (1 - r * r))
+    p = 2 * stats.t.sf(abs(t), df=9)
+    row = corr.loc[("grad_mean_ratio", "acc_mean")]
+    assert row.n == 11 and row.pearson_r == pytest.approx(r) and row.pearson_p == pytest.approx(p)
+    assert ("extreme_pruning_layers", "acc_mean") not in corr.index  # absent columns are left out
+
+
+def test_run_from_dict_defaults_and_unknown_section():
+    assert from_dict(RunConfig, {}) == RunConfig()
+    with pytest.raises(ConfigError, match="unknown key 'evaluation'"):
+        from_dict(RunConfig, {"evaluation": {}})
+
+
+def test_shipped_configs_are_valid():
+    from workbench.paths import REPO_ROOT
+    configs = REPO_ROOT / "configs"
+    assert load_run_config(configs / "demo.yaml") == RunConfig(save_model=True, calibration=CalibrationConfig(
+        num_samples=64, seq_len=128))
+    big = load_run_config(configs / "llama3-8b-25.yaml")
+    assert big.model.dtype == "bfloat16" and big.selection.ratio == 0.25 and big.finetune.method == "lora"
+    small = expand(load_sweep(configs / "smollm2-small-matrix.yaml"))
+    assert len(small) == 12 and {r.model.name for r in small} == {"default"}
+    study = load_sweep(configs / "study-matrix.yaml")
+    assert len(expand(study)) == 135 and study.objective == "acc_mean" and study.direction == "maximize"
+
+
+def test_a_run_with_a_baseline_uses_its_plan_and_compensation(tmp_path):
+    from workbench.experiments import Experiment
+    from workbench.pipeline import PruneRunConfig, run_pruning
+    from workbench.testing import byte_tokenizer, tiny_model
+    cfg = PruneRunConfig(baseline="flap", calibration=CalibrationConfig(num_samples=4, seq_len=32, batch_size=2),
+                         selection=SelectionConfig(ratio=0.25), eval_windows=2, eval_seq_len=32)
+    with pytest.raises(ValueError, match="baseline='flapp' is not registered"):
+        PruneRunConfig(baseline="flapp")
+    with pytest.raises(ValueError, match="without a baseline"):
+        PruneRunConfig(baseline_params={"alpha": 1})
+    exp = Experiment.create("flap")
+    rec = run_pruning(tiny_model("qwen2", n_layers=3), byte_tokenizer(), cfg, exp, log=lambda *_: None,
+                      progress=False)
+    assert rec["plan"]["settings"]["baseline"] == "flap"
+    saved = json.loads((exp.model_dir / "config.json").read_text())
+    # FLAP's bias compensation was applied and saved
+    assert any(lc.get("attn_out_bias") or lc.get("mlp_out_bias") for lc in saved["pruned_layers"])
+    assert rec["reload_max_abs_diff"] < 1e-4

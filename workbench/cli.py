@@ -1,0 +1,98 @@
+"""The command line: `workbench run | sweep | consolidate | best` (also `python -m workbench ...`).
+
+    workbench run CONFIG.yaml [key=value ...] [--name NAME] [--overwrite]
+    workbench sweep SWEEP.yaml [key=value ...] [--dir DIR] [--workers N] [--storage URL] [--join]
+    workbench consolidate SWEEP_DIR
+    workbench best SWEEP_DIR [--objective ppl] [--direction minimize]
+
+Every file and override is checked before a model is loaded; a bad one exits with status 2 and a message
+naming the key and what is allowed.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from workbench.config import ConfigError, load_run_config, save_config
+from workbench.consolidate import best, consolidate
+from workbench.experiments import Experiment
+from workbench.paths import experiments_root
+from workbench.pipeline import run_pruning
+from workbench.sweep import DIRECTIONS, RUN_FILE, ModelPool, load_sweep, run_sweep
+
+
+def _run(args) -> int:
+    cfg = load_run_config(args.config, args.overrides)
+    name = args.name or time.strftime("run-%Y%m%d-%H%M%S")
+    Experiment.check_new(name, overwrite=args.overwrite)
+    with Experiment.staged(name, overwrite=args.overwrite) as exp:
+        save_config(cfg, exp.root / RUN_FILE)
+        model, tok = ModelPool().get(cfg)
+        record = run_pruning(model, tok, cfg, exp, progress=not args.quiet)
+    print(f"PPL dense {record['dense']['ppl']:.2f} -> pruned {record['pruned']['ppl']:.2f}; "
+          f"{record['report']['ratio_total']:.2%} of all parameters removed; experiment: {exp.root}")
+    return 0
+
+
+def _sweep(args) -> int:
+    sweep_dir = Path(args.dir) if args.dir else experiments_root() / "sweeps" / Path(args.sweep).stem
+    load_sweep(args.sweep, args.overrides)  # checked before anything is written
+    run_sweep(args.sweep, sweep_dir, overrides=args.overrides, workers=args.workers, storage=args.storage,
+              join=args.join)
+    table = consolidate(sweep_dir)
+    print(f"{sweep_dir}: {int((table.status == 'complete').sum())} of {len(table)} runs complete, "
+          f"{int((table.status == 'failed').sum())} failed; table: {sweep_dir / 'consolidated.csv'}")
+    return 0 if not (table.status == "failed").any() else 1
+
+
+def _consolidate(args) -> int:
+    table = consolidate(args.sweep_dir)
+    print(f"{len(table)} runs -> {Path(args.sweep_dir) / 'consolidated.csv'} (and .parquet)")
+    return 0
+
+
+def _best(args) -> int:
+    print(best(args.sweep_dir, args.objective, args.direction)["report"])
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="workbench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="one run from a config file")
+    r.add_argument("config")
+    r.add_argument("overrides", nargs="*", help="dotted key=value, e.g. selection.ratio=0.25")
+    r.add_argument("--name", help="experiment name (default: run-<timestamp>)")
+    r.add_argument("--overwrite", action="store_true")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.set_defaults(fn=_run)
+    s = sub.add_parser("sweep", help="a grid or search of runs, resumable, over one or many workers")
+    s.add_argument("sweep")
+    s.add_argument("overrides", nargs="*", help="dotted key=value applied to the base run")
+    s.add_argument("--dir", help="sweep folder (default: experiments/sweeps/<file name>)")
+    s.add_argument("--workers", type=int, default=1, help="local worker processes")
+    s.add_argument("--storage", help="Optuna storage URL shared by workers on many machines (default: a journal "
+                                     "file in the sweep folder)")
+    s.add_argument("--join", action="store_true", help="join a running sweep as extra workers (no preparation)")
+    s.set_defaults(fn=_sweep)
+    c = sub.add_parser("consolidate", help="one table of a sweep's runs (CSV and Parquet)")
+    c.add_argument("sweep_dir")
+    c.set_defaults(fn=_consolidate)
+    b = sub.add_parser("best", help="best configs, method comparison, correlations and a report")
+    b.add_argument("sweep_dir")
+    b.add_argument("--objective", default="ppl")
+    b.add_argument("--direction", default="minimize", choices=DIRECTIONS)
+    b.set_defaults(fn=_best)
+    args = ap.parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ConfigError, FileExistsError, FileNotFoundError) as e:
+        print(f"workbench {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
