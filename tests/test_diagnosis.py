@@ -148,6 +148,12 @@ def test_widget_callback_gives_the_function_plan():
     c["preset"].value = "layerwise"
     _, expected = rs.plan(PRESETS["layerwise"], SelectionConfig(ratio=0.25))
     assert state["plan"].removed == expected.removed
+    # only the methods this pass can score are offered; a global plan from raw Wanda scores warns in the status
+    assert "taylor2_seq" not in c["method"].options and "wanda" in c["method"].options
+    status = box.children[0].children[-1]
+    assert "warning" not in status.value
+    c["method"].value, c["normalization"].value = "wanda", "none"
+    assert "warning: importance method 'wanda' is not comparable across layers" in status.value
 
 
 def test_bad_scoring_settings_are_errors():
