@@ -151,9 +151,11 @@ def test_a_failed_run_is_recorded_and_the_sweep_goes_on(tmp_path):
     assert abs(ok.pruning_ratio_total - 0.2) < 0.02 and ok.grad_mean_ratio >= 1
     assert pd.read_parquet(sweep_dir / "consolidated.parquet").shape[0] == 2
     out = best(sweep_dir)
-    assert out["models"]["tiny"]["best"] == ok.key
-    cmp = json.loads((sweep_dir / "best" / "tiny" / "method_comparison.json").read_text())
+    assert out["models"]["tiny_0.2"]["best"] == ok.key
+    cmp = json.loads((sweep_dir / "best" / "tiny_0.2" / "method_comparison.json").read_text())
     assert cmp["taylor"]["count"] == 1
+    assert (sweep_dir / "best" / "tiny_0.2" / "run").resolve() == (sweep_dir / "runs" / ok.key).resolve()
+    best(sweep_dir)  # again: the link is replaced
     assert (sweep_dir / "report.txt").read_text().startswith(f"sweep {sweep_dir}: 2 runs, 1 complete, 1 failed")
 
 

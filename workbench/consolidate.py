@@ -2,8 +2,8 @@
 
 `consolidate(sweep_dir)` reads every `runs/<key>/` (its resolved `run.yaml`, `status.json` and, when complete,
 `evaluation/perplexity.json` and `analysis/gradient_diagnosis.json`) into one row per run and writes
-`consolidated.csv` and `consolidated.parquet`. `best(sweep_dir)` writes, per model, `global_best_config.json`
-and `method_comparison.json` (under `best/<model>/`), `cross_model_comparison.json`, `correlations.csv`
+`consolidated.csv` and `consolidated.parquet`. `best(sweep_dir)` writes, per model and ratio, `global_best_config.json`,
+`method_comparison.json` and a link `run` to the best run's directory (under `best/<model>_<ratio>/`), `cross_model_comparison.json`, `correlations.csv`
 (Pearson and Spearman with n and p-values, computed from the table) and `report.txt`.
 """
 from __future__ import annotations
@@ -146,6 +146,15 @@ def _record(row: pd.Series) -> dict:
     return {k: _jsonable(v) for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))}
 
 
+def _link(link: Path, target: Path) -> None:
+    """`link` -> `target` as a relative symbolic link (replacing an earlier link, never a real folder)."""
+    if link.is_symlink():
+        link.unlink()
+    elif link.exists():
+        raise FileExistsError(f"{link} exists and is not a link; it is left alone")
+    link.symlink_to(os.path.relpath(target, link.parent), target_is_directory=True)
+
+
 def best(sweep_dir: str | os.PathLike, objective: str = "ppl", direction: str = "minimize",
          table: pd.DataFrame | None = None) -> dict:
     """Best configurations and comparisons of a consolidated sweep, written beside it; returns what it wrote."""
@@ -162,10 +171,10 @@ def best(sweep_dir: str | os.PathLike, objective: str = "ppl", direction: str = 
     lines = [f"sweep {sweep_dir}: {len(table)} runs, {int((table.status == 'complete').sum())} complete, "
              f"{int((table.status == 'failed').sum())} failed; objective {objective} ({direction})"]
     cross = {}
-    for model, part in done.groupby("model", sort=True):
+    for (model, ratio), part in done.groupby(["model", "ratio"], sort=True):
         part = part.sort_values(objective, ascending=ascending)
         top = part.iloc[0]
-        folder = sweep_dir / "best" / _safe(model)
+        folder = sweep_dir / "best" / f"{_safe(model)}_{ratio:g}"
         methods = {}
         for method, m in part.groupby("method", sort=True):
             m = m.sort_values(objective, ascending=ascending)
@@ -174,10 +183,12 @@ def best(sweep_dir: str | os.PathLike, objective: str = "ppl", direction: str = 
                                    best=_record(m.iloc[0]))
         write_atomic(folder / "global_best_config.json", json.dumps(_record(top), indent=2))
         write_atomic(folder / "method_comparison.json", json.dumps(methods, indent=2))
-        cross[model] = {meth: dict(best=v["best"][objective], mean=v["mean"], count=v["count"])
-                        for meth, v in methods.items()}
-        out["models"][model] = dict(best=top["key"], value=float(top[objective]), folder=str(folder))
-        lines.append(f"\n{model}: best {objective} {top[objective]:.4g} by {top['method']} (run {top['key']})")
+        _link(folder / "run", Path(top["output_dir"]))
+        cross.setdefault(str(model), {})[f"{ratio:g}"] = {
+            meth: dict(best=v["best"][objective], mean=v["mean"], count=v["count"]) for meth, v in methods.items()}
+        out["models"][f"{model}_{ratio:g}"] = dict(best=top["key"], value=float(top[objective]), folder=str(folder))
+        lines.append(f"\n{model}, ratio {ratio:g}: best {objective} {top[objective]:.4g} by {top['method']} "
+                     f"(run {top['key']})")
         lines += [f"  {meth:<28} n={v['count']:<3} best {v['best'][objective]:.4g}  mean {v['mean']:.4g}"
                   for meth, v in methods.items()]
     write_atomic(sweep_dir / "cross_model_comparison.json", json.dumps(cross, indent=2))
