@@ -93,12 +93,18 @@ def test_grid_expands_in_file_order_with_presets(tmp_path):
 
 def test_cli_run_writes_one_experiment_with_its_resolved_config(tmp_path):
     run, _ = _files(tmp_path)
-    assert main(["run", str(run), "selection.ratio=0.3", "--name", "one", "--quiet"]) == 0
+    text = tmp_path / "notes.txt"
+    text.write_text("\n\n".join(f"Paragraph {i}: pruning removes units and keeps the rest of the model." * 3
+                                 for i in range(40)))
+    assert main(["run", str(run), "selection.ratio=0.3", f"extra_eval_sources=[{text}]", "--name", "one",
+                 "--quiet"]) == 0
     root = tmp_path / "experiments" / "one"
     cfg = load_run_config(root / "run.yaml")
-    assert cfg.selection.ratio == 0.3 and cfg.model.name == "tiny"
+    assert cfg.selection.ratio == 0.3 and cfg.model.name == "tiny" and cfg.extra_eval_sources == (str(text),)
     rec = json.loads((root / "evaluation" / "perplexity.json").read_text())
     assert abs(rec["report"]["ratio_total"] - 0.3) < 0.02
+    other = rec["extra_sources"][str(text)]
+    assert other["dense"]["source"] != rec["dense"]["source"] and other["final"]["ppl"] > 1
 
 
 def test_sweep_resumes_only_what_is_left_after_a_kill(tmp_path):

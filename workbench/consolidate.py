@@ -67,6 +67,8 @@ def run_row(run_dir: str | os.PathLike) -> dict:
                importance_seconds=rec.get("importance_seconds"))
     if "finetuned" in rec:
         row["ppl_finetuned"] = rec["finetuned"]["ppl"]
+    for source, r in rec.get("extra_sources", {}).items():
+        row[f"ppl_dense_{source}"], row[f"ppl_final_{source}"] = r["dense"]["ppl"], r["final"]["ppl"]
     if "zero_shot" in rec:
         zs = rec["zero_shot"]
         row.update(acc_mean=zs["mean_acc"], acc_norm_mean=zs["mean_acc_norm"])

@@ -48,7 +48,9 @@ class PruneRunConfig:
         baseline: make the plan with a registered baseline instead (a key of `BASELINES`, e.g. "flap",
             "shortgpt"), at `selection.ratio` of `selection.ratio_of`; None: the global selection.
         baseline_params: the baseline's own options (e.g. {"strategy": "inverse", "alpha": 1.0} for layerwise).
-        eval_source: text source whose evaluation part measures perplexity.
+        eval_source: text source whose evaluation part measures perplexity (the run's main PPL).
+        extra_eval_sources: more sources whose evaluation parts are measured too, on the dense and the final model
+            (recorded per source).
         eval_seq_len: tokens per evaluation window.
         eval_windows: evaluation windows (None: all of the evaluation part).
         save_model: save the pruned checkpoint into the experiment's `model/` and check its reload.
@@ -66,6 +68,7 @@ class PruneRunConfig:
     baseline: str | None = None
     baseline_params: dict = field(default_factory=dict)
     eval_source: str = "pydoc"
+    extra_eval_sources: tuple[str, ...] = ()
     eval_seq_len: int = 128
     eval_windows: int | None = 50
     save_model: bool = True
@@ -200,13 +203,16 @@ def run_pruning(model, tokenizer, cfg: PruneRunConfig, experiment: Experiment, *
         timings[name] = round(time.perf_counter() - t, 3)
         log(f"  [{name}] {timings[name]:.1f} s")
 
-    def ppl(m):
-        return perplexity(m, tokenizer, cfg.eval_source, seq_len=cfg.eval_seq_len, max_windows=cfg.eval_windows,
+    def ppl(m, source=cfg.eval_source):
+        return perplexity(m, tokenizer, source, seq_len=cfg.eval_seq_len, max_windows=cfg.eval_windows,
                           progress=progress)
+
+    extra = [s for s in cfg.extra_eval_sources if s != cfg.eval_source]
 
     experiment.write_json("config.json", dict(run=asdict(cfg), model=model_summary(model)))
     with step("perplexity_dense"):
         dense = ppl(model)
+        dense_extra = {s: ppl(model, s).to_dict() for s in extra}
     log(f"dense PPL {dense.ppl:.2f} ({dense.windows} windows × {dense.seq_len} tokens, {dense.source})")
     with step("calibration_importance"):
         samples, imp = calibrate(model, tokenizer, cfg.calibration, progress=progress)
@@ -238,6 +244,9 @@ def run_pruning(model, tokenizer, cfg: PruneRunConfig, experiment: Experiment, *
             record["finetuned"] = ppl(model).to_dict()
         record["finetune"] = result.summary()
         log(f"fine-tuned PPL {record['finetuned']['ppl']:.2f} after {result.steps} steps")
+    if extra:
+        with step("perplexity_extra_sources"):
+            record["extra_sources"] = {s: dict(dense=dense_extra[s], final=ppl(model, s).to_dict()) for s in extra}
     if cfg.zero_shot is not None:
         with step("zero_shot"):
             record["zero_shot"] = zero_shot(model, tokenizer, cfg.zero_shot, progress=progress).to_dict()

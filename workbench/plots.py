@@ -262,6 +262,94 @@ def xy_curve(result: pd.DataFrame, backend: str = "plotly", title: str = "Attent
     return fig
 
 
+def _complete(table: pd.DataFrame, columns) -> pd.DataFrame:
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise ValueError(f"columns {missing} are not in the table; available: {list(table.columns)}")
+    done = table[table["status"] == "complete"] if "status" in table.columns else table
+    done = done.assign(**{c: pd.to_numeric(done[c], errors="coerce") for c in columns[:2]}).dropna(subset=columns[:2])
+    if done.empty:
+        raise ValueError(f"no complete run has both {columns[0]!r} and {columns[1]!r}: nothing to draw")
+    return done
+
+
+def sweep_metric(table: pd.DataFrame, x: str, y: str = "ppl", by: str = "method", backend: str = "plotly",
+                 log_y: bool = True, title: str | None = None):
+    """A consolidated sweep: mean `y` against setting `x`, one line per `by` value, one panel per model."""
+    _check_backend(backend)
+    done = _complete(table, [x, y, by, "model"])
+    models = sorted(done["model"].astype(str).unique())
+    title = title or f"{y} against {x}"
+    groups = sorted(done[by].astype(str).unique())
+
+    def series(model, group):
+        part = done[(done["model"].astype(str) == model) & (done[by].astype(str) == group)]
+        mean = part.groupby(x)[y].mean().sort_index()
+        return mean.index.to_numpy(), mean.to_numpy()
+
+    if backend == "plotly":
+        from plotly.subplots import make_subplots  # deferred: plotting libraries load only when drawing
+
+        fig = make_subplots(rows=1, cols=len(models), subplot_titles=models)
+        for j, model in enumerate(models, start=1):
+            for i, g in enumerate(groups):
+                xs, ys = series(model, g)
+                fig.add_scatter(x=xs, y=ys, mode="lines+markers", name=g, legendgroup=g, showlegend=j == 1,
+                                marker_color=_series_color(i), row=1, col=j)
+            fig.update_xaxes(title_text=x.removeprefix("cfg."), row=1, col=j)
+            if log_y:
+                fig.update_yaxes(type="log", row=1, col=j)
+        fig.update_layout(title=title, yaxis_title=y, template="plotly_white")
+        return fig
+    fig, axes = _paper_axes(len(models), width_per_panel=3.0)
+    for ax, model in zip(axes[0], models):
+        for i, g in enumerate(groups):
+            xs, ys = series(model, g)
+            ax.plot(xs, ys, "o-", label=g, color=_series_color(i), ms=3)
+        ax.set_title(model)
+        ax.set_xlabel(x.removeprefix("cfg."))
+        if log_y:
+            ax.set_yscale("log")
+    axes[0][0].set_ylabel(y)
+    axes[0][-1].legend(frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.suptitle(title)
+    return fig
+
+
+def correlation_scatter(table: pd.DataFrame, x: str, y: str, by: str = "method", backend: str = "plotly",
+                        title: str | None = None):
+    """Complete runs as points (`x` against `y`, colored by `by`) with the least-squares line and Pearson r, n."""
+    _check_backend(backend)
+    done = _complete(table, [x, y, by])
+    if done[x].nunique() < 2:
+        raise ValueError(f"{x!r} takes one value over the complete runs: no line to fit")
+    slope, intercept = np.polyfit(done[x], done[y], 1)
+    r = float(np.corrcoef(done[x], done[y])[0, 1]) if done[y].nunique() > 1 else float("nan")
+    line_x = np.linspace(done[x].min(), done[x].max(), 50)
+    title = title or f"{y} against {x}: r = {r:.2f}, n = {len(done)}"
+    groups = sorted(done[by].astype(str).unique())
+    if backend == "plotly":
+        import plotly.graph_objects as go  # deferred: plotting libraries load only when drawing
+
+        fig = go.Figure([go.Scatter(x=done[done[by].astype(str) == g][x], y=done[done[by].astype(str) == g][y],
+                                    mode="markers", name=g, marker_color=_series_color(i))
+                         for i, g in enumerate(groups)])
+        fig.add_scatter(x=line_x, y=slope * line_x + intercept, mode="lines", name="least squares",
+                        line=dict(color="black", dash="dash"))
+        fig.update_layout(title=title, xaxis_title=x, yaxis_title=y, template="plotly_white")
+        return fig
+    fig, ax = _paper_axes()
+    for i, g in enumerate(groups):
+        part = done[done[by].astype(str) == g]
+        ax.scatter(part[x], part[y], s=12, label=g, color=_series_color(i))
+    ax.plot(line_x, slope * line_x + intercept, "k--", lw=1, label="least squares")
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.set_title(title)
+    ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return fig
+
+
 def loss_curve(history: pd.DataFrame, evals: pd.DataFrame | None = None, backend: str = "plotly",
                title: str = "Fine-tuning loss"):
     """Training loss per optimizer step (with a moving average) and the held-out loss at its steps."""
