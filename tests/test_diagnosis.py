@@ -194,3 +194,36 @@ def test_block_removal_loss_cache_keeps_base_loss(tmp_path):
     assert len(list(tmp_path.rglob("*.pt"))) == 1
     pd.testing.assert_frame_equal(first, again)
     assert first.base_loss.nunique() == 1 and first.base_loss.iloc[0] > 0
+
+
+def test_tau_over_the_budget_is_refused_or_capped():
+    table, budget = _constructed_table()
+    loss = _loss_frame()
+    loss["removal_loss"] = np.linspace(0.001, 0.008, len(loss))  # every block below tau=0.01
+    sel = SelectionConfig(0.3, "prunable")
+    with pytest.raises(ValueError, match=r"tau=0.01 removes 8 whole blocks .* more than the budget ratio=0.3.*'cap'"):
+        select(score_table(table, ScoringConfig(tau=0.01), loss), budget, sel, score_column="final_score")
+    with pytest.warns(UserWarning, match="capped to the"):
+        plan = select(score_table(table, ScoringConfig(tau=0.01, tau_over_budget="cap"), loss), budget, sel,
+                      score_column="final_score")
+    assert plan.target_params <= plan.selected_params < plan.target_params + max(max(c) for c in budget.costs.values())
+    emptied = plan.emptied_blocks()
+    order = [tuple(r) for r in loss.sort_values("removal_loss")[["layer", "block"]].itertuples(index=False)]
+    assert emptied and set(emptied) == set(order[:len(emptied)])  # the lowest-loss blocks, in order
+    with pytest.raises(ValueError, match="tau_over_budget='skip'"):
+        ScoringConfig(tau_over_budget="skip")
+
+
+def test_clipping_that_changes_nothing_says_why():
+    model = tiny_model("llama", n_layers=3)
+    imp = compute_importance(model, torch.randint(0, 256, (4, 16)), batch_size=2, progress=False)
+    rs = Rescorer(imp, Budget.of(model))
+    sel = SelectionConfig(ratio=0.2)
+    assert rs.clipping_note(ScoringConfig(), sel) is None  # no clipping
+    # the cut-off (about the 20th percentile of scores) lies inside 1–99: the tails go the same way either way
+    note = rs.clipping_note(ScoringConfig(clip_low=1, clip_high=99), sel)
+    assert rs.plan(ScoringConfig(clip_low=1, clip_high=99), sel)[1].removed == rs.plan(ScoringConfig(), sel)[1].removed
+    assert note is not None and "changes nothing here" in note
+    # tying the lowest 60 % puts the cut-off inside the tie: the plan changes, and nothing is said
+    assert rs.plan(ScoringConfig(clip_low=60), sel)[1].removed != rs.plan(ScoringConfig(), sel)[1].removed
+    assert rs.clipping_note(ScoringConfig(clip_low=60), sel) is None

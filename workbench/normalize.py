@@ -81,6 +81,9 @@ class ScoringConfig:
         temperature: T in [0, 1]: mix with the block-removal-loss corrected score (0 = off).
         tau: blocks whose removal loss is below tau are removed whole first (None = off; otherwise a finite
             number >= 0).
+        tau_over_budget: what happens when the blocks below tau own more parameters than the budget:
+            "refuse" (an error naming the overshoot) or "cap" (remove whole only the lowest-loss blocks that fit
+            the budget, with a warning; the others are pruned by width like any unit).
     """
 
     method: str = "taylor"
@@ -90,6 +93,7 @@ class ScoringConfig:
     clip_high: float = 100.0  # percentile, 100 = off
     temperature: float = 0.0
     tau: float | None = None
+    tau_over_budget: str = "refuse"
 
     def __post_init__(self):
         if self.method not in IMPORTANCE_METHODS:
@@ -104,6 +108,8 @@ class ScoringConfig:
             raise ValueError(f"temperature={self.temperature} must be in [0, 1]")
         if self.tau is not None and not (math.isfinite(self.tau) and self.tau >= 0):
             raise ValueError(f"tau={self.tau} must be None (off) or a finite number >= 0 (a block-removal loss)")
+        if self.tau_over_budget not in TAU_OVER_BUDGET:
+            raise ValueError(f"tau_over_budget={self.tau_over_budget!r} is not allowed; allowed: {list(TAU_OVER_BUDGET)}")
 
     @property
     def needs_block_loss(self) -> bool:
@@ -112,6 +118,8 @@ class ScoringConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+
+TAU_OVER_BUDGET = ("refuse", "cap")
 
 # The GAQ-Aware-Prune study's three global methods as named presets (widgets and tests read this registry).
 PRESETS: dict[str, ScoringConfig] = {
@@ -183,9 +191,11 @@ def score_table(table: pd.DataFrame, cfg: ScoringConfig, block_loss: pd.DataFram
     out["final_score"] = s
     forced = np.zeros(len(out), dtype=bool)
     if cfg.tau is not None:
-        loss = _block_loss_by_code(block_loss)
-        forced = loss[_level_codes(out, "block")] < cfg.tau
+        loss = _block_loss_by_code(block_loss)[_level_codes(out, "block")]
+        forced = loss < cfg.tau
+        out["forced_loss"] = np.where(forced, loss, np.nan)  # the order in which "cap" keeps forced blocks
     out["forced"] = forced
+    out.attrs["tau"], out.attrs["tau_over_budget"] = cfg.tau, cfg.tau_over_budget
     return out
 
 

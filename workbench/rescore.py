@@ -6,9 +6,11 @@ tests call the same.
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 
 from workbench.diagnosis import EXTREME_THRESHOLD, extreme_blocks
@@ -39,6 +41,21 @@ class Rescorer:
         plan = select(scored, self.budget, selection, score_column="final_score")
         plan.settings["scoring"] = scoring.to_dict()
         return scored, plan
+
+    def clipping_note(self, scoring: ScoringConfig, selection: SelectionConfig) -> str | None:
+        """Why percentile clipping leaves the plan unchanged, when it does (None when clipping is off or matters)."""
+        if scoring.clip_low <= 0 and scoring.clip_high >= 100:
+            return None
+        scored, plan = self.plan(scoring, selection)
+        unclipped = dataclasses.replace(scoring, clip_low=0.0, clip_high=100.0)
+        if self.plan(unclipped, selection)[1].removed != plan.removed:
+            return None
+        s = score_table(self.table(scoring.method), unclipped, self.block_loss)["final_score"].to_numpy()
+        lo, hi = np.percentile(s, [scoring.clip_low, scoring.clip_high])
+        return (f"clipping {scoring.clip_low:g}–{scoring.clip_high:g} changes nothing here: it only ties the scores "
+                f"below {lo:.3g} and above {hi:.3g}, and the budget's cut-off lies between them, so the low tail is "
+                "removed and the high tail kept either way (clipping matters with a normalization that moves the "
+                "cut-off into a tail, or with temperature)")
 
     def n_extreme(self, plan: Plan, threshold: float = EXTREME_THRESHOLD) -> int:
         return len(extreme_blocks(plan, threshold))

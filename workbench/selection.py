@@ -8,6 +8,8 @@ exactly or overshoots by less than one unit's cost.
 """
 from __future__ import annotations
 
+import warnings
+
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -219,6 +221,8 @@ def select(table: pd.DataFrame, model: nn.Module | Budget, cfg: SelectionConfig 
     group = layer * 2 + mlp
     # blocks removed whole before width pruning (tau); they count against the budget
     forced = table["forced"].to_numpy(dtype=bool) if "forced" in table else np.zeros(len(table), dtype=bool)
+    if forced.any() and int(cost[forced].sum()) > target:
+        forced = _forced_within_budget(table, forced, cost, group, target, denominator, cfg)
     whole = np.flatnonzero(forced)
     whole_cost = int(cost[whole].sum())
     idx = np.flatnonzero(~forced)
@@ -254,6 +258,29 @@ def select(table: pd.DataFrame, model: nn.Module | Budget, cfg: SelectionConfig 
     if len(plan.removed_layers()) == len(widths):
         raise ValueError(f"ratio={cfg.ratio} would remove every layer; lower the ratio or set min_units_per_block >= 1")
     return plan
+
+
+def _forced_within_budget(table: pd.DataFrame, forced: np.ndarray, cost: np.ndarray, group: np.ndarray, target: int,
+                          denominator: int, cfg: SelectionConfig) -> np.ndarray:
+    """The whole-block removals of tau when they exceed the budget: refused, or capped to the lowest-loss blocks
+    that fit (with a warning), as `table.attrs["tau_over_budget"]` says."""
+    tau, policy = table.attrs.get("tau"), table.attrs.get("tau_over_budget", "refuse")
+    blocks = np.unique(group[forced])
+    block_cost = np.array([cost[forced & (group == g)].sum() for g in blocks])
+    over = (f"tau={tau} removes {len(blocks)} whole blocks owning {int(block_cost.sum()):,} parameters "
+            f"({block_cost.sum() / denominator:.2%} of {cfg.ratio_of}), more than the budget ratio={cfg.ratio} "
+            f"({target:,})")
+    if policy != "cap":
+        raise ValueError(f"{over}; lower tau, raise the ratio, or set tau_over_budget='cap' (remove whole only the "
+                         "lowest-loss blocks that fit)")
+    loss = table["forced_loss"].to_numpy(dtype=np.float64)
+    block_loss = np.array([np.nanmin(loss[forced & (group == g)]) for g in blocks])
+    order = np.lexsort((blocks, block_loss))  # lowest loss first; ties by position
+    fits = np.cumsum(block_cost[order]) <= target
+    keep = set(blocks[order][fits].tolist()) if fits.all() else set(blocks[order][: int(np.argmin(fits))].tolist())
+    warnings.warn(f"{over}: capped to the {len(keep)} lowest-loss blocks that fit; the other "
+                  f"{len(blocks) - len(keep)} are pruned by width", UserWarning, stacklevel=3)
+    return forced & np.isin(group, list(keep))
 
 
 def _prefix(order: np.ndarray, cost: np.ndarray, rest: int, target: int, whole_cost: int, denominator: int,

@@ -10,7 +10,7 @@ import warnings
 from workbench import plots
 from workbench.diagnosis import EXTREME_THRESHOLD
 from workbench.methods import available_methods
-from workbench.normalize import LEVELS, NORMALIZERS, PRESETS, ScoringConfig
+from workbench.normalize import LEVELS, NORMALIZERS, PRESETS, TAU_OVER_BUDGET, ScoringConfig
 from workbench.rescore import Rescorer
 from workbench.selection import RATIO_OF, SelectionConfig
 from workbench.plans import Plan, layer_summary
@@ -19,7 +19,7 @@ from workbench.plans import Plan, layer_summary
 def settings_from_values(v: dict) -> tuple[ScoringConfig, SelectionConfig]:
     scoring = ScoringConfig(method=v["method"], normalization=v["normalization"], level=v["level"],
                             clip_low=v["clip"][0], clip_high=v["clip"][1], temperature=v["temperature"],
-                            tau=v["tau"] if v["use_tau"] else None)
+                            tau=v["tau"] if v["use_tau"] else None, tau_over_budget=v["tau_over_budget"])
     return scoring, SelectionConfig(ratio=v["ratio"], ratio_of=v["ratio_of"])
 
 
@@ -40,6 +40,8 @@ def panel(rescorer: Rescorer, initial: ScoringConfig = PRESETS["taylor"], ratio:
         temperature=W.FloatSlider(value=initial.temperature, min=0, max=1, step=0.05, description="T",
                                   disabled=not has_loss),
         use_tau=W.Checkbox(value=initial.tau is not None, description="tau on", disabled=not has_loss),
+        tau_over_budget=W.ToggleButtons(options=list(TAU_OVER_BUDGET), value=initial.tau_over_budget,
+                                        description="tau > budget", disabled=not has_loss),
         tau=W.FloatLogSlider(value=initial.tau or 1e-3, base=10, min=-5, max=1, description="tau",
                              disabled=not has_loss),
         ratio=W.FloatSlider(value=ratio, min=0.0, max=0.7, step=0.01, description="ratio"),
@@ -71,7 +73,8 @@ def panel(rescorer: Rescorer, initial: ScoringConfig = PRESETS["taylor"], ratio:
         status.value = (f"removed {plan.selected_params:,} of {plan.denominator:,} ({achieved:.2%} of {selection.ratio_of}); "
                         f"extreme blocks (> {EXTREME_THRESHOLD:.0%} pruned): <b>{rescorer.n_extreme(plan)}</b>; "
                         f"emptied blocks {len(plan.emptied_blocks())}, removed layers {len(plan.removed_layers())}"
-                        + "".join(f"<br><b style='color:#d62728'>warning: {w.message}</b>" for w in caught))
+                        + "".join(f"<br><b style='color:#d62728'>warning: {w.message}</b>" for w in caught)
+                        + (f"<br><i>{note}</i>" if (note := rescorer.clipping_note(scoring, selection)) else ""))
 
     def apply_preset(change):
         if change["new"] in PRESETS:
@@ -90,7 +93,7 @@ def panel(rescorer: Rescorer, initial: ScoringConfig = PRESETS["taylor"], ratio:
             w.observe(redraw, names="value")
     redraw()
     controls = W.VBox([c["preset"], c["method"], c["normalization"], c["level"], c["clip"], c["temperature"],
-                       W.HBox([c["use_tau"], c["tau"]]), c["ratio"], c["ratio_of"], status])
+                       W.HBox([c["use_tau"], c["tau"]]), c["tau_over_budget"], c["ratio"], c["ratio_of"], status])
     box = W.HBox([controls, fig])
     box.controls = c  # for programmatic use and tests
     return box, state
