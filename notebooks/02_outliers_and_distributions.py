@@ -82,7 +82,7 @@ plots.weight_distribution(whist)
 calib = CalibrationConfig(num_samples=NUM_SAMPLES, seq_len=SEQ_LEN)
 samples = calibration_samples(tokenizer, calib)
 acts = activation_stats(model, samples, batch_size=calib.batch_size, threshold=THRESHOLD)
-acts.massive("residual").head(12)
+acts.massive("residual")  # every layer: the largest values sit in the later layers
 
 # %%
 print(f"hidden dimensions beyond |x| > {THRESHOLD} in at least 2 layers (residual stream):")
