@@ -59,7 +59,8 @@ model, tokenizer = notebook.load(MODEL, SMOKE)  # SMOKE: a tiny random model (se
 # %%
 exp = Experiment.create(EXPERIMENT, exist_ok=True)
 calib = CalibrationConfig(num_samples=NUM_SAMPLES, seq_len=SEQ_LEN, fisher=FISHER)
-_, imp = calibrate(model, tokenizer, calib)
+with notebook.timed("importance pass (cached after the first run)"):
+    _, imp = calibrate(model, tokenizer, calib)
 rescorer = Rescorer(imp, Budget.of(model))
 _, naive = rescorer.plan(ScoringConfig(method=METHOD), SelectionConfig(ratio=RATIO))
 diag = diagnose(imp, naive, METHOD, THRESHOLD)

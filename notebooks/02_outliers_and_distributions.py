@@ -81,7 +81,8 @@ plots.weight_distribution(whist)
 # %%
 calib = CalibrationConfig(num_samples=NUM_SAMPLES, seq_len=SEQ_LEN)
 samples = calibration_samples(tokenizer, calib)
-acts = activation_stats(model, samples, batch_size=calib.batch_size, threshold=THRESHOLD)
+with notebook.timed("activation statistics"):
+    acts = activation_stats(model, samples, batch_size=calib.batch_size, threshold=THRESHOLD)
 acts.massive("residual")  # every layer: the largest values sit in the later layers
 
 # %%

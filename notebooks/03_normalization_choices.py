@@ -69,8 +69,10 @@ model, tokenizer = notebook.load(MODEL, SMOKE)  # SMOKE: a tiny random model (se
 # %%
 exp = Experiment.create(EXPERIMENT, exist_ok=True)
 calib = CalibrationConfig(num_samples=NUM_SAMPLES, seq_len=SEQ_LEN)
-samples, imp = calibrate(model, tokenizer, calib)
-block_loss = block_removal_loss(model, samples[:BLOCK_LOSS_SAMPLES], batch_size=calib.batch_size)  # cached
+with notebook.timed("importance pass"):
+    samples, imp = calibrate(model, tokenizer, calib)
+with notebook.timed("block-removal loss"):
+    block_loss = block_removal_loss(model, samples[:BLOCK_LOSS_SAMPLES], batch_size=calib.batch_size)  # cached
 rescorer = Rescorer(imp, Budget.of(model), block_loss)
 print(f"base calibration loss {block_loss.base_loss.iloc[0]:.3f}; blocks whose removal lowers the loss: "
       f"{(block_loss.removal_loss < 0).sum()}")

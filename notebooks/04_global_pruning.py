@@ -62,7 +62,8 @@ dense_ppl
 # ### One calibration pass (cached on disk under `data_cache/importance/`)
 
 # %%
-samples, imp = calibrate(model, tokenizer, CalibrationConfig(num_samples=NUM_SAMPLES, seq_len=SEQ_LEN))
+with notebook.timed("importance pass"):
+    samples, imp = calibrate(model, tokenizer, CalibrationConfig(num_samples=NUM_SAMPLES, seq_len=SEQ_LEN))
 print(f"{imp.acc.batches} batches, {imp.acc.tokens} tokens; the pass took {imp.seconds:.1f} s (cached since)")
 
 # %% [markdown]

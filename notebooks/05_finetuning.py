@@ -78,7 +78,8 @@ print(f"dense PPL {dense_ppl.ppl:.2f} → pruned {pruned_ppl.ppl:.2f}")
 cfg = FinetuneConfig(method=METHOD, data=DATA, max_steps=MAX_STEPS, seq_len=SEQ_LEN, batch_size=BATCH_SIZE,
                      grad_accum=GRAD_ACCUM, lr=LR, lora_r=LORA_R, lora_alpha=2 * LORA_R,
                      eval_every=EVAL_EVERY, save_every=EVAL_EVERY, warmup_steps=max(1, MAX_STEPS // 10))
-result = finetune(model, tokenizer, cfg, exp.checkpoints)
+with notebook.timed("fine-tuning"):
+    result = finetune(model, tokenizer, cfg, exp.checkpoints)
 model = result.model
 pd.Series(result.summary()).drop("config")
 

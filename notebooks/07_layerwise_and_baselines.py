@@ -55,14 +55,16 @@ pd.DataFrame([(b.name, b.source, b.description) for b in BASELINES.values()], co
 model, tokenizer = notebook.load(MODEL, SMOKE)  # SMOKE: a tiny random model (seconds; what the tests run)
 exp = Experiment.create(EXPERIMENT, exist_ok=True)
 calibration = CalibrationConfig(num_samples=NUM_SAMPLES, seq_len=SEQ_LEN)
-samples, imp = calibrate(model, tokenizer, calibration)
+with notebook.timed("importance pass"):
+    samples, imp = calibrate(model, tokenizer, calibration)
 rescorer = Rescorer(imp, Budget.of(model))
 
 # %% [markdown]
 # ### Layer importance: removal loss and Block Influence (both cached)
 
 # %%
-layer_scores = {m: layer_importance(model, samples[:LAYER_SAMPLES], m).to_numpy() for m in LAYER_IMPORTANCE}
+with notebook.timed("layer importance"):
+    layer_scores = {m: layer_importance(model, samples[:LAYER_SAMPLES], m).to_numpy() for m in LAYER_IMPORTANCE}
 importance_frame = pd.DataFrame({m: NORMALIZERS["minmax"].fn(v) for m, v in layer_scores.items()})
 plots.grouped_bars(importance_frame, ylabel="normalized layer importance", title="Layer importance per layer")
 
@@ -82,7 +84,8 @@ plots.grouped_bars(ratios, ylabel="share of the layer's attention + MLP removed"
 # %%
 held_out = held_out_samples(tokenizer, calibration, HELD_OUT)
 make_global = lambda split: rescorer.plan(ScoringConfig(), SelectionConfig(ratio=RATIO, attn_mlp=split))[1]
-search = xy_search(model, make_global, held_out, settings=dict(method="taylor", ratio=RATIO), start=XY_START)
+with notebook.timed("x:y search"):
+    search = xy_search(model, make_global, held_out, settings=dict(method="taylor", ratio=RATIO), start=XY_START)
 best = best_split(search)
 print("best x:y", best)
 plots.xy_curve(search)
@@ -92,8 +95,9 @@ plots.xy_curve(search)
 
 # %%
 plans = baseline_plans(rescorer, RATIO, layer_scores=layer_scores, variants=study_variants(best))
-table = compare_plans(model, tokenizer, plans, samples, reconstruction=ReconstructConfig() if RECONSTRUCT else None,
-                      seq_len=SEQ_LEN, max_windows=EVAL_WINDOWS)
+with notebook.timed("comparison table"):
+    table = compare_plans(model, tokenizer, plans, samples, reconstruction=ReconstructConfig() if RECONSTRUCT else None,
+                          seq_len=SEQ_LEN, max_windows=EVAL_WINDOWS)
 table.sort_values("ppl")
 
 # %%

@@ -98,3 +98,12 @@ def test_notebook_executes(path, tmp_path, monkeypatch):
     pm.execute_notebook(str(path), str(out), parameters=SMOKE_PARAMS[path.stem], kernel_name="python3",
                         cwd=str(path.parent), progress_bar=False)
     assert list((tmp_path / "figures").glob("*.pdf")) and list((tmp_path / "figures").glob("*.png"))
+
+
+def test_timed_prints_one_line_per_step(capsys):
+    from workbench import notebook
+    with notebook.timed("importance pass"):
+        pass
+    model, _ = notebook.load(smoke=True)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("importance pass: ") and out[0].endswith(" s") and out[1].startswith("model loaded: ")
