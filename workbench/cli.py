@@ -20,7 +20,7 @@ from workbench.consolidate import best, consolidate
 from workbench.experiments import Experiment
 from workbench.paths import experiments_root
 from workbench.pipeline import run_pruning
-from workbench.sweep import DIRECTIONS, RUN_FILE, ModelPool, load_sweep, run_sweep
+from workbench.sweep import DIRECTIONS, RUN_FILE, ModelPool, run_sweep
 
 
 def _run(args) -> int:
@@ -38,7 +38,6 @@ def _run(args) -> int:
 
 def _sweep(args) -> int:
     sweep_dir = Path(args.dir) if args.dir else experiments_root() / "sweeps" / Path(args.sweep).stem
-    load_sweep(args.sweep, args.overrides)  # checked before anything is written
     run_sweep(args.sweep, sweep_dir, overrides=args.overrides, workers=args.workers, storage=args.storage,
               join=args.join)
     table = consolidate(sweep_dir)

@@ -79,6 +79,15 @@ def _describe(tp) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+# YAML scalar types: what each accepts (bools are not numbers) and how the error names it.
+_SCALARS = {
+    bool: (lambda v: isinstance(v, bool), "true or false"),
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    str: (lambda v: isinstance(v, str), "a string"),
+}
+
+
 def _convert(value, tp, where: str):
     """`value` (from YAML) as type `tp`, or a ConfigError naming `where` and the expected type."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -111,22 +120,11 @@ def _convert(value, tp, where: str):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: {value!r} must be a mapping")
         return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: {value!r} must be true or false")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: {value!r} must be an integer")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: {value!r} must be a number")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: {value!r} must be a string")
-        return value
+    if tp in _SCALARS:
+        accepts, expected = _SCALARS[tp]
+        if not accepts(value):
+            raise ConfigError(f"{where}: {value!r} must be {expected}")
+        return float(value) if tp is float else value
     raise ConfigError(f"{where}: type {_describe(tp)} is not supported in config files")
 
 
@@ -174,25 +172,33 @@ def config_hash(cfg) -> str:
 def read_yaml(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> dict:
     """The file's mapping with `key=value` overrides (dotted keys) merged on top; clear errors for bad YAML."""
     from omegaconf import OmegaConf  # deferred: only config files need it
-    from omegaconf.errors import OmegaConfBaseException  # deferred: only config files need it
 
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        conf = OmegaConf.load(path)
+        data = OmegaConf.to_container(OmegaConf.load(path))
     except Exception as e:  # yaml's errors name line and column
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(OmegaConf.to_container(conf), dict):
+    if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return with_overrides(data, overrides, str(path))
+
+
+def with_overrides(data: dict, overrides: list[str] | tuple[str, ...], where: str) -> dict:
+    """`data` with `key=value` overrides (dotted keys, values parsed as YAML) merged on top, interpolations
+    resolved; `where` names the source in errors."""
+    from omegaconf import OmegaConf  # deferred: only config files need it
+    from omegaconf.errors import OmegaConfBaseException  # deferred: only config files need it
+
     bad = [o for o in overrides if "=" not in o or not o.split("=", 1)[0]]
     if bad:
         raise ConfigError(f"overrides {bad} must look like key=value (dotted keys, e.g. selection.ratio=0.25)")
     try:
-        conf = OmegaConf.merge(conf, OmegaConf.from_dotlist(list(overrides)))
-        return OmegaConf.to_container(conf, resolve=True)
+        return OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(data), OmegaConf.from_dotlist(list(overrides))),
+                                      resolve=True)
     except OmegaConfBaseException as e:
-        raise ConfigError(f"{path}: {e}") from None
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def load_run_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:

@@ -14,10 +14,10 @@ import os
 import re
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from workbench.config import read_yaml, to_dict
+from workbench.experiments import jsonable
 from workbench.normalize import PRESETS
 from workbench.paths import write_atomic
 from workbench.sweep import RUN_FILE, run_status
@@ -106,9 +106,8 @@ def consolidate(sweep_dir: str | os.PathLike) -> pd.DataFrame:
     if table.empty:
         table = pd.DataFrame(columns=["output_dir", "key", "status"])
     write_atomic(sweep_dir / "consolidated.csv", table.to_csv(index=False))
-    tmp = sweep_dir / ".consolidated.parquet.tmp"
-    table.astype({c: str for c in table.columns if table[c].dtype == object}).to_parquet(tmp, index=False)
-    os.replace(tmp, sweep_dir / "consolidated.parquet")
+    write_atomic(sweep_dir / "consolidated.parquet",
+                 table.astype({c: str for c in table.columns if table[c].dtype == object}).to_parquet(index=False))
     return table
 
 
@@ -136,16 +135,8 @@ def _safe(name) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("_") or "model"
 
 
-def _jsonable(v):
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, np.generic):
-        return _jsonable(v.item())
-    return v
-
-
 def _record(row: pd.Series) -> dict:
-    return {k: _jsonable(v) for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))}
+    return jsonable({k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))})
 
 
 def _link(link: Path, target: Path) -> None:

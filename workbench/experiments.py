@@ -34,19 +34,21 @@ SUBDIRS = ("analysis", "evaluation", "figures", "model", "checkpoints")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-def _jsonable(obj):
+def jsonable(obj):
+    """`obj` as plain JSON values: dataclasses as dicts, tuples as lists, numpy / torch scalars as numbers, inf / NaN
+    as strings (JSON has none)."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return _jsonable(dataclasses.asdict(obj))
+        return jsonable(dataclasses.asdict(obj))
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, float) and not math.isfinite(obj):
         return str(obj)  # JSON has no inf/NaN; keep them readable
     if isinstance(obj, Path):
         return str(obj)
     if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
-        return _jsonable(obj.item())
+        return jsonable(obj.item())
     return obj
 
 
@@ -134,7 +136,7 @@ class Experiment:
         return exp
 
     def write_json(self, relpath: str, obj) -> Path:
-        return write_atomic(self.path(relpath), json.dumps(_jsonable(obj), indent=2, ensure_ascii=False))
+        return write_atomic(self.path(relpath), json.dumps(jsonable(obj), indent=2, ensure_ascii=False))
 
     def read_json(self, relpath: str):
         return json.loads(self.path(relpath).read_text())

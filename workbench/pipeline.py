@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 
 import pandas as pd
@@ -25,14 +24,13 @@ from workbench.experiments import Experiment
 from workbench.finetune import FinetuneConfig, finetune
 from workbench.importance import Importance, importance_cached
 from workbench.layer_importance import layer_importance
-from workbench.methods import global_warning
 from workbench.models import anatomy, model_summary
 from workbench.prune import PruneReport, apply_plan
 from workbench.reconstruct import ReconstructConfig, Reconstruction, apply_reconstruction, solve_reconstruction
 from workbench.plans import Plan, layer_summary
 from workbench.normalize import ScoringConfig
 from workbench.rescore import Rescorer
-from workbench.selection import Budget, SelectionConfig, build_table, select, unit_costs
+from workbench.selection import Budget, SelectionConfig
 from workbench.zeroshot import ZeroShotConfig, zero_shot
 
 
@@ -112,12 +110,9 @@ def calibrate(model: nn.Module, tokenizer, calibration: CalibrationConfig, *,
 
 def select_plan(model: nn.Module, imp: Importance, method: str,
                 selection: SelectionConfig) -> tuple[pd.DataFrame, Plan]:
-    """The global unit table of one importance method and the plan selected from it (raw scores: a warning
-    when the method is not comparable across layers, e.g. Wanda)."""
-    if selection.layer_ratios is None and (why := global_warning(method, "none")):
-        warnings.warn(why, UserWarning, stacklevel=2)
-    table = build_table(imp.scores(method), unit_costs(model))
-    return table, select(table, model, selection)
+    """The global unit table of one importance method and the plan selected from its raw scores (`Rescorer.plan`
+    without corrections: it warns when the method is not comparable across layers, e.g. Wanda)."""
+    return Rescorer(imp, Budget.of(model)).plan(ScoringConfig(method=method), selection)
 
 
 def record_plan(experiment: Experiment, table: pd.DataFrame, plan: Plan) -> pd.DataFrame:

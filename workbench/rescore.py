@@ -42,16 +42,17 @@ class Rescorer:
         plan.settings["scoring"] = scoring.to_dict()
         return scored, plan
 
-    def clipping_note(self, scoring: ScoringConfig, selection: SelectionConfig) -> str | None:
-        """Why percentile clipping leaves the plan unchanged, when it does (None when clipping is off or matters)."""
+    def clipping_note(self, scoring: ScoringConfig, selection: SelectionConfig, plan: Plan | None = None) -> str | None:
+        """Why percentile clipping leaves the plan unchanged, when it does (None when clipping is off or matters).
+
+        `plan`: the plan of these settings when the caller has it already (it is not made again)."""
         if scoring.clip_low <= 0 and scoring.clip_high >= 100:
             return None
-        scored, plan = self.plan(scoring, selection)
-        unclipped = dataclasses.replace(scoring, clip_low=0.0, clip_high=100.0)
-        if self.plan(unclipped, selection)[1].removed != plan.removed:
+        plan = plan if plan is not None else self.plan(scoring, selection)[1]
+        unclipped_table, unclipped = self.plan(dataclasses.replace(scoring, clip_low=0.0, clip_high=100.0), selection)
+        if unclipped.removed != plan.removed:
             return None
-        s = score_table(self.table(scoring.method), unclipped, self.block_loss)["final_score"].to_numpy()
-        lo, hi = np.percentile(s, [scoring.clip_low, scoring.clip_high])
+        lo, hi = np.percentile(unclipped_table["final_score"].to_numpy(), [scoring.clip_low, scoring.clip_high])
         return (f"clipping {scoring.clip_low:g}–{scoring.clip_high:g} changes nothing here: it only ties the scores "
                 f"below {lo:.3g} and above {hi:.3g}, and the budget's cut-off lies between them, so the low tail is "
                 "removed and the high tail kept either way (clipping matters with a normalization that moves the "

@@ -276,8 +276,8 @@ def _forced_within_budget(table: pd.DataFrame, forced: np.ndarray, cost: np.ndar
     loss = table["forced_loss"].to_numpy(dtype=np.float64)
     block_loss = np.array([np.nanmin(loss[forced & (group == g)]) for g in blocks])
     order = np.lexsort((blocks, block_loss))  # lowest loss first; ties by position
-    fits = np.cumsum(block_cost[order]) <= target
-    keep = set(blocks[order][fits].tolist()) if fits.all() else set(blocks[order][: int(np.argmin(fits))].tolist())
+    fits = int((np.cumsum(block_cost[order]) <= target).sum())  # costs are positive: the fitting blocks are a prefix
+    keep = set(blocks[order][:fits].tolist())
     warnings.warn(f"{over}: capped to the {len(keep)} lowest-loss blocks that fit; the other "
                   f"{len(blocks) - len(keep)} are pruned by width", UserWarning, stacklevel=3)
     return forced & np.isin(group, list(keep))

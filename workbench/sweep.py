@@ -35,13 +35,14 @@ from pathlib import Path
 
 import torch
 
-from workbench.checkpoints import load_model
-from workbench.config import ConfigError, RunConfig, config_hash, dump_yaml, from_dict, read_yaml, save_config, to_dict
+from workbench import notebook
+from workbench.config import (
+    ConfigError, RunConfig, config_hash, dump_yaml, from_dict, read_yaml, save_config, to_dict, with_overrides,
+)
 from workbench.experiments import Experiment
 from workbench.normalize import PRESETS
 from workbench.paths import write_atomic
 from workbench.pipeline import run_pruning
-from workbench.testing import byte_tokenizer, tiny_model
 
 STATUS = "status.json"
 RUN_FILE = "run.yaml"
@@ -115,26 +116,23 @@ class SweepConfig:
 def load_sweep(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> SweepConfig:
     """A sweep file; `base` given as a path is read relative to the sweep file. Every run is checked up front."""
     path = Path(path)
-    data = read_yaml(path, ())
-    base = data.get("base", {})
+    data = read_yaml(path)
+    base = data.get("base") or {}
     if isinstance(base, str):
-        data["base"] = read_yaml(path.parent / base, ())
-    data["base"] = _apply(data.get("base") or {}, [o.split("=", 1) for o in overrides], parse=True)
+        base = read_yaml(path.parent / base)
+    data["base"] = with_overrides(base, overrides, f"{path}: base")
     sweep = from_dict(SweepConfig, data)
-    runs = expand(sweep) if sweep.search is None else [from_dict(RunConfig, sweep.base)]
-    if not runs:
-        raise ConfigError("the sweep has no runs")
+    if sweep.search is None:
+        expand(sweep)  # every grid point checked
+    else:
+        from_dict(RunConfig, sweep.base)
     return sweep
 
 
-def _apply(base: dict, assignments, parse: bool = False) -> dict:
+def _apply(base: dict, assignments) -> dict:
     """A copy of `base` with dotted keys set (a string for `scoring` names a preset)."""
-    from omegaconf import OmegaConf  # deferred: only config files need it
-
     out = copy.deepcopy(base)
     for key, value in assignments:
-        if parse:
-            value = OmegaConf.to_container(OmegaConf.from_dotlist([f"x={value}"]))["x"]
         if key == "scoring" and isinstance(value, str):
             if value not in PRESETS:
                 raise ConfigError(f"scoring={value!r} is not a preset; presets: {list(PRESETS)}")
@@ -193,11 +191,9 @@ class ModelPool:
         key = (cfg.model.name, cfg.model.dtype, cfg.model.device)
         if key != self._key:
             self._model = self._tok = None
-            name = None if cfg.model.name == "default" else cfg.model.name
-            if name == "tiny":  # a tiny random Llama (tests, smoke runs)
-                self._model, self._tok = tiny_model("llama", n_layers=4), byte_tokenizer()
-            else:
-                self._model, self._tok = load_model(name, dtype=cfg.model.dtype, device=cfg.model.device)
+            smoke = cfg.model.name == "tiny"  # the notebooks' smoke model (tests, smoke runs)
+            self._model, self._tok = notebook.load(None if smoke or cfg.model.name == "default" else cfg.model.name,
+                                                   smoke, dtype=cfg.model.dtype, device=cfg.model.device)
             self._key = key
         return copy.deepcopy(self._model), self._tok
 

@@ -74,7 +74,7 @@ def panel(rescorer: Rescorer, initial: ScoringConfig = PRESETS["taylor"], ratio:
                         f"extreme blocks (> {EXTREME_THRESHOLD:.0%} pruned): <b>{rescorer.n_extreme(plan)}</b>; "
                         f"emptied blocks {len(plan.emptied_blocks())}, removed layers {len(plan.removed_layers())}"
                         + "".join(f"<br><b style='color:#d62728'>warning: {w.message}</b>" for w in caught)
-                        + (f"<br><i>{note}</i>" if (note := rescorer.clipping_note(scoring, selection)) else ""))
+                        + (f"<br><i>{note}</i>" if (note := rescorer.clipping_note(scoring, selection, plan)) else ""))
 
     def apply_preset(change):
         if change["new"] in PRESETS:
