@@ -25,7 +25,7 @@ from workbench.paths import data_cache, torch_save_atomic
 
 T = TypeVar("T")
 _MEMORY: dict[tuple[str, str], Any] = {}
-_VOLATILE_CONFIG_KEYS = ("transformers_version", "_commit_hash")
+_VOLATILE_CONFIG_KEYS = ("transformers_version", "_commit_hash", "gguf_source")  # gguf_source: where it was read
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:

@@ -117,6 +117,7 @@ def load_model(
     tokenizer = AutoTokenizer.from_pretrained(source, **({"gguf_file": gguf_file} if gguf_file else {}), cache_dir=cache_dir)
     if gguf_file:
         _forget_gguf_quantization(model)
+        model.config.gguf_source = str(Path(source, gguf_file).resolve())  # its tokenizer travels to GGUF exports
     spec_for_config(model.config)  # refuse unsupported models at load time, by name
     model.config.name_or_path = DEFAULT_MODEL_NAME if Path(source) == default_model_dir() else source
     model.to(device).eval()

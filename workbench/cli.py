@@ -4,6 +4,7 @@
     workbench sweep SWEEP.yaml [key=value ...] [--dir DIR] [--workers N] [--storage URL] [--join]
     workbench consolidate SWEEP_DIR
     workbench best SWEEP_DIR [--objective ppl] [--direction minimize]
+    workbench export-gguf DIR OUT.gguf [--dtype f16|f32|q8_0] [--overwrite]
 
 Every file and override is checked before a model is loaded; a bad one exits with status 2 and a message
 naming the key and what is allowed.
@@ -18,6 +19,7 @@ from pathlib import Path
 from workbench.config import ConfigError, load_run_config, save_config
 from workbench.consolidate import best, consolidate
 from workbench.experiments import Experiment
+from workbench.gguf_export import GGUF_DTYPES, ExportError, export_gguf
 from workbench.paths import experiments_root
 from workbench.pipeline import run_pruning
 from workbench.sweep import DIRECTIONS, RUN_FILE, ModelPool, run_sweep
@@ -57,6 +59,18 @@ def _best(args) -> int:
     return 0
 
 
+def _export_gguf(args) -> int:
+    source = Path(args.source)
+    if (source / "model" / "config.json").is_file():  # an experiment folder: its pruned model
+        source = source / "model"
+    report = export_gguf(source, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"{report.path}: {report.arch}, {report.n_layers} layers, {report.dtype}, "
+          f"{report.size_bytes / 2**20:.1f} MiB; tokenizer {report.tokenizer_source}")
+    for note in report.notes:
+        print(f"note: {note}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="workbench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,10 +99,17 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--objective", default="ppl")
     b.add_argument("--direction", default="minimize", choices=DIRECTIONS)
     b.set_defaults(fn=_best)
+    g = sub.add_parser("export-gguf", help="write a pruned checkpoint (or an experiment's model) as a GGUF file "
+                                           "llama.cpp runs")
+    g.add_argument("source", help="a checkpoint folder, an experiment folder, or a model folder / hub id")
+    g.add_argument("out", help="the .gguf file to write (its folder must exist)")
+    g.add_argument("--dtype", default="f16", choices=GGUF_DTYPES)
+    g.add_argument("--overwrite", action="store_true")
+    g.set_defaults(fn=_export_gguf)
     args = ap.parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, FileExistsError, FileNotFoundError) as e:
+    except (ConfigError, ExportError, FileExistsError, FileNotFoundError) as e:
         print(f"workbench {args.command}: error: {e}", file=sys.stderr)
         return 2
 

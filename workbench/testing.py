@@ -76,8 +76,12 @@ def tiny_model(family: str = "llama", *, seed: int = 0, **config_kwargs) -> nn.M
     return model.eval()
 
 
-def byte_tokenizer():
-    """A real HF fast tokenizer over raw bytes (256 tokens + <s> + </s>), for tiny models offline."""
+def byte_tokenizer(merge_th: bool = False):
+    """A real HF fast tokenizer over raw bytes (256 tokens + <s> + </s>), for tiny models offline.
+
+    `merge_th=True` adds one BPE merge ("t" + "h" → id 258), which GGUF export needs (llama.cpp's
+    byte-level tokenizer requires at least one merge); the model's vocab_size must then exceed 258.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # deferred: tokenizers loads only for the tiny test tokenizer
     from transformers import PreTrainedTokenizerFast  # deferred: transformers loads in seconds
 
@@ -86,7 +90,10 @@ def byte_tokenizer():
     alphabet = sorted(byte_vocab)
     vocab = {ch: i for i, ch in enumerate(alphabet)}
     vocab["<s>"], vocab["</s>"] = 256, 257
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    merges = []
+    if merge_th:
+        vocab["th"], merges = 258, [("t", "h")]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="</s>")
