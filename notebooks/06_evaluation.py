@@ -36,10 +36,13 @@ LIMIT = None                                # examples per task (None = all)
 EVAL_WINDOWS = 50
 PROMPT_LEN = 128
 NEW_TOKENS = 32
+GGUF_DTYPE = "f16"                          # GGUF export for llama.cpp: "f16", "q8_0" or "f32" (None to skip)
 EXPERIMENT = "nb06-evaluation"
 
 # %%
-from workbench import notebook, plots
+from workbench import llamacpp, notebook, plots
+from workbench.data import evaluation_windows
+from workbench.gguf_export import export_models
 from workbench.efficiency import EfficiencyConfig
 from workbench.evaluate import accuracy_table, efficiency_ratios, evaluate_models, results_table
 from workbench.experiments import Experiment
@@ -72,3 +75,24 @@ efficiency_ratios(table)
 # %%
 plots.export(plots.grouped_bars(acc, backend="paper", ylabel="accuracy", title="zero-shot accuracy (acc)"), "zero_shot", exp)
 plots.export(plots.grouped_bars(table.loc[["ppl"]], backend="paper", ylabel="perplexity", title="perplexity"), "perplexity", exp)
+
+# %% [markdown]
+# ## Outside this workbench: the same models in llama.cpp
+#
+# Each model is exported to GGUF (`export_gguf`; the CLI is `workbench export-gguf DIR OUT.gguf`): a model
+# whose layers all have the same widths as the family's own llama.cpp architecture, a per-layer one as
+# llama.cpp's `deci` architecture (per-layer head counts and MLP widths; emptied blocks included). llama.cpp
+# then runs each file on this CPU: perplexity on the same evaluation windows as above, prompt (prefill) and
+# generation tokens per second. The files stay in this experiment's `evaluation/gguf/`.
+
+# %%
+if GGUF_DTYPE:
+    with notebook.timed("GGUF export"):
+        gguf_files = export_models(models, tokenizer, exp.path("evaluation/gguf"), dtype=GGUF_DTYPE,
+                                   checkpoints=checkpoints)
+    windows = evaluation_windows(tokenizer, seq_len=128, max_windows=EVAL_WINDOWS).tolist()
+    with notebook.timed("llama.cpp runs"):
+        in_llamacpp = llamacpp.compare(gguf_files, windows, prompt_len=PROMPT_LEN, n_new=NEW_TOKENS)
+    exp.write_table("evaluation/llamacpp.csv", in_llamacpp.reset_index())
+    display(in_llamacpp.style.format({"size_mib": "{:,.1f}", "ppl": "{:,.2f}", "prompt_tok_s": "{:,.0f}",
+                                      "gen_tok_s": "{:,.1f}"}))

@@ -11,7 +11,7 @@ from workbench.testing import tiny_model
 from workbench.normalize import NORMALIZERS, PRESETS, ScoringConfig, clip_percentiles, score_table
 from workbench.rescore import Rescorer
 from workbench.selection import Budget, SelectionConfig, build_table, select
-from workbench.plans import Plan
+from workbench.plans import Plan, layer_summary
 
 
 def _constructed_table(n_layers=4, groups=2, channels=10, seed=0):
@@ -150,10 +150,50 @@ def test_widget_callback_gives_the_function_plan():
     assert state["plan"].removed == expected.removed
     # only the methods this pass can score are offered; a global plan from raw Wanda scores warns in the status
     assert "taylor2_seq" not in c["method"].options and "wanda" in c["method"].options
-    status = box.children[0].children[-1]
+    status = box.status
     assert "warning" not in status.value
     c["method"].value, c["normalization"].value = "wanda", "none"
     assert "warning: importance method 'wanda' is not comparable across layers" in status.value
+
+
+def test_panel_title_preset_table_reference_and_buttons(tmp_path):
+    pytest.importorskip("ipywidgets")
+    from workbench.widgets import panel
+
+    model = tiny_model("llama", n_layers=3)
+    imp = compute_importance(model, torch.randint(0, 256, (4, 16)), batch_size=2, progress=False)
+    rs = Rescorer(imp, Budget.of(model), _loss_frame(3))
+    calls = []
+    box, state = panel(rs, PRESETS["layerwise"], ratio=0.2,
+                       evaluate=lambda plan: calls.append(plan) or 12.5,
+                       save=lambda plan: tmp_path / f"plan-{plan.selected_params}.json")
+    c, fig = box.controls, box.children[0].children[1]
+    assert c["preset"].value == "layerwise"
+    assert fig.layout.title.text == "taylor, minmax/layer; 20% of total"
+    c["clip"].value = (5.0, 95.0)  # a manual edit: the settings are no preset's any more
+    assert c["preset"].value == "(custom)" and "clip 5–95" in fig.layout.title.text
+    c["preset"].value = "taylor"
+    assert (c["normalization"].value, c["clip"].value) == ("none", (0.0, 100.0))
+    assert c["preset"].value == "taylor" and fig.layout.title.text == "taylor; 20% of total"
+    # the per-layer table: one row per layer, kept of total
+    assert box.table.value.count("<tr>") == 1 + 3 and " / 2</td>" in box.table.value
+    # no reference yet: the dashed traces are empty; pinning copies the plan on display
+    assert all(y is None for y in fig.data[2].y)
+    first = state["plan"]
+    box.buttons["pin"].click()
+    c["ratio"].value = 0.4
+    assert state["reference"] is first and state["plan"] is not first
+    kept = layer_summary(first)
+    assert list(fig.data[3].y) == list(kept[kept.block == "mlp"].kept_fraction)
+    box.buttons["evaluate"].click()
+    assert calls == [state["plan"]] and "PPL <b>12.50</b>" in box.result.value
+    assert state["ppl"] == {"taylor; 40% of total": 12.5}
+    box.buttons["save"].click()
+    expected_file = tmp_path / f"plan-{state['plan'].selected_params}.json"
+    assert box.result.value == f"saved: {expected_file}" and state["saved"] == expected_file
+    # without callbacks the buttons are off
+    plain, _ = panel(rs)
+    assert plain.buttons["evaluate"].disabled and plain.buttons["save"].disabled
 
 
 def test_bad_scoring_settings_are_errors():

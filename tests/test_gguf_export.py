@@ -20,7 +20,7 @@ PLAN_KINDS = ("dense", "uniform", "per_layer", "per_layer_bias")
 
 @pytest.fixture(scope="module")
 def tok():
-    return byte_tokenizer(merge_th=True)
+    return byte_tokenizer()
 
 
 def _model(family: str, kind: str, **kw):
@@ -85,6 +85,9 @@ def test_half_and_q8_exports_keep_the_top_token(dtype, agree, tok, tmp_path):
     report = export_gguf(m, tmp_path / "m.gguf", dtype=dtype, tokenizer=tok)
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(report.path).tensors}
     assert types["blk.0.attn_q.weight"] == dtype.upper() and types["blk.0.attn_norm.weight"] == "F32"
+    # MLP widths (86, 96, stub, 46) are padded with zero channels to multiples of 32, so with q8_0 even the
+    # down projections (rows of n_ff) are quantized
+    assert {types[f"blk.{i}.ffn_down.weight"] for i in range(4)} == {dtype.upper()}
     ids = [int(i) for i in torch.randint(0, 258, (120,), generator=torch.Generator().manual_seed(0))]
     with llamacpp.loaded(report.path, n_ctx=128, n_threads=2) as lm:
         got = lm.logits(ids)
@@ -99,6 +102,7 @@ def test_layout_says_what_each_layer_becomes():
     # layers after removing layer 3: attn groups 2, 0(+bias stub: 1), 3, 2; MLP 86, 96, 0 (stub: 1), 46
     assert layout.n_head_kv == (2, 1, 3, 2) and layout.n_head == (4, 2, 6, 4)
     assert layout.n_ff == (86, 96, 1, 46)
+    assert gguf_layout(m, ff_multiple=32).n_ff == (96, 96, 32, 64)  # zero channels pad what export writes
     assert layout.attn_stub == (False, True, False, False) and layout.mlp_stub == (False, False, True, False)
     plain = _model("llama", "per_layer")
     assert gguf_layout(plain).n_head_kv == (2, 0, 3, 2)  # emptied attention without a constant: zero heads
@@ -135,12 +139,14 @@ def test_bad_requests_are_refused_and_leave_no_file(tok, tmp_path, monkeypatch):
         export_gguf(m, tmp_path / "m.gguf", dtype="q4", tokenizer=tok)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         export_gguf(m, tmp_path / "missing" / "m.gguf", tokenizer=tok)
+    with pytest.raises(ExportError, match=r"pad_ff_to=16 .*multiple of 32 for q8_0"):
+        export_gguf(m, tmp_path / "m.gguf", dtype="q8_0", pad_ff_to=16, tokenizer=tok)
     with pytest.raises(ExportError, match="must end in .gguf"):
         export_gguf(m, tmp_path / "m.bin", tokenizer=tok)
     with pytest.raises(ExportError, match="no tokenizer"):
         export_gguf(m, tmp_path / "m.gguf")
     with pytest.raises(ExportError, match="no merges"):
-        export_gguf(m, tmp_path / "m.gguf", tokenizer=byte_tokenizer())
+        export_gguf(m, tmp_path / "m.gguf", tokenizer=byte_tokenizer(merge_th=False))
     existing = tmp_path / "keep.gguf"
     existing.write_bytes(b"user data")
     with pytest.raises(FileExistsError, match="overwrite=True"):

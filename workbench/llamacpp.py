@@ -256,3 +256,22 @@ def loaded(path: str | os.PathLike, **kwargs) -> Iterator[LlamaCppModel]:
         yield m
     finally:
         m.close()
+
+
+def compare(files: dict[str, str | os.PathLike], windows: Sequence[Sequence[int]], *, prompt_len: int = 128,
+            n_new: int = 64, n_threads: int | None = None, repeats: int = 3):
+    """One row per GGUF file, run in llama.cpp: architecture, size, perplexity on `windows`, prompt and
+    generation tokens/s (best of `repeats`). The prompt is the first window's first `prompt_len` tokens."""
+    import pandas as pd  # deferred: only the comparison table needs pandas
+
+    if not windows or len(windows[0]) < prompt_len:
+        raise ValueError(f"the first window must hold at least prompt_len={prompt_len} tokens")
+    n_ctx = max(max(len(w) for w in windows), prompt_len + n_new)
+    rows = []
+    for name, path in files.items():
+        with loaded(path, n_ctx=n_ctx, n_threads=n_threads) as m:
+            speed = throughput(m, list(windows[0][:prompt_len]), n_new=n_new, repeats=repeats)
+            rows.append(dict(model=name, arch=m.meta("general.architecture"), size_mib=Path(path).stat().st_size / 2**20,
+                             ppl=perplexity(m, windows), prompt_tok_s=speed.prompt_tok_s, gen_tok_s=speed.gen_tok_s,
+                             threads=speed.n_threads))
+    return pd.DataFrame(rows).set_index("model")

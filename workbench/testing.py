@@ -76,11 +76,12 @@ def tiny_model(family: str = "llama", *, seed: int = 0, **config_kwargs) -> nn.M
     return model.eval()
 
 
-def byte_tokenizer(merge_th: bool = False):
-    """A real HF fast tokenizer over raw bytes (256 tokens + <s> + </s>), for tiny models offline.
+def byte_tokenizer(merge_th: bool = True):
+    """A real HF fast tokenizer over raw bytes (256 tokens + <s> + </s>, + "th"), for tiny models offline.
 
-    `merge_th=True` adds one BPE merge ("t" + "h" → id 258), which GGUF export needs (llama.cpp's
-    byte-level tokenizer requires at least one merge); the model's vocab_size must then exceed 258.
+    The one BPE merge ("t" + "h" → id 258) makes it a tokenizer llama.cpp accepts (its byte-level BPE
+    needs at least one merge), so tiny models export to GGUF; tiny models' vocab_size (260) covers it.
+    `merge_th=False` gives the pure byte tokenizer (ids 0–257).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # deferred: tokenizers loads only for the tiny test tokenizer
     from transformers import PreTrainedTokenizerFast  # deferred: transformers loads in seconds

@@ -1,0 +1,77 @@
+"""Dense and pruned default model exported to GGUF and run in llama.cpp on this CPU: PPL and tokens/s.
+
+    python benchmarks/gguf_llamacpp.py [--model default|tiny|<path>] [--ratio 0.2] [--dtypes f16 q8_0]
+                                       [--samples 64] [--eval-windows 50] [--threads N] [--out DIR]
+
+The global Taylor plan of `ratio` of all parameters (importance from the calibration part), exported
+with `export_gguf` in each dtype; llama.cpp's perplexity on the same evaluation windows (50 × 128) as the
+workbench's own (float32, PyTorch) figure, and llama.cpp's prompt (128 tokens) and generation (64 tokens)
+speed, best of 5. The source GGUF file (Q4_1) of the default model is run too, for reference.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import tempfile
+import time
+from pathlib import Path
+
+from _models import add_model_args, bench_model
+
+from workbench import llamacpp
+from workbench.checkpoints import default_model_dir
+from workbench.data import CalibrationConfig, evaluation_windows
+from workbench.evaluate import perplexity
+from workbench.gguf_export import GGUF_DTYPES, export_gguf
+from workbench.pipeline import calibrate, select_plan
+from workbench.prune import apply_plan
+from workbench.selection import SelectionConfig
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(ap)
+    ap.add_argument("--ratio", type=float, default=0.2)
+    ap.add_argument("--dtypes", nargs="+", default=["f16", "q8_0"], choices=list(GGUF_DTYPES))
+    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--eval-windows", type=int, default=50)
+    ap.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: all cores)")
+    ap.add_argument("--repeats", type=int, default=5, help="speed: best of this many runs")
+    ap.add_argument("--out", default=None, help="folder for the GGUF files (default: a temporary one)")
+    args = ap.parse_args()
+
+    model, tok = bench_model(args)
+    _, imp = calibrate(model, tok, CalibrationConfig(num_samples=args.samples, seq_len=args.seq_len))
+    _, plan = select_plan(model, imp, "taylor", SelectionConfig(ratio=args.ratio))
+    pruned = copy.deepcopy(model)
+    apply_plan(pruned, plan)
+    ppl = {name: perplexity(m, tok, seq_len=args.seq_len, max_windows=args.eval_windows, progress=False).ppl
+           for name, m in (("dense", model), ("pruned", pruned))}
+    print(f"PyTorch float32 PPL: dense {ppl['dense']:.2f}, pruned {ppl['pruned']:.2f} "
+          f"(global Taylor, {args.ratio:.0%} of all parameters)")
+
+    out = Path(args.out or tempfile.mkdtemp(prefix="gguf-bench-"))
+    out.mkdir(parents=True, exist_ok=True)
+    files = {}
+    if args.model == "default":
+        files["source Q4_1"] = next(default_model_dir().glob("*.gguf"))
+    for dtype in args.dtypes:
+        for name, m in (("dense", model), ("pruned", pruned)):
+            t = time.perf_counter()
+            rep = export_gguf(m, out / f"{name}-{dtype}.gguf", dtype=dtype, tokenizer=tok,
+                              plan=plan if name == "pruned" else None, overwrite=True)
+            print(f"exported {rep.path.name}: {rep.arch}, {rep.size_bytes / 2**20:.1f} MiB, "
+                  f"{time.perf_counter() - t:.1f} s; tokenizer {rep.tokenizer_source}")
+            files[f"{name} {dtype}"] = rep.path
+    windows = evaluation_windows(tok, seq_len=args.seq_len, max_windows=args.eval_windows).tolist()
+    table = llamacpp.compare(files, windows, n_threads=args.threads, repeats=args.repeats)
+    print(table.to_string(float_format=lambda v: f"{v:,.2f}"))
+    for dtype in args.dtypes:
+        d, p = table.loc[f"dense {dtype}"], table.loc[f"pruned {dtype}"]
+        print(f"{dtype}: pruned/dense speed-up prompt {p.prompt_tok_s / d.prompt_tok_s:.2f}×, "
+              f"generation {p.gen_tok_s / d.gen_tok_s:.2f}×; parameters {sum(x.numel() for x in model.parameters()) / sum(x.numel() for x in pruned.parameters()):.2f}×")
+
+
+if __name__ == "__main__":
+    main()
