@@ -35,13 +35,19 @@ EVAL_WINDOWS = 50
 RECONSTRUCT = True      # re-fit o_proj / down_proj of pruned blocks in closed form after pruning (no training)
 DAMPING = 1e-4          # ridge λ of the reconstruction (× mean diagonal of the normal equations)
 RECONSTRUCT_SAMPLES = 128  # calibration samples of the reconstruction (more tokens: a better fit)
+USE_PANEL_PLAN = False  # True: prune with the plan the panel below shows (after trying settings there)
 EXPERIMENT = "nb04-global-pruning"
 
 # %%
 import pandas as pd
 from workbench import notebook, plots
 from workbench.data import CalibrationConfig
-from workbench.evaluate import perplexity
+from workbench.evaluate import perplexity, perplexity_after
+from workbench.normalize import ScoringConfig
+from workbench.plans import layer_summary
+from workbench.rescore import Rescorer
+from workbench.selection import Budget
+from workbench.widgets import panel
 from workbench.experiments import Experiment
 from workbench.importance import IMPORTANCE_METHODS
 from workbench.data import calibration_samples
@@ -81,6 +87,32 @@ print("emptied blocks:", plan.emptied_blocks(), " removed layers:", plan.removed
 plots.kept_fraction_per_layer(summary, title=f"{METHOD}: kept fraction per layer")
 
 # %% [markdown]
+# ### Decide here: the panel
+#
+# Every change re-scores from the cached importance (milliseconds). The dashed lines are the plan above
+# ("pin as reference" replaces them by the plan on display, to compare with the previous setting); the
+# title names the settings; the preset switches to "(custom)" after a manual edit. "Evaluate PPL" prunes a
+# copy by the plan on display (about a minute on the default model); "Save plan" writes it into this
+# experiment (`analysis/panel_plan.json`). With `USE_PANEL_PLAN = True` the cells below prune by it.
+
+# %%
+rescorer = Rescorer(imp, Budget.of(model))
+box, state = panel(rescorer, ScoringConfig(method=METHOD), ratio=RATIO, reference=plan,
+                   reference_name=f"{METHOD} {RATIO:.0%}",
+                   evaluate=lambda p: perplexity_after(model, tokenizer, p, seq_len=SEQ_LEN, max_windows=EVAL_WINDOWS,
+                                                       progress=False).ppl,
+                   save=lambda p: exp.write_json("analysis/panel_plan.json", p.to_dict()))
+box
+
+# %% [markdown]
+# The plan on display as a static figure (a saved notebook keeps it; re-run this cell after a change).
+
+# %%
+plots.export(plots.kept_fraction_per_layer(layer_summary(state["plan"]), backend="paper", title=state["title"]),
+             f"panel_plan_{METHOD}_{RATIO:g}", exp)
+plan = state["plan"] if USE_PANEL_PLAN else plan
+
+# %% [markdown]
 # ### Prune physically, then reconstruct
 #
 # Pruning removes the units' columns from `o_proj` / `down_proj`. Reconstruction re-fits the kept columns
@@ -105,4 +137,4 @@ exp.write_json("evaluation/perplexity.json", dict(dense=dense_ppl.to_dict(), pru
                                                   report=report.to_dict(), method=METHOD,
                                                   reconstruction=rec.config if rec else None))
 plots.export(plots.kept_fraction_per_layer(summary, backend="paper", title=f"{METHOD}, {RATIO:.0%} of {RATIO_OF}"),
-             f"kept_fraction_{METHOD}", exp)
+             f"kept_fraction_{METHOD}_{RATIO:g}", exp)

@@ -15,7 +15,7 @@ from workbench.testing import byte_tokenizer, tiny_model
 
 needs_llamacpp = pytest.mark.skipif(not llamacpp.available(), reason="llama.cpp binding not installed (make setup)")
 PROMPT = list(range(3, 60))
-PLAN_KINDS = ("dense", "uniform", "per_layer", "per_layer_bias")
+PLAN_KINDS = ("dense", "uniform", "per_layer", "per_layer_bias", "first_attn_empty")
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +40,8 @@ def _model(family: str, kind: str, **kw):
             "attn": {0: [1], 1: [0, 1, 2], 3: [0, 1, 2], 4: [2]},
             "mlp": {0: list(range(10)), 2: list(range(96)), 3: list(range(96)), 4: list(range(50))},
         }, settings=dict(method="taylor"), selected_params=100, denominator=400))
+    elif kind == "first_attn_empty":  # llama.cpp needs heads in layer 0: written as a zero-weight group
+        apply_plan(m, Plan.from_units(w, {"attn": {0: [0, 1, 2], 2: [1]}, "mlp": {1: list(range(30))}}))
     if kind == "per_layer_bias":
         spec, hidden = get_spec(m), m.config.hidden_size
         torch.manual_seed(3)
@@ -57,7 +59,7 @@ def _hf_logits(m, ids):
 # Per-layer Qwen2 (q/k/v biases) is refused, and Qwen3 is written but this llama.cpp build predates it:
 # both are covered below.
 RUNNABLE = [(f, k) for f in ("llama", "mistral", "qwen2") for k in PLAN_KINDS
-            if not (f == "qwen2" and k.startswith("per_layer"))]
+            if not (f == "qwen2" and k not in ("dense", "uniform"))]
 
 
 @needs_llamacpp
@@ -65,7 +67,8 @@ RUNNABLE = [(f, k) for f in ("llama", "mistral", "qwen2") for k in PLAN_KINDS
 def test_llamacpp_computes_what_the_pruned_model_computes_f32(family, kind, tok, tmp_path):
     m = _model(family, kind)
     report = export_gguf(m, tmp_path / "m.gguf", dtype="f32", tokenizer=tok)
-    assert report.arch == ("deci" if kind.startswith("per_layer") else {"qwen2": "qwen2"}.get(family, "llama"))
+    uniform = kind in ("dense", "uniform")
+    assert report.arch == ({"qwen2": "qwen2"}.get(family, "llama") if uniform else "deci")
     assert report.n_layers == len(decoder_layers(m))
     with llamacpp.loaded(report.path, n_ctx=128, n_threads=2, kv_type="f32") as lm:
         got = lm.logits(PROMPT)
@@ -106,6 +109,8 @@ def test_layout_says_what_each_layer_becomes():
     assert layout.attn_stub == (False, True, False, False) and layout.mlp_stub == (False, False, True, False)
     plain = _model("llama", "per_layer")
     assert gguf_layout(plain).n_head_kv == (2, 0, 3, 2)  # emptied attention without a constant: zero heads
+    first = gguf_layout(_model("llama", "first_attn_empty"))
+    assert first.n_head_kv[0] == 1 and first.attn_stub[0] and not any(first.attn_stub[1:])
 
 
 def test_qwen3_uniform_is_written_as_qwen3_with_its_head_norms(tok, tmp_path):

@@ -142,7 +142,13 @@ def test_owl_allocation_drives_the_selection():
     assert ((cmp.owl_pruned - ratios) * np.array(layer_params) < max_unit + 1).all()
     with pytest.raises(ValueError, match="layer_ratios has 2"):
         select(table, budget, SelectionConfig(layer_ratios=(0.1, 0.2)))
-    with pytest.raises(ValueError, match="min_units_per_block=1"):
-        SelectionConfig(layer_ratios=tuple(ratios), min_units_per_block=1)
+    # min_units_per_block protects each block's best units under per-layer ratios too (OWL without emptied blocks)
+    weak_attn = build_table({"attn": [torch.zeros(2) for _ in range(3)], "mlp": [torch.rand(96) + 1 for _ in range(3)]},
+                            budget.costs)
+    bare = select(weak_attn, budget, SelectionConfig(layer_ratios=(0.6,) * 3))
+    kept = select(weak_attn, budget, SelectionConfig(layer_ratios=(0.6,) * 3, min_units_per_block=1))
+    assert sorted(bare.emptied_blocks()) == [(i, "attn") for i in range(3)]
+    assert not kept.emptied_blocks() and all(kept.n_kept("attn", i) == 1 for i in range(3))
+    assert kept.selected_params >= 0.6 * budget.prunable_params  # each layer's ratio is still met, from the MLP
     with pytest.raises(ValueError, match="tau"):
         select(table.assign(forced=table.unit == 0), budget, SelectionConfig(layer_ratios=tuple(ratios)))

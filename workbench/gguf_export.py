@@ -10,7 +10,8 @@ Written with the `gguf` package's writer. Which llama.cpp architecture the file 
   layer with zero heads (llama.cpp skips it). An emptied MLP is written as one channel whose weights
   are zero (llama.cpp's zero-width FFN path drops the layer's attention output too, so we never use it);
   an emptied block that carries a constant (a reconstruction / FLAP bias) keeps one zero-weight unit
-  whose output bias is that constant. Both are exact: the unit's output is 0 (+ bias).
+  whose output bias is that constant, and so does an emptied attention in the first layer (llama.cpp
+  reads the head size only when layer 0 has heads). All are exact: the unit's output is 0 (+ bias).
 
 Removed layers are simply absent. Llama-style rotary q/k rows are permuted to llama.cpp's layout.
 What llama.cpp cannot express raises `ExportError` before anything is written; the file is written
@@ -141,7 +142,8 @@ def gguf_layout(model: nn.Module, ff_multiple: int = 1) -> GGUFLayout:
     for (g, c), layer in zip(widths, layers):
         parts = layer_parts(layer, spec)
         attn_bias = isinstance(parts.attn, EmptyBlock) and parts.attn.bias is not None
-        a_stub.append(g == 0 and attn_bias)
+        # llama.cpp reads the head size only when layer 0 has heads, so an emptied first attention is a stub too
+        a_stub.append(g == 0 and (attn_bias or not heads))
         m_stub.append(c == 0)  # an FFN-less layer would lose its attention output in llama.cpp
         g = 1 if a_stub[-1] else g
         heads.append(g * ratio)
@@ -201,7 +203,9 @@ def _layer_tensors(layer: nn.Module, spec, geo, i: int, layout: GGUFLayout) -> d
         zeros = norms["attn_norm"].new_zeros
         out.update({"attn_norm.weight": norms["attn_norm"], "attn_q.weight": zeros(nq * hd, hidden),
                     "attn_k.weight": zeros(nk * hd, hidden), "attn_v.weight": zeros(nk * hd, hidden),
-                    "attn_output.weight": zeros(hidden, nq * hd), "attn_output.bias": parts.attn.bias})
+                    "attn_output.weight": zeros(hidden, nq * hd)})
+        if parts.attn.bias is not None:
+            out["attn_output.bias"] = parts.attn.bias
     if parts.gate is not None:
         pad = layout.n_ff[i] - parts.gate.out_features  # zero channels: silu(0) * 0 adds nothing
         rows = lambda t: F.pad(t, (0, 0, 0, pad) if t.ndim == 2 else (0, pad)) if pad and t is not None else t  # noqa: E731

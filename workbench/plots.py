@@ -475,12 +475,13 @@ def activation_magnitude(frame: pd.DataFrame, value: str = "max_abs", backend: s
 
 
 def export(fig, name: str, target: Experiment | str | os.PathLike | None = None,
-           formats=("pdf", "png")) -> list[Path]:
+           formats=("pdf", "png"), show: bool = True) -> list[Path]:
     """Write a paper figure (matplotlib) as `<name>.<fmt>`, by one rule, and close it; returns the paths.
 
     `target` an experiment: into its `figures/` as `<name>.<fmt>` and into the project's `figures/` as
     `<experiment name>_<name>.<fmt>` (so runs never overwrite each other). A folder: there only.
-    None: the project's `figures/` only.
+    None: the project's `figures/` only. `show`: in a notebook, the exported PNG is shown below the cell
+    (what the paper gets, and it stays in a saved notebook).
     """
     import matplotlib.pyplot as plt  # deferred: plotting libraries load only when drawing
 
@@ -505,4 +506,19 @@ def export(fig, name: str, target: Experiment | str | os.PathLike | None = None,
             os.replace(tmp, path)
             paths.append(path)
     plt.close(fig)
+    png = next((p for p in paths if p.suffix == ".png"), None)
+    if show and png is not None:
+        _show_inline(png)
     return paths
+
+
+def _show_inline(png: Path) -> None:
+    """Display a PNG below the current notebook cell (nothing outside a notebook kernel)."""
+    try:
+        from IPython import get_ipython  # deferred: IPython exists only where notebooks run
+        from IPython.display import Image, display  # deferred: as above
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is not None and getattr(shell, "kernel", None) is not None:
+        display(Image(filename=str(png)))

@@ -131,9 +131,6 @@ class SelectionConfig:
             bad = [r for r in self.layer_ratios if not 0.0 <= r < 1.0]
             if bad or not len(self.layer_ratios):
                 raise ValueError(f"layer_ratios {list(self.layer_ratios)} must be a non-empty list of values in [0, 1)")
-            if self.min_units_per_block:
-                raise ValueError(f"min_units_per_block={self.min_units_per_block} does not combine with layer_ratios; "
-                                 "use 0 (each layer keeps (1 - its ratio) of its parameters anyway)")
         if not 0.0 <= self.ratio < 1.0:
             raise ValueError(f"ratio={self.ratio} must be in [0, 1)")
         if self.attn_mlp is not None:
@@ -303,7 +300,8 @@ def _prefix(order: np.ndarray, cost: np.ndarray, rest: int, target: int, whole_c
 
 
 def _select_per_layer(table: pd.DataFrame, budget: Budget, cfg: SelectionConfig, score_column: str) -> Plan:
-    """Within each layer, remove the lowest-score units until the layer's own ratio of its parameters is met."""
+    """Within each layer, remove the lowest-score units until the layer's own ratio of its parameters is met
+    (or its unprotected units run out: `min_units_per_block` keeps each block's best units)."""
     widths = budget.widths
     if len(cfg.layer_ratios) != len(widths):
         raise ValueError(f"layer_ratios has {len(cfg.layer_ratios)} values; the model has {len(widths)} layers")
@@ -313,6 +311,9 @@ def _select_per_layer(table: pd.DataFrame, budget: Budget, cfg: SelectionConfig,
     target = selected = 0
     for layer, part in table.groupby("layer", sort=True):
         part = part.iloc[stable_argsort(part[score_column].to_numpy(dtype=np.float64))]
+        if cfg.min_units_per_block:  # each block keeps its N best units; the layer's ratio is met from the rest
+            from_top = part.groupby("block", observed=True).cumcount(ascending=False).to_numpy()
+            part = part[from_top >= cfg.min_units_per_block]
         layer_params = sum(widths[layer][k] * budget.costs[b][layer] for k, b in enumerate(BLOCKS))
         want = int(np.ceil(cfg.layer_ratios[layer] * layer_params))
         cum = part["cost"].to_numpy().cumsum()
