@@ -31,6 +31,7 @@ EXPERIMENT = "nb00-quickstart"
 from workbench import notebook, plots
 from workbench.evaluate import perplexity
 from workbench.experiments import Experiment
+from workbench.efficiency import parameter_breakdown
 from workbench.models import anatomy, model_summary
 
 # %%
@@ -48,7 +49,7 @@ anat = anatomy(model)
 anat.head(9)
 
 # %%
-plots.params_per_layer(anat)
+plots.params_per_layer(anat, embeddings=parameter_breakdown(model)["embeddings"])
 
 # %%
 ppl = perplexity(model, tokenizer, "pydoc", seq_len=SEQ_LEN, max_windows=EVAL_WINDOWS)
@@ -58,4 +59,5 @@ ppl
 # Paper export (matplotlib, one style for every figure) into the experiment's `figures/` and the project's `figures/`:
 
 # %%
-plots.export(plots.params_per_layer(anat, backend="paper"), "params_per_layer", exp)
+plots.export(plots.params_per_layer(anat, backend="paper", embeddings=parameter_breakdown(model)["embeddings"]),
+             "params_per_layer", exp)

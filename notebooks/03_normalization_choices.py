@@ -88,7 +88,7 @@ comparison[["n_extreme", "emptied_blocks", "removed_layers", "attn_max_pruned", 
 
 # %%
 summaries = {name: layer_summary(plan) for name, plan in plans.items()}
-plots.pruned_fraction_by_setting(summaries, title=f"{METHOD}, {RATIO:.0%} of all parameters")
+plots.pruned_fraction_heatmap(summaries, title=f"{METHOD}, {RATIO:.0%} of all parameters: pruned fraction per layer")
 
 # %% [markdown]
 # ### Perplexity after pruning under each setting (each on a fresh copy of the model)
@@ -100,18 +100,17 @@ print(f"dense PPL {dense.ppl:.2f}")
 comparison[["n_extreme", "mlp_max_pruned", "mlp_std_pruned", "ppl"]].sort_values("ppl")
 
 # %%
-plots.grouped_bars(comparison[["ppl"]], ylabel="perplexity", title=f"PPL after pruning {RATIO:.0%} (dense {dense.ppl:.1f})")
+plots.ppl_bars(comparison.ppl, dense=dense.ppl, title=f"PPL after pruning {RATIO:.0%} of all parameters")
 
 # %%
 exp.write_table("analysis/normalization_comparison.csv", comparison.reset_index())
 exp.write_table("analysis/block_removal_loss.csv", block_loss)
 exp.write_json("evaluation/perplexity.json", dict(dense=dense.to_dict(), ratio=RATIO, method=METHOD,
                                                   pruned={k: float(v) for k, v in comparison.ppl.items()}))
-paper = [k for k in ("none", "log/layer", "minmax/layer", "minmax/block", "T=1") if k in summaries]
-plots.export(plots.pruned_fraction_by_setting({k: summaries[k] for k in paper}, backend="paper",
-                                              title=f"{METHOD}, {RATIO:.0%} of all parameters"), "pruned_fraction_by_setting", exp)
-plots.export(plots.grouped_bars(comparison[["ppl"]], backend="paper", ylabel="perplexity",
-                                title=f"PPL after pruning {RATIO:.0%} (dense {dense.ppl:.1f})"), "ppl_by_setting", exp)
+plots.export(plots.pruned_fraction_heatmap(summaries, backend="paper", title=f"{METHOD}, {RATIO:.0%} of all parameters"),
+             f"pruned_fraction_by_setting_{METHOD}_{RATIO:g}", exp)
+plots.export(plots.ppl_bars(comparison.ppl, backend="paper", dense=dense.ppl,
+                            title=f"{METHOD}, {RATIO:.0%} of all parameters"), f"ppl_by_setting_{METHOD}_{RATIO:g}", exp)
 
 # %% [markdown]
 # ### Interactive: every change re-scores from the cache

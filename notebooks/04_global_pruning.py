@@ -43,6 +43,7 @@ import pandas as pd
 from workbench import notebook, plots
 from workbench.data import CalibrationConfig
 from workbench.evaluate import perplexity, perplexity_after
+from workbench.models import anatomy
 from workbench.normalize import ScoringConfig
 from workbench.plans import layer_summary
 from workbench.rescore import Rescorer
@@ -61,6 +62,7 @@ model, tokenizer = notebook.load(MODEL, SMOKE)  # SMOKE: a tiny random model (se
 
 # %%
 exp = Experiment.create(EXPERIMENT, exist_ok=True)
+dense_anatomy = anatomy(model)  # kept for the dense-vs-pruned parameter figure
 dense_ppl = perplexity(model, tokenizer, seq_len=SEQ_LEN, max_windows=EVAL_WINDOWS)
 dense_ppl
 
@@ -126,7 +128,12 @@ rec_samples = calibration_samples(tokenizer, CalibrationConfig(num_samples=RECON
 report, rec = prune_and_reconstruct(model, plan, rec_samples, rec_cfg)
 pruned_ppl = perplexity(model, tokenizer, seq_len=SEQ_LEN, max_windows=EVAL_WINDOWS)
 pd.DataFrame({"dense": [dense_ppl.ppl, report.params_before], "pruned": [pruned_ppl.ppl, report.params_after]},
-             index=["perplexity", "parameters"])
+             index=["perplexity", "parameters"]).style.format("{:,.2f}", subset=(["perplexity"], slice(None))).format(
+    "{:,.0f}", subset=(["parameters"], slice(None)))
+
+# %%
+plots.params_per_layer(dense_anatomy, pruned=anatomy(model), removed_layers=plan.removed_layers(),
+                       title=f"parameters per layer: dense (outline) and {METHOD} {RATIO:.0%}")
 
 # %%
 print(f"achieved: {report.ratio_total:.2%} of all parameters, {report.ratio_prunable:.2%} of attention+MLP")
@@ -138,3 +145,5 @@ exp.write_json("evaluation/perplexity.json", dict(dense=dense_ppl.to_dict(), pru
                                                   reconstruction=rec.config if rec else None))
 plots.export(plots.kept_fraction_per_layer(summary, backend="paper", title=f"{METHOD}, {RATIO:.0%} of {RATIO_OF}"),
              f"kept_fraction_{METHOD}_{RATIO:g}", exp)
+plots.export(plots.params_per_layer(dense_anatomy, backend="paper", pruned=anatomy(model), removed_layers=plan.removed_layers(),
+                                    title=f"dense (outline) and {METHOD} {RATIO:.0%}"), f"params_dense_vs_pruned_{METHOD}_{RATIO:g}", exp)

@@ -74,7 +74,8 @@ efficiency_ratios(table)
 
 # %%
 plots.export(plots.grouped_bars(acc, backend="paper", ylabel="accuracy", title="zero-shot accuracy (acc)"), "zero_shot", exp)
-plots.export(plots.grouped_bars(table.loc[["ppl"]], backend="paper", ylabel="perplexity", title="perplexity"), "perplexity", exp)
+plots.export(plots.ppl_bars(table.loc["ppl"].drop("dense"), backend="paper", dense=table.loc["ppl", "dense"],
+                            title="perplexity (pydoc evaluation part)"), "perplexity", exp)
 
 # %% [markdown]
 # ## Outside this workbench: the same models in llama.cpp

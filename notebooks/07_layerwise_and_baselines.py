@@ -104,6 +104,6 @@ table.sort_values("ppl")
 exp.write_table("analysis/comparison.csv", table.reset_index())
 exp.write_table("analysis/xy_search.csv", search)
 exp.write_json("config.json", dict(ratio=RATIO, calibration=calibration.__dict__, held_out=HELD_OUT, best_xy=best))
-plots.export(plots.grouped_bars(table[["ppl"]].drop("dense").sort_values("ppl"), backend="paper", log_y=True,
-                                ylabel="PPL", title=f"{RATIO:.0%} of all parameters"), "comparison_ppl", exp)
+plots.export(plots.ppl_bars(table.ppl.drop("dense"), backend="paper", dense=table.ppl["dense"],
+                            title=f"every method, {RATIO:.0%} of all parameters"), f"comparison_ppl_{RATIO:g}", exp)
 plots.export(plots.xy_curve(search, backend="paper"), "xy_search", exp)

@@ -105,3 +105,63 @@ def test_outlier_figures(tmp_path):
         assert plots.export(f, name, tmp_path)
     with pytest.raises(ValueError, match="kurt"):
         plots.outlier_heatmap(stats, value="kurt")
+
+
+def test_ppl_bars_sorted_labelled_log_with_dense_line(tmp_path):
+    import pandas as pd
+
+    ppl = pd.Series({"b": 90.5, "a": 35.391, "c": 1234.0})
+    fig = plots.ppl_bars(ppl, dense=22.77, title="t")
+    assert list(fig.data[0].x) == ["a", "b", "c"] and list(fig.data[0].text) == ["35.39", "90.50", "1,234.00"]
+    assert fig.layout.yaxis.type == "log" and fig.layout.shapes[0].y0 == 22.77
+    paper = plots.ppl_bars(ppl, backend="paper", dense=22.77)
+    ax = paper.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b", "c"] and ax.get_yscale() == "log"
+    assert [t.get_text() for t in ax.texts] == ["35.39", "90.50", "1,234.00"]
+    legend = ax.get_legend()
+    assert legend.get_texts()[0].get_text() == "dense (22.77)" and legend.get_bbox_to_anchor().x0 > ax.bbox.x1 - 1
+    assert plots.export(paper, "ppl", tmp_path, show=False)
+    with pytest.raises(ValueError, match="empty"):
+        plots.ppl_bars(pd.Series(dtype=float))
+
+
+def test_setting_heatmap_rows_are_settings_and_columns_layers(tmp_path, summary):
+    other = layer_summary(random_plan(layer_widths(tiny_model("llama", n_layers=4)), 0.1, seed=3))
+    fig = plots.pruned_fraction_heatmap({"a": summary, "b": other})
+    attn = fig.data[0]
+    assert list(attn.y) == ["a", "b"] and list(attn.x) == [0, 1, 2, 3]
+    assert list(attn.z[1]) == other[other.block == "attn"].pruned_fraction.tolist()
+    assert plots.export(plots.pruned_fraction_heatmap({"a": summary, "b": other}, backend="paper"), "hm", tmp_path,
+                        show=False)
+
+
+def test_params_figure_dense_vs_pruned_with_embeddings(tmp_path):
+    from workbench.efficiency import parameter_breakdown
+    from workbench.plans import Plan
+    from workbench.prune import apply_plan
+
+    model = tiny_model("llama", n_layers=4)
+    dense = anatomy(model)
+    plan = Plan.from_units(layer_widths(model), {"attn": {1: [0, 1]}, "mlp": {1: list(range(96)), 2: [0, 1]}})
+    apply_plan(model, plan)  # layer 1 removed
+    fig = plots.params_per_layer(dense, pruned=anatomy(model), removed_layers=plan.removed_layers(),
+                                 embeddings=parameter_breakdown(model)["embeddings"])
+    mlp = [t for t in fig.data if t.name == "mlp"][0]
+    assert list(mlp.x) == [0, 1, 2, 3] and mlp.y[1] == 0 and mlp.y[2] == 94 * 48 * 3
+    assert [t for t in fig.data if t.name == "embeddings"][0].y[0] == 2 * 260 * 48
+    paper = plots.params_per_layer(dense, backend="paper", pruned=anatomy(model), removed_layers=plan.removed_layers(),
+                                   embeddings=parameter_breakdown(model)["embeddings"])
+    assert "embed" in [t.get_text() for t in paper.axes[0].get_xticklabels()]
+    assert plots.export(paper, "params", tmp_path, show=False)
+    with pytest.raises(ValueError, match="removed_layers=\\[\\]"):
+        plots.params_per_layer(dense, pruned=anatomy(model))
+
+
+def test_heatmap_ticks_every_fifth_layer_and_words_on_axes():
+    import pandas as pd
+
+    stats = pd.DataFrame([dict(layer=i, module=m, max_over_std=float(i + 1)) for i in range(12) for m in ("q", "down")])
+    fig = plots.outlier_heatmap(stats, backend="paper")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "5", "10"]
+    assert ax.get_ylabel() == "weight matrix" and "max |w| / std" in fig.axes[1].get_ylabel()

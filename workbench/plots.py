@@ -59,6 +59,29 @@ def _series_color(i: int) -> str:
     return SERIES_COLORS[i % len(SERIES_COLORS)]
 
 
+def _legend_outside(ax, **kw) -> None:
+    """The legend to the right of the axes, never over the data."""
+    ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0), **kw)
+
+
+def _layer_ticks(ax, n_layers: int, axis: str = "x", every: int = 5) -> None:
+    """Readable layer ticks: every `every`-th layer (cells centred as seaborn/imshow draw them)."""
+    ticks = list(range(0, n_layers, every))
+    set_ticks = ax.set_xticks if axis == "x" else ax.set_yticks
+    set_ticks([t + 0.5 for t in ticks], [str(t) for t in ticks], rotation=0)
+
+
+# Words for statistic column names on axes and colour bars.
+VALUE_LABELS = {
+    "max_over_std": "max |w| / std", "kurtosis": "kurtosis", "outlier_share": "share beyond kσ",
+    "max_abs": "max |activation|", "mean_abs": "mean |activation|", "ppl": "perplexity",
+}
+
+
+def _words(name: str) -> str:
+    return VALUE_LABELS.get(name) or STAT_LABELS.get(name) or name.replace("_", " ")
+
+
 # Axis labels of the diagnosis statistics (columns of `diagnosis.diagnose(...)["per_block"]`).
 STAT_LABELS = {
     "grad_mean_abs": "mean |g|", "grad_norm": "gradient norm", "grad_max_abs": "max |g|",
@@ -70,27 +93,58 @@ STAT_LABELS = {
 }
 
 
-def params_per_layer(anatomy_df: pd.DataFrame, backend: str = "plotly"):
-    """Stacked bars: parameters of each layer's attention, MLP and norms."""
+def params_per_layer(anatomy_df: pd.DataFrame, backend: str = "plotly", *, pruned: pd.DataFrame | None = None,
+                     removed_layers=(), embeddings: int | None = None, title: str | None = None):
+    """Stacked bars: parameters of each layer's attention, MLP and norms.
+
+    pruned: the pruned model's `anatomy` — its bars are drawn over the dense ones (dense as grey outlines);
+        `removed_layers` (dense indices, e.g. `plan.removed_layers()`) places its layers where they were,
+        a removed layer being an empty outline.
+    embeddings: the embedding (+ untied head) parameters, drawn as a bar of their own left of layer 0.
+    """
     _check_backend(backend)
     wide = anatomy_df.pivot_table(index="layer", columns="block", values="params", aggfunc="sum").fillna(0)
     blocks = [b for b in ("attn", "mlp", "norms") if b in wide.columns]
+    shown = wide
+    if pruned is not None:
+        shown = pruned.pivot_table(index="layer", columns="block", values="params", aggfunc="sum").fillna(0)
+        kept = [i for i in wide.index if i not in set(removed_layers)]
+        if len(kept) != len(shown):
+            raise ValueError(f"pruned has {len(shown)} layers; the dense model's {len(wide)} less removed_layers="
+                             f"{list(removed_layers)} leaves {len(kept)}")
+        shown = shown.set_axis(kept).reindex(index=wide.index, columns=blocks, fill_value=0)
+    dense_total = wide[blocks].sum(axis=1)
+    title = title or ("Parameters per layer: dense (outline) and pruned" if pruned is not None
+                      else "Parameters per layer and block")
+    x = list(wide.index)
     if backend == "plotly":
         import plotly.graph_objects as go  # deferred: plotting libraries load only when drawing
 
-        fig = go.Figure([go.Bar(x=wide.index, y=wide[b], name=b, marker_color=COLORS[b]) for b in blocks])
-        fig.update_layout(barmode="stack", title="Parameters per layer and block", xaxis_title="layer",
-                          yaxis_title="parameters", template="plotly_white")
+        bars = [go.Bar(x=x, y=shown[b].to_numpy(), name=b, marker_color=COLORS[b]) for b in blocks]
+        if embeddings is not None:
+            bars.append(go.Bar(x=["embed"], y=[embeddings], name="embeddings", marker_color=COLORS["norms"]))
+        fig = go.Figure(bars)
+        if pruned is not None:
+            fig.add_scatter(x=x, y=dense_total, mode="markers", name="dense total",
+                            marker=dict(symbol="line-ew-open", size=14, color=COLORS["dense"]))
+        fig.update_layout(barmode="stack", title=title, xaxis_title="layer", yaxis_title="parameters",
+                          template="plotly_white")
         return fig
     fig, ax = _paper_axes()
-    bottom = None
+    if pruned is not None:
+        ax.bar(x, dense_total, width=0.8, fill=False, edgecolor=COLORS["dense"], linewidth=0.6, label="dense")
+    bottom = np.zeros(len(x))
     for b in blocks:
-        ax.bar(wide.index, wide[b], bottom=bottom, label=b, color=COLORS[b], width=0.8)
-        bottom = wide[b] if bottom is None else bottom + wide[b]
+        ax.bar(x, shown[b].to_numpy(), bottom=bottom, label=b, color=COLORS[b], width=0.8)
+        bottom = bottom + shown[b].to_numpy()
+    if embeddings is not None:
+        ax.bar([-2], [embeddings], width=1.6, color=COLORS["norms"], label="embeddings")
+        ax.set_yscale("log")
+        ax.set_xticks([-2, *range(0, len(x), 5)], ["embed", *[str(t) for t in range(0, len(x), 5)]])
     ax.set_xlabel("layer")
-    ax.set_ylabel("parameters")
-    ax.set_title("Parameters per layer and block")
-    ax.legend(frameon=False)
+    ax.set_ylabel("parameters" + (" (log)" if embeddings is not None else ""))
+    ax.set_title(title)
+    _legend_outside(ax)
     return fig
 
 
@@ -120,7 +174,7 @@ def kept_fraction_per_layer(summary: pd.DataFrame, backend: str = "plotly", titl
     ax.set_xlabel("layer")
     ax.set_ylabel("kept fraction")
     ax.set_title(title)
-    ax.legend(frameon=False)
+    _legend_outside(ax)
     return fig
 
 
@@ -162,7 +216,7 @@ def scale_per_layer(per_block: pd.DataFrame, columns=("grad_mean_abs", "imp_mean
         ax.set_yscale("log")
         ax.set_xlabel("layer")
         ax.set_ylabel(STAT_LABELS.get(col, col))
-    axes[0][0].legend(frameon=False)
+    _legend_outside(axes[0][-1])
     fig.suptitle(title)
     return fig
 
@@ -199,7 +253,7 @@ def pruned_fraction_by_setting(summaries: dict[str, pd.DataFrame], backend: str 
         ax.set_xlabel("layer")
         ax.set_title(label)
     axes[0][0].set_ylabel("pruned fraction")
-    axes[0][1].legend(frameon=False, fontsize=7)
+    _legend_outside(axes[0][1], fontsize=7)
     fig.suptitle(title)
     return fig
 
@@ -231,7 +285,82 @@ def grouped_bars(frame: pd.DataFrame, backend: str = "plotly", *, ylabel: str = 
         ax.set_yscale("log")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend(frameon=False)
+    _legend_outside(ax)
+    return fig
+
+
+def ppl_bars(ppl: pd.Series, backend: str = "plotly", *, dense: float | None = None, title: str = "Perplexity",
+             log_y: bool = True):
+    """Perplexity per plan/setting: bars sorted best first, value labels, log axis, the dense model as a line."""
+    _check_backend(backend)
+    if ppl.empty:
+        raise ValueError("ppl is empty: nothing to draw")
+    ppl = ppl.astype(float).sort_values()
+    names, values = [str(i) for i in ppl.index], ppl.to_numpy()
+    if backend == "plotly":
+        import plotly.graph_objects as go  # deferred: plotting libraries load only when drawing
+
+        fig = go.Figure(go.Bar(x=names, y=values, text=[f"{v:,.2f}" for v in values], textposition="outside",
+                               marker_color=COLORS["pruned"], name="pruned"))
+        if dense is not None:
+            fig.add_hline(y=dense, line_dash="dash", line_color=COLORS["dense"], annotation_text=f"dense {dense:,.2f}",
+                          annotation_position="top left")
+        fig.update_layout(title=title, yaxis_title="perplexity" + (" (log)" if log_y else ""), template="plotly_white",
+                          showlegend=False)
+        if log_y:
+            fig.update_yaxes(type="log")
+        return fig
+    fig, ax = _paper_axes()
+    bars = ax.bar(range(len(values)), values, color=COLORS["pruned"], width=0.7)
+    ax.bar_label(bars, labels=[f"{v:,.2f}" for v in values], fontsize=7, padding=2)
+    if dense is not None:
+        ax.axhline(dense, ls="--", lw=0.8, color=COLORS["dense"], label=f"dense ({dense:,.2f})")
+        _legend_outside(ax)
+    rotate = len(values) > 4
+    ax.set_xticks(range(len(values)), names, rotation=30 if rotate else 0, ha="right" if rotate else "center")
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_ylabel("perplexity" + (" (log)" if log_y else ""))
+    ax.set_title(title)
+    return fig
+
+
+def pruned_fraction_heatmap(summaries: dict[str, pd.DataFrame], backend: str = "plotly", title: str | None = None):
+    """Setting × layer heatmaps of the pruned fraction, one per block: many settings without tangled lines.
+
+    `summaries` maps a setting's name to its `selection.layer_summary(plan)`; rows keep the dict's order.
+    """
+    _check_backend(backend)
+    if not summaries:
+        raise ValueError("summaries is empty: pass {setting name: layer_summary(plan)}")
+    title = title or "Pruned fraction per layer and setting"
+    grids = {block: pd.DataFrame({name: s[s.block == block].set_index("layer").pruned_fraction
+                                  for name, s in summaries.items()}).T for block in ("attn", "mlp")}
+    labels = {"attn": "attention (KV groups)", "mlp": "MLP (channels)"}
+    if backend == "plotly":
+        from plotly.subplots import make_subplots  # deferred: plotting libraries load only when drawing
+
+        fig = make_subplots(rows=1, cols=2, subplot_titles=[labels["attn"], labels["mlp"]], shared_yaxes=True)
+        for j, block in enumerate(("attn", "mlp"), start=1):
+            g = grids[block]
+            fig.add_heatmap(z=g.to_numpy(), x=list(g.columns), y=list(g.index), zmin=0, zmax=1, colorscale="Reds",
+                            showscale=j == 2, colorbar=dict(title="pruned"), row=1, col=j,
+                            hovertemplate="%{y}<br>layer %{x}<br>pruned %{z:.2f}<extra></extra>")
+            fig.update_xaxes(title_text="layer", dtick=5, row=1, col=j)
+        fig.update_layout(title=title, template="plotly_white")
+        return fig
+    import seaborn as sns  # deferred: plotting libraries load only when drawing
+
+    fig, axes = _paper_axes(2, width_per_panel=3.4)
+    for j, (ax, block) in enumerate(zip(axes[0], ("attn", "mlp"))):
+        g = grids[block]
+        sns.heatmap(g, ax=ax, vmin=0, vmax=1, cmap="Reds", cbar=j == 1, xticklabels=False,
+                    yticklabels=j == 0, cbar_kws=dict(label="pruned fraction") if j == 1 else None)
+        _layer_ticks(ax, g.shape[1])
+        ax.set_xlabel("layer")
+        ax.set_ylabel("")
+        ax.set_title(labels[block])
+    fig.suptitle(title)
     return fig
 
 
@@ -258,7 +387,7 @@ def xy_curve(result: pd.DataFrame, backend: str = "plotly", title: str = "Attent
     ax.set_xlabel("x of x:y (attention share of removed parameters, of 10)")
     ax.set_ylabel("held-out PPL")
     ax.set_title(title)
-    ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    _legend_outside(ax)
     return fig
 
 
@@ -311,7 +440,7 @@ def sweep_metric(table: pd.DataFrame, x: str, y: str = "ppl", by: str = "method"
         if log_y:
             ax.set_yscale("log")
     axes[0][0].set_ylabel(y)
-    axes[0][-1].legend(frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    _legend_outside(axes[0][-1])
     fig.suptitle(title)
     return fig
 
@@ -346,7 +475,7 @@ def correlation_scatter(table: pd.DataFrame, x: str, y: str, by: str = "method",
     ax.set_xlabel(x)
     ax.set_ylabel(y)
     ax.set_title(title)
-    ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    _legend_outside(ax)
     return fig
 
 
@@ -377,7 +506,7 @@ def loss_curve(history: pd.DataFrame, evals: pd.DataFrame | None = None, backend
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.set_title(title)
-    ax.legend(frameon=False)
+    _legend_outside(ax)
     return fig
 
 
@@ -429,22 +558,24 @@ def outlier_heatmap(stats: pd.DataFrame, value: str = "max_over_std", backend: s
     wide = stats[stats.layer >= 0].pivot_table(index="module", columns="layer", values=value)
     wide = wide.reindex([m for m in MODULE_ORDER if m in wide.index])
     z = np.log10(wide.clip(lower=1e-12)) if log else wide
-    label = f"log10 {value}" if log else value
-    title = title or f"{value} per layer and module"
+    label = f"log10 {_words(value)}" if log else _words(value)
+    title = title or f"{_words(value)} per layer and module"
     if backend == "plotly":
         import plotly.graph_objects as go  # deferred: plotting libraries load only when drawing
 
         fig = go.Figure(go.Heatmap(z=z.to_numpy(), x=list(wide.columns), y=list(wide.index), colorscale="Viridis",
                                    customdata=wide.to_numpy(), colorbar=dict(title=label),
                                    hovertemplate="layer %{x}<br>%{y}<br>" + value + " %{customdata:.3g}<extra></extra>"))
-        fig.update_layout(title=title, xaxis_title="layer", template="plotly_white")
+        fig.update_layout(title=title, xaxis_title="layer", yaxis_title="weight matrix", template="plotly_white",
+                          xaxis=dict(dtick=5))
         return fig
     import seaborn as sns  # deferred: plotting libraries load only when drawing
 
     fig, ax = _paper_axes()
-    sns.heatmap(z, ax=ax, cmap="viridis", cbar_kws=dict(label=label))
+    sns.heatmap(z, ax=ax, cmap="viridis", cbar_kws=dict(label=label), xticklabels=False)
+    _layer_ticks(ax, z.shape[1])
     ax.set_xlabel("layer")
-    ax.set_ylabel("")
+    ax.set_ylabel("weight matrix")
     ax.set_title(title)
     return fig
 
@@ -455,19 +586,20 @@ def activation_magnitude(frame: pd.DataFrame, value: str = "max_abs", backend: s
     _check_backend(backend)
     wide = frame.pivot_table(index="layer", columns="dim", values=value)
     z = np.log10(wide.clip(lower=1e-8))
-    title = title or f"{value} per hidden dimension and layer (log10)"
+    title = title or f"{_words(value)} per hidden dimension and layer (log10)"
     if backend == "plotly":
         import plotly.graph_objects as go  # deferred: plotting libraries load only when drawing
 
         fig = go.Figure(go.Heatmap(z=z.to_numpy(), x=list(wide.columns), y=list(wide.index), colorscale="Magma",
-                                   customdata=wide.to_numpy(), colorbar=dict(title=f"log10 {value}"),
+                                   customdata=wide.to_numpy(), colorbar=dict(title=f"log10 {_words(value)}"),
                                    hovertemplate="layer %{y}<br>dim %{x}<br>%{customdata:.3g}<extra></extra>"))
         fig.update_layout(title=title, xaxis_title="hidden dimension", yaxis_title="layer", template="plotly_white")
         return fig
     fig, ax = _paper_axes()
     im = ax.imshow(z.to_numpy(), aspect="auto", cmap="magma", interpolation="nearest")
     ax.grid(False)
-    fig.colorbar(im, ax=ax, label=f"log10 {value}")
+    fig.colorbar(im, ax=ax, label=f"log10 {_words(value)}")
+    ax.set_yticks(range(0, z.shape[0], 5), [str(t) for t in wide.index[::5]])
     ax.set_xlabel("hidden dimension")
     ax.set_ylabel("layer")
     ax.set_title(title)
