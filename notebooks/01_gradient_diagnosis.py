@@ -63,7 +63,7 @@ with notebook.timed("importance pass (cached after the first run)"):
     _, imp = calibrate(model, tokenizer, calib)
 rescorer = Rescorer(imp, Budget.of(model))
 _, naive = rescorer.plan(ScoringConfig(method=METHOD), SelectionConfig(ratio=RATIO))
-diag = diagnose(imp, naive, METHOD, THRESHOLD)
+diag = diagnose(imp, naive, METHOD, THRESHOLD, costs=rescorer.budget.costs)
 per_block = pd.DataFrame(diag["per_block"])
 per_block.round(6).head(10)
 
@@ -71,7 +71,7 @@ per_block.round(6).head(10)
 # ### Scales per layer (log axes)
 
 # %%
-plots.scale_per_layer(per_block, columns=("grad_mean_abs", "grad_norm", "imp_mean"))
+plots.scale_per_layer(per_block, columns=("grad_mean_abs", "imp_mean", "score_mean"))
 
 # %%
 print(f"mean_ratio = {diag['mean_ratio']:.1f} (largest layer {diag['max_mean_layer']}, smallest {diag['min_mean_layer']})")
@@ -116,7 +116,8 @@ print({k: v for k, v in rec.items() if k != "rule"})
 exp.write_json("analysis/gradient_diagnosis.json", diag)
 exp.write_table("analysis/extreme_by_method.csv", by_method.reset_index())
 exp.write_table("analysis/taylor_terms.csv", terms)
-plots.export(plots.scale_per_layer(per_block, columns=("grad_mean_abs", "imp_mean"), backend="paper",
-                                   title=f"{METHOD}: gradient and importance scale per layer"), "scale_per_layer", exp)
+plots.export(plots.scale_per_layer(per_block, columns=("grad_mean_abs", "imp_mean", "score_mean"), backend="paper",
+                                   title=f"{METHOD}: gradient and importance scale per layer"), f"scale_per_layer_{METHOD}", exp)
 plots.export(plots.kept_fraction_per_layer(layer_summary(naive), backend="paper",
-                                           title=f"naive {METHOD}, {RATIO:.0%} of all parameters"), "naive_kept_fraction", exp)
+                                           title=f"naive {METHOD}, {RATIO:.0%} of all parameters"),
+             f"naive_kept_fraction_{METHOD}_{RATIO:g}", exp)

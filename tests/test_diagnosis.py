@@ -7,6 +7,7 @@ from workbench.diagnosis import (
     block_removal_loss, bypassed, diagnose, extreme_blocks, gradient_stats, recommend, scale_ratios,
 )
 from workbench.importance import compute_importance
+from workbench.models import decoder_layers
 from workbench.testing import tiny_model
 from workbench.normalize import NORMALIZERS, PRESETS, ScoringConfig, clip_percentiles, score_table
 from workbench.rescore import Rescorer
@@ -267,3 +268,19 @@ def test_clipping_that_changes_nothing_says_why():
     # tying the lowest 60 % puts the cut-off inside the tie: the plan changes, and nothing is said
     assert rs.plan(ScoringConfig(clip_low=60), sel)[1].removed != rs.plan(ScoringConfig(), sel)[1].removed
     assert rs.clipping_note(ScoringConfig(clip_low=60), sel) is None
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_removal_losses_from_kept_layer_inputs_equal_full_passes(family, monkeypatch):
+    """Running only the layers from the first bypassed one (fed its kept input) gives the full-pass numbers."""
+    import workbench.diagnosis as diagnosis
+
+    model = tiny_model(family, n_layers=4)
+    samples = torch.randint(0, 256, (6, 16), generator=torch.Generator().manual_seed(0))
+    targets = [[(0, "attn")], [(2, "mlp")], [(3, "attn"), (3, "mlp")], [(1, "mlp"), (3, "attn")]]
+    base, fast = diagnosis.removal_losses(model, samples, targets, batch_size=4, progress=False)
+    monkeypatch.setattr(diagnosis, "INPUT_CACHE_BYTES", 0)  # forces full passes
+    base_full, full = diagnosis.removal_losses(model, samples, targets, batch_size=4, progress=False)
+    assert base == pytest.approx(base_full, abs=1e-6)
+    assert fast == pytest.approx(full, abs=1e-5)
+    assert len(decoder_layers(model)) == 4  # the layer list is restored

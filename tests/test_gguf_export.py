@@ -194,3 +194,30 @@ def test_checkpoint_folder_exports_from_the_cli_with_plan_and_carried_tokenizer(
     small.config.gguf_source = str(out)
     with pytest.raises(ExportError, match="260 tokens but the model's embedding has 300 rows"):
         export_gguf(small, tmp_path / "small.gguf")
+
+
+def test_a_gguf_model_is_converted_once_then_read_from_the_cache(tok, tmp_path):
+    """GGUF in → de-quantized once into data_cache/converted/ (keyed by the file's SHA-256) → later loads read it."""
+    from workbench.checkpoints import load_model
+    from workbench.paths import data_cache
+
+    m = tiny_model("llama", n_layers=2)
+    path = export_gguf(m, tmp_path / "tiny.gguf", dtype="f32", tokenizer=tok).path
+    first, tok1 = load_model(path)
+    converted = list(data_cache("converted").iterdir())
+    assert len(converted) == 1 and converted[0].name.startswith("tiny-")
+    again, tok2 = load_model(path)
+    plain, _ = load_model(path, convert_cache=False)
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        ref = m(ids).logits
+        assert torch.equal(first(ids).logits, again(ids).logits) and torch.equal(plain(ids).logits, again(ids).logits)
+        assert (again(ids).logits - ref).abs().max() < 1e-4  # GGUF round trip of our own export
+    assert again.config.gguf_source == str(path.resolve()) and tok2("the thin")["input_ids"] == tok1("the thin")["input_ids"]
+    # another file (other content) gets its own entry; a damaged entry is converted again
+    weights = next(converted[0].glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-10])
+    repaired, _ = load_model(path)
+    with torch.no_grad():
+        assert torch.equal(repaired(ids).logits, first(ids).logits)
+    assert len(list(data_cache("converted").iterdir())) == 1

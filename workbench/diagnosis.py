@@ -44,13 +44,19 @@ def gradient_stats(imp: Importance) -> pd.DataFrame:
     })
 
 
-def importance_stats(imp: Importance, method: str) -> pd.DataFrame:
+def importance_stats(imp: Importance, method: str, costs: dict[str, list[int]] | None = None) -> pd.DataFrame:
+    """Per layer and block: mean / sum / max / min importance of its units; with `costs` (parameters per
+    unit, `Budget.costs`) also `score_mean`, the mean importance per parameter, which is what a global
+    ranking compares (an attention group owns far more parameters than an MLP channel)."""
     rows = []
     for block, per_layer in imp.scores(method).items():
         for layer, t in enumerate(per_layer):
             if t.numel():
-                rows.append(dict(layer=layer, block=block, imp_mean=float(t.mean()), imp_sum=float(t.sum()),
-                                 imp_max=float(t.max()), imp_min=float(t.min())))
+                row = dict(layer=layer, block=block, imp_mean=float(t.mean()), imp_sum=float(t.sum()),
+                           imp_max=float(t.max()), imp_min=float(t.min()))
+                if costs is not None:
+                    row["score_mean"] = row["imp_mean"] / costs[block][layer]
+                rows.append(row)
     return pd.DataFrame(rows).sort_values(["layer", "block"]).reset_index(drop=True)
 
 
@@ -120,14 +126,17 @@ def recommend(mean_ratio: float, n_extreme: int) -> Recommendation:
                           f"mean_ratio {mean_ratio:.1f} < 100 → no normalization, or temperature 1")
 
 
-def diagnose(imp: Importance, plan: Plan, method: str = "taylor", threshold: float = EXTREME_THRESHOLD) -> dict:
-    """Everything the diagnosis notebook shows, JSON-ready (written as analysis/gradient_diagnosis.json)."""
+def diagnose(imp: Importance, plan: Plan, method: str = "taylor", threshold: float = EXTREME_THRESHOLD,
+             costs: dict[str, list[int]] | None = None) -> dict:
+    """Everything the diagnosis notebook shows, JSON-ready (written as analysis/gradient_diagnosis.json).
+
+    costs: parameters per unit (`Budget.costs`), for the per-parameter score column `score_mean`."""
     grad = gradient_stats(imp)
     ratios = scale_ratios(grad)
     extreme = extreme_blocks(plan, threshold)
     rec = recommend(ratios["mean_ratio"], len(extreme))
     summary = layer_summary(plan)
-    per_block = grad.merge(importance_stats(imp, method), on=["layer", "block"], how="left").merge(
+    per_block = grad.merge(importance_stats(imp, method, costs), on=["layer", "block"], how="left").merge(
         summary[["layer", "block", "pruned_fraction"]], on=["layer", "block"], how="left")
     return dict(
         method=method, threshold=threshold, **ratios, n_extreme=len(extreme),
@@ -165,17 +174,77 @@ def mean_loss(model: nn.Module, samples: torch.Tensor, batch_size: int) -> float
     return total / count
 
 
+INPUT_CACHE_BYTES = 2 * 2**30  # layer inputs kept for the removal losses up to this size; beyond, full passes
+
+
+@contextlib.contextmanager
+def _from_layer(model: nn.Module, start: int):
+    """Inside, the model runs only its decoder layers from `start` on (feed it that layer's input as
+    `inputs_embeds`): a removal loss then skips the layers before the first bypassed block."""
+    spec = get_spec(model)
+    parent_path, _, attr = spec.layers.rpartition(".")
+    parent = model.get_submodule(parent_path)
+    layers = getattr(parent, attr)
+    setattr(parent, attr, nn.ModuleList(list(layers)[start:]))
+    try:
+        yield
+    finally:
+        setattr(parent, attr, layers)
+
+
+@torch.no_grad()
+def _layer_inputs(model: nn.Module, samples: torch.Tensor, batch_size: int, starts: set[int]):
+    """One dense pass: (mean loss, {layer: [its input per batch]}) for the layers in `starts`."""
+    device = next(model.parameters()).device
+    inputs: dict[int, list[torch.Tensor]] = {s: [] for s in starts}
+    total = 0.0
+    for start in range(0, len(samples), batch_size):
+        b = samples[start : start + batch_size].to(device)
+        out = model(input_ids=b, labels=b, use_cache=False, output_hidden_states=True)
+        total += float(out.loss) * len(b)
+        for s in starts:
+            inputs[s].append(out.hidden_states[s])
+    return total / len(samples), inputs
+
+
+@torch.no_grad()
+def _loss_from(model: nn.Module, samples: torch.Tensor, batch_size: int, start: int, inputs: list[torch.Tensor]) -> float:
+    device = next(model.parameters()).device
+    total = 0.0
+    with _from_layer(model, start):
+        for i, first in enumerate(range(0, len(samples), batch_size)):
+            b = samples[first : first + batch_size].to(device)
+            total += float(model(inputs_embeds=inputs[i], labels=b, use_cache=False).loss) * len(b)
+    return total / len(samples)
+
+
 def removal_losses(model: nn.Module, samples: torch.Tensor, targets: list[list[tuple[int, str]]], *,
                    batch_size: int = 4, progress: bool = True, desc: str = "removal loss") -> tuple[float, list[float]]:
-    """(intact calibration loss, loss increase with each target's (layer, block) list bypassed together)."""
+    """(intact calibration loss, loss increase with each target's (layer, block) list bypassed together).
+
+    The input of each target's first layer is kept from one dense pass, so a target runs only the layers
+    from there on: about half the work of full passes for one block per target. Above `INPUT_CACHE_BYTES`
+    of kept inputs it falls back to full passes (the same numbers).
+    """
+    starts = {min(layer for layer, _ in t) for t in targets if t}
+    hidden = geometry(model.config).hidden
+    itemsize = next(model.parameters()).element_size()
+    fits = samples.numel() * hidden * itemsize * len(starts) <= INPUT_CACHE_BYTES
     with eval_mode(model):
-        base = mean_loss(model, samples, batch_size)
+        if fits:
+            base, inputs = _layer_inputs(model, samples, batch_size, starts)
+        else:
+            base, inputs = mean_loss(model, samples, batch_size), None
         out = []
         for target in tqdm(targets, desc=desc, disable=not progress, leave=False):
             with contextlib.ExitStack() as stack:
                 for layer, block in target:
                     stack.enter_context(bypassed(model, layer, block))
-                out.append(mean_loss(model, samples, batch_size) - base)
+                if inputs is not None and target:
+                    start = min(layer for layer, _ in target)
+                    out.append(_loss_from(model, samples, batch_size, start, inputs[start]) - base)
+                else:
+                    out.append(mean_loss(model, samples, batch_size) - base)
     return base, out
 
 

@@ -85,7 +85,8 @@ def _words(name: str) -> str:
 # Axis labels of the diagnosis statistics (columns of `diagnosis.diagnose(...)["per_block"]`).
 STAT_LABELS = {
     "grad_mean_abs": "mean |g|", "grad_norm": "gradient norm", "grad_max_abs": "max |g|",
-    "imp_mean": "mean importance", "imp_sum": "total importance", "imp_max": "max importance",
+    "imp_mean": "mean importance per unit", "imp_sum": "total importance", "imp_max": "max importance",
+    "score_mean": "mean importance / parameter (ranked)",
     "removal_loss": "block removal loss",
     "first": "Σ|w·g| (first order)", "second_batch": "½Σw²F, batch-mean Fisher",
     "second_seq": "½Σw²F, per-sequence Fisher", "batch_over_first": "second (batch) / first",
