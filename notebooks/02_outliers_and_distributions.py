@@ -27,6 +27,8 @@
 # 3. the outlier units a global plan removes (warning), and an OWL-style per-layer allocation:
 #    each layer's ratio shrinks with its outlier ratio (share of |w|·‖x‖ above M × the layer mean), kept within
 #    ±λ of the global ratio, mean equal to it.
+#
+# Expected runtime on 2 CPU cores with SmolLM2-135M: 2.4 min with the importance pass cached (activation statistics 65 s); smoke mode: seconds.
 
 # %% tags=["parameters"]
 MODEL = None

@@ -21,6 +21,8 @@
 # MLP channels; each has an exact parameter cost, and the lowest `score = importance / cost` units across
 # all layers are removed until the budget is met (a fractional knapsack). Blocks left empty add nothing to
 # the residual stream; layers with both blocks empty are removed.
+#
+# Expected runtime on 2 CPU cores with SmolLM2-135M: 106 s with the importance pass cached (≈ 50 s more without); smoke mode: seconds.
 
 # %% tags=["parameters"]
 MODEL = None
@@ -80,7 +82,7 @@ print(f"{imp.acc.batches} batches, {imp.acc.tokens} tokens; the pass took {imp.s
 # %%
 selection = SelectionConfig(ratio=RATIO, ratio_of=RATIO_OF, min_units_per_block=MIN_UNITS_PER_BLOCK)
 table, plan = select_plan(model, imp, METHOD, selection)
-table.nsmallest(15, "score")
+plots.styled(table.nsmallest(15, "score"))
 
 # %%
 summary = record_plan(exp, table, plan)

@@ -98,7 +98,7 @@ plans = baseline_plans(rescorer, RATIO, layer_scores=layer_scores, variants=stud
 with notebook.timed("comparison table"):
     table = compare_plans(model, tokenizer, plans, samples, reconstruction=ReconstructConfig() if RECONSTRUCT else None,
                           seq_len=SEQ_LEN, max_windows=EVAL_WINDOWS)
-table.sort_values("ppl")
+plots.styled(table.sort_values("ppl"))
 
 # %%
 exp.write_table("analysis/comparison.csv", table.reset_index())

@@ -15,7 +15,8 @@ from workbench.testing import byte_tokenizer, tiny_model
 
 needs_llamacpp = pytest.mark.skipif(not llamacpp.available(), reason="llama.cpp binding not installed (make setup)")
 PROMPT = list(range(3, 60))
-PLAN_KINDS = ("dense", "uniform", "per_layer", "per_layer_bias", "first_attn_empty")
+PLAN_KINDS = ("dense", "uniform", "uniform_bias", "per_layer_mlp", "per_layer", "per_layer_bias", "first_attn_empty")
+QWEN2_KINDS = ("dense", "uniform", "uniform_bias", "per_layer_mlp")  # the rest prune Qwen2's biased attention
 
 
 @pytest.fixture(scope="module")
@@ -26,22 +27,31 @@ def tok():
 def _model(family: str, kind: str, **kw):
     """A tiny model pruned by a plan of `kind`: per-layer widths, an emptied attention, an emptied MLP and a
     removed layer (+ output biases on emptied blocks, as reconstruction / FLAP leave them)."""
-    if family == "qwen2" and kind in ("dense", "uniform", "uniform_attn"):
+    if family == "qwen2" and kind in (*QWEN2_KINDS, "uniform_attn"):
         kw.setdefault("hidden", 96)  # llama.cpp's qwen2 needs query width = hidden
     m = tiny_model(family, n_layers=5, n_heads=6, n_kv_heads=3, **kw)
     w = layer_widths(m)
-    if kind == "uniform":  # llama.cpp's qwen2 keeps every query head: its uniform plan prunes the MLP only
+    if kind in ("uniform", "uniform_bias"):  # llama.cpp's qwen2 keeps every query head: MLP-only plans
         attn = {} if family == "qwen2" else {i: [1] for i in range(5)}
         apply_plan(m, Plan.from_units(w, {"attn": attn, "mlp": {i: list(range(20)) for i in range(5)}}))
     elif kind == "uniform_attn":
         apply_plan(m, Plan.from_units(w, {"attn": {i: [1] for i in range(5)}}))
-    elif kind.startswith("per_layer"):
+    elif kind in ("per_layer", "per_layer_bias"):
         apply_plan(m, Plan.from_units(w, {
             "attn": {0: [1], 1: [0, 1, 2], 3: [0, 1, 2], 4: [2]},
             "mlp": {0: list(range(10)), 2: list(range(96)), 3: list(range(96)), 4: list(range(50))},
         }, settings=dict(method="taylor"), selected_params=100, denominator=400))
+    elif kind == "per_layer_mlp":  # attention whole, MLP widths per layer, one MLP emptied
+        apply_plan(m, Plan.from_units(w, {"mlp": {0: list(range(10)), 2: list(range(96)), 4: list(range(50))}}))
     elif kind == "first_attn_empty":  # llama.cpp needs heads in layer 0: written as a zero-weight group
         apply_plan(m, Plan.from_units(w, {"attn": {0: [0, 1, 2], 2: [1]}, "mlp": {1: list(range(30))}}))
+    if kind == "uniform_bias":  # reconstruction leaves output biases on kept blocks of every layer
+        spec, hidden = get_spec(m), m.config.hidden_size
+        torch.manual_seed(4)
+        for layer in decoder_layers(m):
+            for block in ("attn", "mlp"):
+                with torch.no_grad():
+                    add_output_bias(layer, spec, block, hidden).normal_(0, 0.1)
     if kind == "per_layer_bias":
         spec, hidden = get_spec(m), m.config.hidden_size
         torch.manual_seed(3)
@@ -59,7 +69,7 @@ def _hf_logits(m, ids):
 # Per-layer Qwen2 (q/k/v biases) is refused, and Qwen3 is written but this llama.cpp build predates it:
 # both are covered below.
 RUNNABLE = [(f, k) for f in ("llama", "mistral", "qwen2") for k in PLAN_KINDS
-            if not (f == "qwen2" and k not in ("dense", "uniform"))]
+            if f != "qwen2" or k in QWEN2_KINDS]
 
 
 @needs_llamacpp
@@ -67,8 +77,9 @@ RUNNABLE = [(f, k) for f in ("llama", "mistral", "qwen2") for k in PLAN_KINDS
 def test_llamacpp_computes_what_the_pruned_model_computes_f32(family, kind, tok, tmp_path):
     m = _model(family, kind)
     report = export_gguf(m, tmp_path / "m.gguf", dtype="f32", tokenizer=tok)
-    uniform = kind in ("dense", "uniform")
-    assert report.arch == ({"qwen2": "qwen2"}.get(family, "llama") if uniform else "deci")
+    # Qwen2 with reconstruction biases goes to deci too: llama.cpp's qwen2 has no output biases
+    own = kind in ("dense", "uniform") or (kind == "uniform_bias" and family != "qwen2")
+    assert report.arch == ({"qwen2": "qwen2"}.get(family, "llama") if own else "deci")
     assert report.n_layers == len(decoder_layers(m))
     with llamacpp.loaded(report.path, n_ctx=128, n_threads=2, kv_type="f32") as lm:
         got = lm.logits(PROMPT)

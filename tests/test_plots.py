@@ -165,3 +165,13 @@ def test_heatmap_ticks_every_fifth_layer_and_words_on_axes():
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "5", "10"]
     assert ax.get_ylabel() == "weight matrix" and "max |w| / std" in fig.axes[1].get_ylabel()
+
+
+def test_styled_tables_format_by_column_meaning():
+    import pandas as pd
+
+    t = pd.DataFrame({"ppl": [35.391234], "params": [107611776], "mlp_max_pruned": [0.4567], "imp_mean": [1.234e-7],
+                      "method": ["a long name that stays whole"]})
+    html = plots.styled(t).to_html()
+    for text in ("35.39", "107,611,776", "45.7%", "1.234e-07", "a long name that stays whole"):
+        assert text in html

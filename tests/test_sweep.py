@@ -102,7 +102,9 @@ def test_cli_run_writes_one_experiment_with_its_resolved_config(tmp_path):
     cfg = load_run_config(root / "run.yaml")
     assert cfg.selection.ratio == 0.3 and cfg.model.name == "tiny" and cfg.extra_eval_sources == (str(text),)
     rec = json.loads((root / "evaluation" / "perplexity.json").read_text())
-    assert abs(rec["report"]["ratio_total"] - 0.3) < 0.02
+    # the knapsack stops at the first unit that reaches the budget: it may pass it by at most one unit,
+    # here one GQA group (6,144 of the tiny model's 129,840 parameters, 4.7 %)
+    assert 0.3 <= rec["report"]["ratio_total"] < 0.3 + 6144 / 129840
     other = rec["extra_sources"][str(text)]
     assert other["dense"]["source"] != rec["dense"]["source"] and other["final"]["ppl"] > 1
 

@@ -120,7 +120,9 @@ def gguf_layout(model: nn.Module, ff_multiple: int = 1) -> GGUFLayout:
     rope = _rope(model.config)
     if rope["rope_type"] not in ("default", "llama3", "linear"):
         raise ExportError(f"rope_type={rope['rope_type']!r} has no GGUF export here; allowed: default, llama3, linear")
-    if uniform:
+    out_bias = any(b is not None for layer in layers for b in _output_biases(layer, spec))
+    full_attention = all(g == geo.n_kv_heads for g, _ in widths) and geo.n_heads * geo.head_dim == geo.hidden
+    if uniform and not (out_bias and spec.family in ("qwen2", "qwen3")):
         arch = UNIFORM_ARCH[spec.family]
         g, c = widths[0]
         if arch == "qwen2" and g * ratio * geo.head_dim != geo.hidden:
@@ -132,12 +134,13 @@ def gguf_layout(model: nn.Module, ff_multiple: int = 1) -> GGUFLayout:
         c = _round_up(c, ff_multiple)
         return GGUFLayout(arch, (g * ratio,) * n, (g,) * n, (c,) * n, (False,) * n, (False,) * n)
     if spec.family == "qwen3":
-        raise ExportError("a Qwen3 model with per-layer shapes cannot be exported: llama.cpp's per-layer "
-                          "architecture (deci) has no per-head q/k norms; only uniform Qwen3 plans export (as qwen3)")
-    if geo.qkv_bias:
-        raise ExportError(f"a {spec.family} model with q/k/v biases and per-layer shapes cannot be exported: "
-                          "llama.cpp's per-layer architecture (deci) reads q/k/v biases only at the full width; "
-                          "only uniform plans of this model export")
+        raise ExportError("this Qwen3 model cannot be exported: llama.cpp's per-layer architecture (deci) has no "
+                          "per-head q/k norms and its qwen3 has no output biases; only uniform Qwen3 plans without "
+                          "reconstruction / FLAP biases export (as qwen3)")
+    if geo.qkv_bias and not full_attention:
+        raise ExportError(f"this {spec.family} model (q/k/v biases) cannot be exported with pruned attention: "
+                          "llama.cpp's qwen2 needs every query head and its per-layer architecture (deci) reads "
+                          "q/k/v biases only at the full width; a plan that prunes only MLP channels exports")
     heads, kv, ff, a_stub, m_stub = [], [], [], [], []
     for (g, c), layer in zip(widths, layers):
         parts = layer_parts(layer, spec)
@@ -150,6 +153,13 @@ def gguf_layout(model: nn.Module, ff_multiple: int = 1) -> GGUFLayout:
         kv.append(g)
         ff.append(_round_up(max(c, 1), ff_multiple))
     return GGUFLayout(PER_LAYER_ARCH, tuple(heads), tuple(kv), tuple(ff), tuple(a_stub), tuple(m_stub))
+
+
+def _output_biases(layer: nn.Module, spec) -> list:
+    """The biases a layer adds after its attention and its MLP (o_proj / down_proj, or an emptied block's constant)."""
+    parts = layer_parts(layer, spec)
+    return [parts.attn.bias if isinstance(parts.attn, EmptyBlock) else parts.o.bias,
+            parts.mlp.bias if isinstance(parts.mlp, EmptyBlock) else parts.down.bias]
 
 
 def _permute_rotary(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:

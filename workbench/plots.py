@@ -290,6 +290,27 @@ def grouped_bars(frame: pd.DataFrame, backend: str = "plotly", *, ylabel: str = 
     return fig
 
 
+def styled(table: pd.DataFrame):
+    """A table as a notebook shows it: perplexities and losses to 2 decimals, counts with thousands
+    separators, importance / score columns in scientific notation, fractions as percentages, text whole."""
+    formats = {}
+    for col in table.columns:
+        name, values = str(col).lower(), table[col]
+        if pd.api.types.is_bool_dtype(values) or not pd.api.types.is_numeric_dtype(values):
+            continue
+        if pd.api.types.is_integer_dtype(values):
+            formats[col] = "{:,}"
+        elif "ppl" in name or "loss" in name or "perplexity" in name:
+            formats[col] = "{:,.2f}"
+        elif "fraction" in name or "pruned" in name or "share" in name or name.startswith("ratio"):
+            formats[col] = "{:.1%}"
+        elif any(k in name for k in ("imp", "score", "grad", "fisher", "first", "second")):
+            formats[col] = "{:.3e}"
+        else:
+            formats[col] = "{:,.4g}"
+    return table.style.format(formats, na_rep="–").set_properties(**{"white-space": "pre-wrap"})
+
+
 def ppl_bars(ppl: pd.Series, backend: str = "plotly", *, dense: float | None = None, title: str = "Perplexity",
              log_y: bool = True):
     """Perplexity per plan/setting: bars sorted best first, value labels, log axis, the dense model as a line."""
