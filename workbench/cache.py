@@ -77,12 +77,13 @@ def clear_memory() -> None:
 
 def cached(kind: str, key: str, compute: Callable[[], T], *, cache: bool | str | os.PathLike = True,
            encode: Callable[[T], Any] = lambda x: x, decode: Callable[[Any], T] = lambda x: x,
-           version: int = 1) -> T:
+           version: int = 1, write: bool = True) -> T:
     """`compute()` once per (kind, key): from memory, else from disk, else computed and stored in both.
 
     `cache=True` uses `data_cache/<kind>/`, a path P uses `P/<kind>/`, `False` neither memory nor disk.
     `encode`/`decode` turn the result into something `torch.save` stores (plain containers, tensors).
     `version` is the payload's format: a file of another version is recomputed.
+    `write=False` reads the disk but never writes it (the non-zero ranks of a data-parallel pass).
     """
     if cache is False:
         return compute()
@@ -97,7 +98,8 @@ def cached(kind: str, key: str, compute: Callable[[], T], *, cache: bool | str |
             warnings.warn(f"cache file {path} cannot be used ({type(e).__name__}: {e}); recomputing it", stacklevel=2)
     if value is None:
         value = compute()
-        write_entry(path, kind, key, version, encode(value))
+        if write:
+            write_entry(path, kind, key, version, encode(value))
     _MEMORY[(kind, key)] = value
     return value
 

@@ -5,6 +5,7 @@
     workbench consolidate SWEEP_DIR
     workbench best SWEEP_DIR [--objective ppl] [--direction minimize]
     workbench export-gguf DIR OUT.gguf [--dtype f16|f32|q8_0] [--overwrite]
+    workbench calibrate CONFIG.yaml [key=value ...]      (also under torchrun: data-parallel, rank 0 caches)
 
 Every file and override is checked before a model is loaded; a bad one exits with status 2 and a message
 naming the key and what is allowed.
@@ -12,6 +13,7 @@ naming the key and what is allowed.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,8 +22,9 @@ from workbench.config import ConfigError, load_run_config, save_config
 from workbench.consolidate import best, consolidate
 from workbench.experiments import Experiment
 from workbench.gguf_export import GGUF_DTYPES, ExportError, export_gguf
+from workbench.parallel import init_from_env
 from workbench.paths import experiments_root
-from workbench.pipeline import run_pruning
+from workbench.pipeline import calibrate, run_pruning
 from workbench.sweep import DIRECTIONS, RUN_FILE, ModelPool, run_sweep
 
 
@@ -71,6 +74,17 @@ def _export_gguf(args) -> int:
     return 0
 
 
+def _calibrate(args) -> int:
+    data_parallel = init_from_env()  # under torchrun: join its process group, take a share of the batches
+    cfg = load_run_config(args.config, args.overrides)
+    model, tok = ModelPool().get(cfg)
+    _, imp = calibrate(model, tok, cfg.calibration, progress=not args.quiet, data_parallel=data_parallel)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"importance of {imp.acc.batches} batches, {imp.acc.tokens:,} tokens in {imp.seconds:.1f} s "
+              f"(cache key {imp.key[:12]}; every later run of this model, data and setting reads it)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="workbench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -106,6 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--dtype", default="f16", choices=GGUF_DTYPES)
     g.add_argument("--overwrite", action="store_true")
     g.set_defaults(fn=_export_gguf)
+    k = sub.add_parser("calibrate", help="the importance pass of a run file, cached (data-parallel under torchrun)")
+    k.add_argument("config")
+    k.add_argument("overrides", nargs="*", help="dotted key=value, e.g. calibration.num_samples=128")
+    k.add_argument("--quiet", action="store_true", help="no progress bars")
+    k.set_defaults(fn=_calibrate)
     args = ap.parse_args(argv)
     try:
         return args.fn(args)

@@ -149,11 +149,17 @@ def compute_importance(
     fisher: str = "batch",
     progress: bool = True,
     calibration: dict | None = None,
+    data_parallel: bool = False,
 ) -> Importance:
     """Run one forward+backward pass over `samples` ([N, seq_len] token ids) and accumulate everything.
 
     fisher="sequence" runs each window forward and backward on its own (the batch gradient is their mean, so
     every other accumulator is the same as with "batch") and adds the per-sequence Fisher.
+
+    data_parallel=True (inside an initialised `torch.distributed` process group, e.g. under torchrun): every
+    process passes the same `samples` and model, takes batches rank, rank + world, ... of them, and the
+    accumulators, gradient statistics and Wanda / FLAP input sums are all-reduced at the end, so every
+    process returns the result one process would compute (up to summation order). gloo on CPUs, NCCL on GPUs.
     """
     if samples.ndim != 2 or samples.numel() == 0:
         raise ValueError(f"samples must be a non-empty [num_samples, seq_len] tensor, got shape {tuple(samples.shape)}")
@@ -165,6 +171,11 @@ def compute_importance(
     if fisher not in FISHER_MODES:
         raise ValueError(f"fisher={fisher!r} is not allowed; allowed: {list(FISHER_MODES)}")
     check_token_ids(samples, model, "calibration token ids")
+    rank, world = _rank_and_world(data_parallel)
+    n_batches_total = -(-len(samples) // batch_size)
+    if n_batches_total < world:
+        raise ValueError(f"{n_batches_total} batches of {batch_size} cannot feed {world} processes; "
+                         f"use at least {world * batch_size} samples or a smaller batch_size")
     geo = geometry(model.config)
     device = next(model.parameters()).device
     blocks = list(iter_blocks(model))
@@ -191,7 +202,8 @@ def compute_importance(
     taps_on = gradient_taps([up.param for _, _, up in taps], tap) if per_seq else contextlib.nullcontext()
     try:
         with eval_mode(model), only_prunable_grads(model), input_sq_norms(model) as norms, taps_on:
-            for start in tqdm(range(0, len(samples), batch_size), desc="importance", disable=not progress, leave=False):
+            starts = range(rank * batch_size, len(samples), world * batch_size)  # this process's share
+            for start in tqdm(starts, desc="importance", disable=not progress or rank != 0, leave=False):
                 batch = samples[start : start + batch_size].to(device)
                 # one window at a time with fisher="sequence": each loss / len(batch), so .grad sums to the batch's
                 for part in (batch.split(1) if per_seq else (batch,)):
@@ -218,6 +230,8 @@ def compute_importance(
                 stats[:, 3] += batch_stats[:, 3]
                 n_batches += 1
                 n_tokens += batch.numel()
+            if world > 1:
+                n_batches, n_tokens = _all_reduce_parts(first, fisher_b, fisher_s, stats, norms, n_batches, n_tokens)
         wanda = _wanda_scores(model, norms)
         fluctuation = _fluctuation_scores(model, norms, n_tokens)
     finally:
@@ -256,6 +270,40 @@ def compute_importance(
         acc=acc, grad_stats=grad_stats, widths=layer_widths(model),
         model=str(getattr(model.config, "name_or_path", "")), calibration=dict(calibration or {}), seconds=seconds,
     )
+
+
+def _rank_and_world(data_parallel: bool) -> tuple[int, int]:
+    if not data_parallel:
+        return 0, 1
+    import torch.distributed as dist  # deferred: only data-parallel calibration needs it
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("data_parallel=True needs an initialised torch.distributed process group "
+                           "(run under torchrun, or call torch.distributed.init_process_group first)")
+    return dist.get_rank(), dist.get_world_size()
+
+
+@torch.no_grad()
+def _all_reduce_parts(first: dict, fisher_b: dict, fisher_s: dict | None, stats: torch.Tensor, norms: dict,
+                      n_batches: int, n_tokens: int) -> tuple[int, int]:
+    """Sum every process's accumulators in place (the max of the gradient maxima); return the total counts."""
+    import torch.distributed as dist  # deferred: only data-parallel calibration needs it
+
+    tensors = [*first.values(), *fisher_b.values(), *(fisher_s or {}).values(),
+               *(norms[k] for k in sorted(norms, key=str))]
+    flat = torch.cat([t.reshape(-1).double() for t in tensors]
+                     + [stats[:, [0, 1, 3]].reshape(-1), stats.new_tensor([n_batches, n_tokens])])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    maxima = stats[:, 2].clone()
+    dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t).to(t.dtype))
+        offset += t.numel()
+    n = stats.shape[0]
+    stats[:, [0, 1, 3]] = flat[offset : offset + 3 * n].view(n, 3)
+    stats[:, 2] = maxima
+    return int(flat[-2]), int(flat[-1])
 
 
 @torch.no_grad()
@@ -321,18 +369,22 @@ def importance_cached(
     cache: bool | str | os.PathLike = True,
     progress: bool = True,
     calibration: dict | None = None,
+    data_parallel: bool = False,
 ) -> Importance:
     """`compute_importance`, cached (`workbench.cache`) by the model's content, the samples, the batch size and
-    the Fisher mode.
+    the Fisher mode (not by the number of processes: a data-parallel pass gives the same result).
 
     `cache=True`: memory + `data_cache/importance/`; a folder: memory + that folder; False: always computed.
+    With `data_parallel=True` every process reads the cache and only rank 0 writes it.
     """
     key = make_key(model=model, data=samples, settings=dict(batch_size=batch_size, fisher=fisher))
+    rank, _ = _rank_and_world(data_parallel)
 
     def compute() -> Importance:
         imp = compute_importance(model, samples, batch_size=batch_size, fisher=fisher, progress=progress,
-                                 calibration=calibration)
+                                 calibration=calibration, data_parallel=data_parallel)
         imp.key = key
         return imp
 
-    return cached(CACHE_KIND, key, compute, cache=cache, encode=_encode, decode=_decode, version=CACHE_FORMAT)
+    return cached(CACHE_KIND, key, compute, cache=cache, encode=_encode, decode=_decode, version=CACHE_FORMAT,
+                  write=rank == 0)

@@ -100,11 +100,12 @@ class PruneRunConfig:
 
 
 def calibrate(model: nn.Module, tokenizer, calibration: CalibrationConfig, *,
-              progress: bool = True) -> tuple[torch.Tensor, Importance]:
-    """The calibration samples and the importance of one (cached) pass over them."""
+              progress: bool = True, data_parallel: bool = False) -> tuple[torch.Tensor, Importance]:
+    """The calibration samples and the importance of one (cached) pass over them (`data_parallel`: this
+    process's share of it, inside a torch.distributed process group; every process gets the whole result)."""
     samples = calibration_samples(tokenizer, calibration)
     imp = importance_cached(model, samples, batch_size=calibration.batch_size, fisher=calibration.fisher,
-                            progress=progress, calibration=asdict(calibration))
+                            progress=progress, calibration=asdict(calibration), data_parallel=data_parallel)
     return samples, imp
 
 
