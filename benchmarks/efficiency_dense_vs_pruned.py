@@ -1,7 +1,7 @@
 """Dense vs globally pruned (Taylor) model side by side: parameters, KV cache, prefill / decode speed.
 
     python benchmarks/efficiency_dense_vs_pruned.py [--model tiny|default|<path>] [--ratio 0.2]
-        [--prompt-len 128] [--new-tokens 32] [--repeats 5] [--device cpu|cuda] [--dtype float32]
+        [--prompt-len 128] [--new-tokens 32] [--repeats 5] [--decode loop|static] [--device cpu|cuda] [--dtype float32]
 
 Uses the cached importance of the demo's calibration (64 × 128 tokens) when present.
 """
@@ -28,6 +28,8 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--decode", default="loop", choices=["loop", "static"],
+                    help="static: transformers' generate with a static KV cache (compiled by transformers on CUDA)")
     args = ap.parse_args()
     model, tok = bench_model(args)
     calib = CalibrationConfig(num_samples=64, seq_len=128)
@@ -35,7 +37,8 @@ def main():
     plan = select(build_table(imp.scores("taylor"), unit_costs(model)), model, SelectionConfig(ratio=args.ratio))
     pruned = copy.deepcopy(model)
     apply_plan(pruned, plan)
-    cfg = EfficiencyConfig(prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats)
+    cfg = EfficiencyConfig(prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats,
+                           decode=args.decode)
     table = compare({"dense": model, "pruned": pruned}, cfg)
     rows = ["params_total", "params_attn", "params_mlp", "weight_bytes", "kv_cache_bytes_per_token",
             "prefill_ms", "decode_ms_per_token", "decode_tokens_per_s", "peak_memory_bytes", "peak_memory_kind"]

@@ -46,3 +46,23 @@ def test_compare_puts_models_side_by_side(make_model):
 def test_bad_settings_are_errors(kw):
     with pytest.raises(ValueError, match=next(iter(kw))):
         EfficiencyConfig(**kw)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_static_cache_decoding_gives_the_loop_s_tokens_on_pruned_models(make_model, family):
+    """transformers' static-cache `generate` (compiled by transformers on CUDA) on per-layer KV heads, emptied
+    blocks (layer 0's attention included) and a removed layer: the same greedy tokens as our loop (float32)."""
+    from workbench.efficiency import greedy_tokens
+
+    model = make_model(family, n_layers=5)
+    plan = Plan.from_units(layer_widths(model), {"attn": {0: [0, 1], 2: [1], 3: [0, 1]},
+                                                 "mlp": {1: list(range(96)), 3: list(range(96)), 4: list(range(40))}})
+    apply_plan(model, plan)  # layer 3 removed
+    prompt = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(0))
+    loop = greedy_tokens(model, prompt, 12)
+    assert loop.shape == (2, 12)
+    assert torch.equal(greedy_tokens(model, prompt, 12, decode="static"), loop)
+    rec = measure(model, EfficiencyConfig(prompt_len=12, new_tokens=3, warmup=1, repeats=2, decode="static"))
+    assert rec["decode_ms_per_token"] >= 0 and rec["prefill_ms"] > 0 and rec["cfg_decode"] == "static"
+    with pytest.raises(ValueError, match="decode='compiled'"):
+        EfficiencyConfig(decode="compiled")

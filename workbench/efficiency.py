@@ -23,6 +23,9 @@ from torch import nn
 from workbench.models import decoder_layers, eval_mode, geometry, get_spec, layer_parts, layer_widths, parameter_count
 
 
+DECODE_MODES = ("loop", "static")
+
+
 @dataclass(frozen=True)
 class EfficiencyConfig:
     """How efficiency is measured (one protocol for every model compared).
@@ -34,6 +37,9 @@ class EfficiencyConfig:
         warmup: untimed runs before the timed ones.
         repeats: timed runs; latencies are medians over them.
         seed: seed of the random prompt.
+        decode: "loop" (our own greedy loop with transformers' dynamic KV cache) or "static" (transformers'
+            `generate` with a static KV cache, which transformers compiles on CUDA: the compiled mode);
+            per-token decode time there is (time of prompt + N tokens − time of prompt + 1 token) / (N − 1).
     """
 
     prompt_len: int = 128
@@ -42,8 +48,11 @@ class EfficiencyConfig:
     warmup: int = 2
     repeats: int = 5
     seed: int = 0
+    decode: str = "loop"
 
     def __post_init__(self):
+        if self.decode not in DECODE_MODES:
+            raise ValueError(f"decode={self.decode!r} is not allowed; allowed: {list(DECODE_MODES)}")
         for name in ("prompt_len", "new_tokens", "batch_size", "repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be a positive integer")
@@ -142,6 +151,42 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
+def _generate(model: nn.Module, prompt: torch.Tensor, new_tokens: int):
+    return model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                          cache_implementation="static", return_dict_in_generate=True,
+                          pad_token_id=model.config.eos_token_id or 0)
+
+
+def _run_static(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> tuple[float, list[float], object]:
+    device = prompt.device
+    _sync(device)
+    t = time.perf_counter()
+    _generate(model, prompt, 1)
+    _sync(device)
+    prefill = time.perf_counter() - t
+    t = time.perf_counter()
+    out = _generate(model, prompt, new_tokens + 1)
+    _sync(device)
+    per_token = max(time.perf_counter() - t - prefill, 0.0) / new_tokens
+    return prefill, [per_token] * new_tokens, out.past_key_values
+
+
+def greedy_tokens(model: nn.Module, prompt: torch.Tensor, new_tokens: int, decode: str = "loop") -> torch.Tensor:
+    """The `new_tokens` greedy tokens each decode mode produces (they must agree; tested)."""
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode={decode!r} is not allowed; allowed: {list(DECODE_MODES)}")
+    with torch.no_grad(), eval_mode(model):
+        if decode == "static":
+            return _generate(model, prompt, new_tokens).sequences[:, prompt.shape[1]:]
+        out = model(input_ids=prompt, use_cache=True)
+        cache, token, tokens = out.past_key_values, out.logits[:, -1:].argmax(-1), []
+        for _ in range(new_tokens):
+            tokens.append(token)
+            out = model(input_ids=token, past_key_values=cache, use_cache=True)
+            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        return torch.cat(tokens, dim=1)
+
+
 def _run(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> tuple[float, list[float], object]:
     device = prompt.device
     _sync(device)
@@ -167,13 +212,14 @@ def measure(model: nn.Module, cfg: EfficiencyConfig = EfficiencyConfig(), *,
     vocab = model.get_input_embeddings().weight.shape[0]
     prompt = torch.randint(0, vocab, (cfg.batch_size, cfg.prompt_len),
                            generator=torch.Generator().manual_seed(cfg.seed)).to(device)
-    with eval_mode(model):
+    run = _run_static if cfg.decode == "static" else _run
+    with eval_mode(model), torch.no_grad():
         for _ in range(cfg.warmup):
-            _run(model, prompt, cfg.new_tokens)
+            run(model, prompt, cfg.new_tokens)
         prefills, steps = [], []
         with PeakMemory(device) as mem:
             for _ in range(cfg.repeats):
-                p, s, cache = _run(model, prompt, cfg.new_tokens)
+                p, s, cache = run(model, prompt, cfg.new_tokens)
                 prefills.append(p)
                 steps.extend(s)
     tokens_in_cache = cfg.batch_size * (cfg.prompt_len + cfg.new_tokens)
