@@ -19,7 +19,8 @@ BACKENDS = ("plotly", "paper")
 EXPORT_FORMATS = ("pdf", "png", "svg")
 
 # One palette and size for every figure, interactive or exported.
-COLORS = {"attn": "#1f77b4", "mlp": "#ff7f0e", "norms": "#7f7f7f", "dense": "#7f7f7f", "pruned": "#d62728"}
+COLORS = {"attn": "#1f77b4", "mlp": "#ff7f0e", "norms": "#7f7f7f", "dense": "#7f7f7f", "pruned": "#d62728",
+          "embeddings": "#9467bd"}
 # Series without a fixed color (settings, models, methods) take these in order.
 SERIES_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
                  "#bcbd22", "#17becf"]
@@ -123,7 +124,7 @@ def params_per_layer(anatomy_df: pd.DataFrame, backend: str = "plotly", *, prune
 
         bars = [go.Bar(x=x, y=shown[b].to_numpy(), name=b, marker_color=COLORS[b]) for b in blocks]
         if embeddings is not None:
-            bars.append(go.Bar(x=["embed"], y=[embeddings], name="embeddings", marker_color=COLORS["norms"]))
+            bars.append(go.Bar(x=["embed"], y=[embeddings], name="embeddings", marker_color=COLORS["embeddings"]))
         fig = go.Figure(bars)
         if pruned is not None:
             fig.add_scatter(x=x, y=dense_total, mode="markers", name="dense total",
@@ -131,19 +132,28 @@ def params_per_layer(anatomy_df: pd.DataFrame, backend: str = "plotly", *, prune
         fig.update_layout(barmode="stack", title=title, xaxis_title="layer", yaxis_title="parameters",
                           template="plotly_white")
         return fig
-    fig, ax = _paper_axes()
+    if embeddings is None:
+        fig, ax = _paper_axes()
+    else:  # the embeddings in a narrow panel of their own scale, left of the layers
+        import matplotlib.pyplot as plt  # deferred: plotting libraries load only when drawing
+
+        _paper_axes()  # the shared style
+        plt.close()
+        fig, (emb, ax) = plt.subplots(1, 2, width_ratios=[1, 9], figsize=PAPER_RC["figure.figsize"],
+                                      layout="constrained")
+        emb.bar([0], [embeddings], width=0.6, color=COLORS["embeddings"])
+        emb.set_xticks([0], ["embeddings"])
+        emb.set_xlim(-0.6, 0.6)
+        emb.set_ylabel("parameters")
     if pruned is not None:
         ax.bar(x, dense_total, width=0.8, fill=False, edgecolor=COLORS["dense"], linewidth=0.6, label="dense")
     bottom = np.zeros(len(x))
     for b in blocks:
         ax.bar(x, shown[b].to_numpy(), bottom=bottom, label=b, color=COLORS[b], width=0.8)
         bottom = bottom + shown[b].to_numpy()
-    if embeddings is not None:
-        ax.bar([-2], [embeddings], width=1.6, color=COLORS["norms"], label="embeddings")
-        ax.set_yscale("log")
-        ax.set_xticks([-2, *range(0, len(x), 5)], ["embed", *[str(t) for t in range(0, len(x), 5)]])
+    ax.set_xticks(range(0, len(x), 5))
     ax.set_xlabel("layer")
-    ax.set_ylabel("parameters" + (" (log)" if embeddings is not None else ""))
+    ax.set_ylabel("parameters" if embeddings is None else "")
     ax.set_title(title)
     _legend_outside(ax)
     return fig
@@ -341,7 +351,13 @@ def ppl_bars(ppl: pd.Series, backend: str = "plotly", *, dense: float | None = N
     rotate = len(values) > 4
     ax.set_xticks(range(len(values)), names, rotation=30 if rotate else 0, ha="right" if rotate else "center")
     if log_y:
+        from matplotlib.ticker import FuncFormatter, LogLocator  # deferred: plotting libraries load only when drawing
+
         ax.set_yscale("log")
+        plain = FuncFormatter(lambda v, _: f"{v:,.0f}")  # 20, 30, 100, not 2×10¹
+        ax.yaxis.set_minor_locator(LogLocator(base=10, subs=(2.0, 3.0, 5.0)))
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
     ax.set_ylabel("perplexity" + (" (log)" if log_y else ""))
     ax.set_title(title)
     return fig
