@@ -191,10 +191,17 @@ def stable_argsort(x: np.ndarray) -> np.ndarray:
     """argsort(kind="stable") semantics at quicksort speed: only runs of equal values are re-ordered by index."""
     order = np.argsort(x)
     xs = x[order]
-    if len(xs) < 2 or not (xs[1:] == xs[:-1]).any():
+    tie = xs[1:] == xs[:-1] if len(xs) > 1 else np.zeros(0, dtype=bool)
+    if not tie.any():
         return order
-    run = np.r_[0, np.cumsum(xs[1:] != xs[:-1])]
-    return order[np.argsort(run.astype(np.int64) * len(x) + order)]
+    # only the positions inside runs of equal values are re-ordered (by index): a small sort, not a second full one
+    in_run = np.zeros(len(x), dtype=bool)
+    in_run[1:] |= tie
+    in_run[:-1] |= tie
+    pos = np.flatnonzero(in_run)
+    run = np.r_[0, np.cumsum(~tie)][pos].astype(np.int64)
+    order[pos] = order[pos][np.argsort(run * len(x) + order[pos])]
+    return order
 
 
 def select(table: pd.DataFrame, model: nn.Module | Budget, cfg: SelectionConfig = SelectionConfig(), *,
@@ -243,7 +250,15 @@ def select(table: pd.DataFrame, model: nn.Module | Budget, cfg: SelectionConfig 
         parts = [_prefix(order[mlp[order] == k], cost, t, t, 0, denominator, cfg, kind=BLOCKS[k], share=sh)
                  for k, (t, sh) in enumerate(((attn_target, x / (x + y)), (target - attn_target, y / (x + y))))]
         chosen = np.concatenate(parts)
-    chosen = chosen[np.argsort(group[chosen].astype(np.int64) * (int(unit.max()) + 1) + unit[chosen])]  # unique keys
+    # (block, layer, unit) order: each (layer, block) contiguous with its units ascending. `build_table` writes
+    # rows in that order, so a mask gives it without a sort; a table in another row order is sorted.
+    mask = np.zeros(len(table), dtype=bool)
+    mask[chosen] = True
+    chosen = np.flatnonzero(mask)
+    span = int(unit.max()) + 1
+    key = (mlp[chosen].astype(np.int64) * len(widths) + layer[chosen]) * span + unit[chosen]
+    if len(key) > 1 and not (np.diff(key) > 0).all():
+        chosen = chosen[np.argsort(key)]
     removed: dict[str, dict[int, list[int]]] = {b: {} for b in BLOCKS}
     bounds = np.flatnonzero(np.diff(group[chosen])) + 1
     for part in np.split(chosen, bounds) if len(chosen) else []:
