@@ -119,3 +119,23 @@ def test_a_table_in_another_row_order_selects_the_same_plan(make_model):
     shuffled = table.sample(frac=1.0, random_state=0)
     for cfg in (SelectionConfig(ratio=0.3), SelectionConfig(ratio=0.3, min_units_per_block=1)):
         assert select(shuffled, budget, cfg).removed == select(table, budget, cfg).removed
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_partial_selection_equals_a_full_stable_sort(make_model, seed, monkeypatch):
+    """select sorts only the units whose score is at most the k-th smallest that reaches the budget; with many
+    ties and mixed costs it must give exactly the plan of a full stable sort."""
+    import workbench.selection as selection
+
+    model = make_model("llama", n_layers=4)
+    budget = Budget.of(model)
+    rng = np.random.default_rng(seed)
+    scores = {"attn": [torch.tensor(rng.integers(0, 5, 2), dtype=torch.float32) for _ in range(4)],
+              "mlp": [torch.tensor(rng.integers(0, 5, 96), dtype=torch.float32) for _ in range(4)]}
+    table = build_table(scores, budget.costs)
+    table["score"] = np.floor(table["score"] * 1e4) / 1e4  # many exact ties across blocks of different cost
+    for ratio in (0.05, 0.2, 0.4):
+        fast = select(table, budget, SelectionConfig(ratio=ratio))
+        monkeypatch.setattr(selection, "_lowest_reaching", lambda score, cost, idx, rest: idx)  # full sort
+        assert select(table, budget, SelectionConfig(ratio=ratio)).removed == fast.removed
+        monkeypatch.undo()

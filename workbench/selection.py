@@ -230,6 +230,8 @@ def select(table: pd.DataFrame, model: nn.Module | Budget, cfg: SelectionConfig 
     whole = np.flatnonzero(forced)
     whole_cost = int(cost[whole].sum())
     idx = np.flatnonzero(~forced)
+    if cfg.min_units_per_block == 0 and cfg.attn_mlp is None:  # only the lowest scores matter: sort just those
+        idx = _lowest_reaching(score, cost, idx, target - whole_cost)
     order = idx[stable_argsort(score[idx])]  # ascending score; ties keep table order
     if cfg.min_units_per_block > 0:  # protect each block's best units
         by_group = np.argsort(group[order], kind="stable")
@@ -293,6 +295,26 @@ def _forced_within_budget(table: pd.DataFrame, forced: np.ndarray, cost: np.ndar
     warnings.warn(f"{over}: capped to the {len(keep)} lowest-loss blocks that fit; the other "
                   f"{len(blocks) - len(keep)} are pruned by width", UserWarning, stacklevel=3)
     return forced & np.isin(group, list(keep))
+
+
+def _lowest_reaching(score: np.ndarray, cost: np.ndarray, idx: np.ndarray, rest: int) -> np.ndarray:
+    """The units of `idx` (in their order) whose score is at most the k-th smallest, for the smallest k found
+    whose cost reaches `rest`: every unit a stable sort would put before the budget is met, ties included, in
+    O(n) partitions instead of a full sort. All of `idx` when it cannot reach `rest` (the caller says why)."""
+    n = len(idx)
+    if rest <= 0 or n == 0:
+        return idx[:0] if rest <= 0 else idx
+    c = cost[idx]
+    if int(c.sum()) < rest:
+        return idx
+    s = score[idx]
+    k = min(n, max(64, int(2 * rest / c.mean())))
+    while k < n:
+        part = np.argpartition(s, k - 1)[:k]
+        if int(c[part].sum()) >= rest:
+            return idx[s <= s[part].max()]
+        k = min(n, 2 * k)
+    return idx
 
 
 def _prefix(order: np.ndarray, cost: np.ndarray, rest: int, target: int, whole_cost: int, denominator: int,
