@@ -16,11 +16,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from _models import add_model_args, bench_model
+from _models import add_calibration_args, add_model_args, bench_model, calibration
 
 from workbench import llamacpp
 from workbench.checkpoints import default_model_dir
-from workbench.data import CalibrationConfig, evaluation_windows
+from workbench.data import evaluation_windows
 from workbench.evaluate import perplexity
 from workbench.gguf_export import GGUF_DTYPES, export_gguf
 from workbench.pipeline import calibrate, select_plan
@@ -33,8 +33,7 @@ def main() -> None:
     add_model_args(ap)
     ap.add_argument("--ratio", type=float, default=0.2)
     ap.add_argument("--dtypes", nargs="+", default=["f16", "q8_0"], choices=list(GGUF_DTYPES))
-    ap.add_argument("--samples", type=int, default=64)
-    ap.add_argument("--seq-len", type=int, default=128)
+    add_calibration_args(ap)
     ap.add_argument("--eval-windows", type=int, default=50)
     ap.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: all cores)")
     ap.add_argument("--repeats", type=int, default=5, help="speed: best of this many runs")
@@ -42,7 +41,7 @@ def main() -> None:
     args = ap.parse_args()
 
     model, tok = bench_model(args)
-    _, imp = calibrate(model, tok, CalibrationConfig(num_samples=args.samples, seq_len=args.seq_len))
+    _, imp = calibrate(model, tok, calibration(args))
     _, plan = select_plan(model, imp, "taylor", SelectionConfig(ratio=args.ratio))
     pruned = copy.deepcopy(model)
     apply_plan(pruned, plan)

@@ -10,9 +10,9 @@ import argparse
 import time
 
 import torch
-from _models import add_model_args, bench_model
+from _models import add_calibration_args, add_model_args, bench_model, calibration
 
-from workbench.data import CalibrationConfig, calibration_samples
+from workbench.data import calibration_samples
 from workbench.efficiency import PeakMemory
 from workbench.importance import compute_importance
 
@@ -27,12 +27,11 @@ def bare_pass(model, samples, batch_size):
 def main():
     ap = argparse.ArgumentParser()
     add_model_args(ap)
-    ap.add_argument("--samples", type=int, default=16)
-    ap.add_argument("--seq-len", type=int, default=128)
+    add_calibration_args(ap, samples=16)
     ap.add_argument("--batch-size", type=int, default=4)
     args = ap.parse_args()
     model, tok = bench_model(args)
-    samples = calibration_samples(tok, CalibrationConfig(num_samples=args.samples, seq_len=args.seq_len))
+    samples = calibration_samples(tok, calibration(args))
     device = next(model.parameters()).device
     # Warm-up (the first iterations are slower), then the bare pass with the same frozen parameters.
     warm = samples[: args.batch_size]

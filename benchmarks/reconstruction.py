@@ -14,9 +14,9 @@ import argparse
 import copy
 import time
 
-from _models import add_model_args, bench_model
+from _models import add_calibration_args, add_model_args, bench_model, calibration
 
-from workbench.data import CalibrationConfig, calibration_samples
+from workbench.data import calibration_samples
 from workbench.evaluate import perplexity
 from workbench.pipeline import calibrate, select_plan
 from workbench.prune import apply_plan
@@ -29,8 +29,7 @@ def main() -> None:
     add_model_args(ap)
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.25, 0.3])
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
-    ap.add_argument("--samples", type=int, default=64)
-    ap.add_argument("--seq-len", type=int, default=128)
+    add_calibration_args(ap)
     ap.add_argument("--dampings", type=float, nargs="+", default=[0.01])
     ap.add_argument("--rec-samples", type=int, default=None,
                     help="calibration samples for the reconstruction (default: the importance pass's)")
@@ -40,9 +39,9 @@ def main() -> None:
 
     model, tok = bench_model(args)
     ppl = lambda m: perplexity(m, tok, seq_len=args.seq_len, max_windows=args.eval_windows, progress=False).ppl  # noqa: E731
-    samples, imp = calibrate(model, tok, CalibrationConfig(num_samples=args.samples, seq_len=args.seq_len))
+    samples, imp = calibrate(model, tok, calibration(args))
     rec_samples = samples if args.rec_samples is None else calibration_samples(
-        tok, CalibrationConfig(num_samples=args.rec_samples, seq_len=args.seq_len))
+        tok, calibration(args, args.rec_samples))
     dense = ppl(model)
     print(f"dense PPL {dense:.2f}; importance pass {imp.seconds:.1f} s ({args.samples} × {args.seq_len} tokens)")
     print(f"{'ratio':>6} {'setting':>28} {'PPL':>8} {'× dense':>8} {'seconds':>8}")

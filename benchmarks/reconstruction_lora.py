@@ -13,9 +13,9 @@ import argparse
 import copy
 import tempfile
 
-from _models import add_model_args, bench_model
+from _models import add_calibration_args, add_model_args, bench_model, calibration
 
-from workbench.data import CalibrationConfig, calibration_samples
+from workbench.data import calibration_samples
 from workbench.evaluate import perplexity
 from workbench.finetune import FinetuneConfig, finetune
 from workbench.pipeline import calibrate, prune_and_reconstruct, select_plan
@@ -28,16 +28,15 @@ def main() -> None:
     add_model_args(ap)
     ap.add_argument("--ratio", type=float, default=0.2)
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--samples", type=int, default=64)
+    add_calibration_args(ap)
     ap.add_argument("--rec-samples", type=int, default=128)
-    ap.add_argument("--seq-len", type=int, default=128)
     args = ap.parse_args()
 
     model, tok = bench_model(args)
     ppl = lambda m: perplexity(m, tok, seq_len=args.seq_len, max_windows=50, progress=False).ppl  # noqa: E731
-    _, imp = calibrate(model, tok, CalibrationConfig(num_samples=args.samples, seq_len=args.seq_len))
+    _, imp = calibrate(model, tok, calibration(args))
     _, plan = select_plan(model, imp, "taylor", SelectionConfig(ratio=args.ratio))
-    rec_samples = calibration_samples(tok, CalibrationConfig(num_samples=args.rec_samples, seq_len=args.seq_len))
+    rec_samples = calibration_samples(tok, calibration(args, args.rec_samples))
     cfg = FinetuneConfig(method="lora", max_steps=args.steps, seq_len=args.seq_len, batch_size=4, lr=2e-4,
                          eval_every=args.steps, save_every=args.steps, warmup_steps=max(1, args.steps // 10))
     print(f"dense PPL {ppl(model):.2f}; LoRA {args.steps} steps × 4 × {args.seq_len} tokens")

@@ -15,9 +15,9 @@ import copy
 import time
 
 import pandas as pd
-from _models import add_model_args, bench_model
+from _models import add_calibration_args, add_model_args, bench_model, calibration
 
-from workbench.data import CalibrationConfig, calibration_samples
+from workbench.data import calibration_samples
 from workbench.diagnosis import taylor_terms
 from workbench.evaluate import perplexity
 from workbench.importance import compute_importance
@@ -35,13 +35,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(ap)
     ap.add_argument("--ratio", type=float, default=0.2)
-    ap.add_argument("--samples", type=int, default=64)
-    ap.add_argument("--seq-len", type=int, default=128)
+    add_calibration_args(ap)
     ap.add_argument("--batch-size", type=int, default=4)
     args = ap.parse_args()
 
     model, tok = bench_model(args)
-    samples = calibration_samples(tok, CalibrationConfig(num_samples=args.samples, seq_len=args.seq_len))
+    samples = calibration_samples(tok, calibration(args))
     passes = {}
     for mode in ("batch", "sequence"):
         t0 = time.perf_counter()

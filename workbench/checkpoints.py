@@ -109,37 +109,30 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(source)
         return model, _with_pad_token(tokenizer)
 
-    if gguf_file and convert_cache:
-        converted = _converted_gguf(Path(source, gguf_file))
-        if converted is not None:
-            model = AutoModelForCausalLM.from_pretrained(converted, dtype=torch_dtype)
-            tokenizer = AutoTokenizer.from_pretrained(converted)
-            return _finish_gguf(model, source, gguf_file, device), _with_pad_token(tokenizer)
+    kwargs = dict(dtype=torch_dtype, **({"attn_implementation": attn_implementation} if attn_implementation else {}))
+    converted = _converted_gguf(Path(source, gguf_file)) if gguf_file and convert_cache else None
+    if converted is not None:  # de-quantized earlier: read that copy
+        model = AutoModelForCausalLM.from_pretrained(converted, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(converted)
+        return _finish(model, source, gguf_file, device), _with_pad_token(tokenizer)
 
-    kwargs = dict(cache_dir=cache_dir, dtype=torch_dtype)
-    if gguf_file:
-        kwargs["gguf_file"] = gguf_file
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
     if gguf_file is None and Path(source).is_dir():
         _check_weight_files(Path(source))
-    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(source, **({"gguf_file": gguf_file} if gguf_file else {}), cache_dir=cache_dir)
+    gguf_kw = {"gguf_file": gguf_file} if gguf_file else {}
+    model = AutoModelForCausalLM.from_pretrained(source, cache_dir=cache_dir, **gguf_kw, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(source, cache_dir=cache_dir, **gguf_kw)
     if gguf_file:
         _forget_gguf_quantization(model)
-        spec_for_config(model.config)
+        spec_for_config(model.config)  # nothing unsupported goes into the converted cache
         if convert_cache and torch_dtype == torch.float32:  # the cache holds the exact float32 de-quantization
-            _save_converted(model, tokenizer, Path(source, gguf_file))
-        return _finish_gguf(model, source, gguf_file, device), _with_pad_token(tokenizer)
-    spec_for_config(model.config)  # refuse unsupported models at load time, by name
-    model.config.name_or_path = DEFAULT_MODEL_NAME if Path(source) == default_model_dir() else source
-    model.to(device).eval()
-    return model, _with_pad_token(tokenizer)
+            _save_checked(model, tokenizer, _converted_dir(Path(source, gguf_file)))
+    return _finish(model, source, gguf_file, device), _with_pad_token(tokenizer)
 
 
-def _finish_gguf(model: nn.Module, source: str, gguf_file: str, device) -> nn.Module:
+def _finish(model: nn.Module, source: str, gguf_file: str | None, device) -> nn.Module:
     spec_for_config(model.config)  # refuse unsupported models at load time, by name
-    model.config.gguf_source = str(Path(source, gguf_file).resolve())  # its tokenizer travels to GGUF exports
+    if gguf_file:
+        model.config.gguf_source = str(Path(source, gguf_file).resolve())  # its tokenizer travels to GGUF exports
     model.config.name_or_path = DEFAULT_MODEL_NAME if Path(source) == default_model_dir() else source
     return model.to(device).eval()
 
@@ -158,20 +151,24 @@ def _converted_gguf(gguf_path: Path) -> Path | None:
         return None  # damaged: convert again (the new copy replaces it)
 
 
-def _save_converted(model: nn.Module, tokenizer, gguf_path: Path) -> None:
-    """Keep the de-quantized model (float32 safetensors + tokenizer) so the next load skips the conversion."""
-    folder = _converted_dir(gguf_path)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+def _save_checked(model: nn.Module, tokenizer, target: Path, extra: dict[str, str] | None = None) -> Path:
+    """`save_pretrained` (+ tokenizer, + `extra` files: name -> text) into a hidden folder beside `target`, with
+    the weights' checksums, then swapped in whole (`replace_dir`): never a half-written folder."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, text in (extra or {}).items():
+            (tmp / name).write_text(text)
         sums = {f.name: _sha256(f) for f in sorted(tmp.glob("*.safetensors"))}
         write_atomic(tmp / CHECKSUMS_FILE, json.dumps(sums, indent=1))
-        replace_dir(tmp, folder)
+        replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return target
 
 
 def _with_pad_token(tokenizer):
@@ -238,23 +235,11 @@ def save_pruned(model: nn.Module, directory: str | os.PathLike, *, tokenizer=Non
         content = sorted(p.name for p in target.iterdir())[:8]
         raise FileExistsError(f"{target} holds files that are not a pruned checkpoint ({content}); "
                               "choose an empty or new folder, or pass overwrite=True to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        record_layer_config(model)
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if plan is not None:
-            payload = dict(plan=plan.to_dict(), report=report.to_dict() if report else None)
-            (tmp / PLAN_FILE).write_text(json.dumps(payload, indent=1))
-        sums = {f.name: _sha256(f) for f in sorted(tmp.glob("*.safetensors"))}
-        write_atomic(tmp / CHECKSUMS_FILE, json.dumps(sums, indent=1))
-        replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+    record_layer_config(model)
+    extra = {}
+    if plan is not None:
+        extra[PLAN_FILE] = json.dumps(dict(plan=plan.to_dict(), report=report.to_dict() if report else None), indent=1)
+    return _save_checked(model, tokenizer, target, extra)
 
 
 def _check_weight_files(directory: Path) -> list[Path]:

@@ -150,14 +150,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@torch.no_grad()
 def _generate(model: nn.Module, prompt: torch.Tensor, new_tokens: int):
     return model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                           cache_implementation="static", return_dict_in_generate=True,
                           pad_token_id=model.config.eos_token_id or 0)
 
 
-def _run_static(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> tuple[float, list[float], object]:
+def _run_static(model: nn.Module, prompt: torch.Tensor, new_tokens: int):
+    """transformers' static-cache generate: (prefill s, per-token s × new_tokens, cache, the tokens fed back)."""
     device = prompt.device
     _sync(device)
     t = time.perf_counter()
@@ -168,26 +168,11 @@ def _run_static(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> tupl
     out = _generate(model, prompt, new_tokens + 1)
     _sync(device)
     per_token = max(time.perf_counter() - t - prefill, 0.0) / new_tokens
-    return prefill, [per_token] * new_tokens, out.past_key_values
+    return prefill, [per_token] * new_tokens, out.past_key_values, out.sequences[:, prompt.shape[1]:-1]
 
 
-def greedy_tokens(model: nn.Module, prompt: torch.Tensor, new_tokens: int, decode: str = "loop") -> torch.Tensor:
-    """The `new_tokens` greedy tokens each decode mode produces (they must agree; tested)."""
-    if decode not in DECODE_MODES:
-        raise ValueError(f"decode={decode!r} is not allowed; allowed: {list(DECODE_MODES)}")
-    with torch.no_grad(), eval_mode(model):
-        if decode == "static":
-            return _generate(model, prompt, new_tokens).sequences[:, prompt.shape[1]:]
-        out = model(input_ids=prompt, use_cache=True)
-        cache, token, tokens = out.past_key_values, out.logits[:, -1:].argmax(-1), []
-        for _ in range(new_tokens):
-            tokens.append(token)
-            out = model(input_ids=token, past_key_values=cache, use_cache=True)
-            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        return torch.cat(tokens, dim=1)
-
-
-def _run(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> tuple[float, list[float], object]:
+def _run_loop(model: nn.Module, prompt: torch.Tensor, new_tokens: int):
+    """Our greedy loop with the dynamic cache: (prefill s, each step's s, cache, the tokens fed back)."""
     device = prompt.device
     _sync(device)
     t = time.perf_counter()
@@ -195,14 +180,26 @@ def _run(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> tuple[float
     _sync(device)
     prefill = time.perf_counter() - t
     cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    steps = []
+    steps, tokens = [], []
     for _ in range(new_tokens):
+        tokens.append(token)
         t = time.perf_counter()
         out = model(input_ids=token, past_key_values=cache, use_cache=True)
         _sync(device)
         steps.append(time.perf_counter() - t)
         cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    return prefill, steps, cache
+    return prefill, steps, cache, torch.cat(tokens, dim=1)
+
+
+_RUNS = {"loop": _run_loop, "static": _run_static}
+
+
+def greedy_tokens(model: nn.Module, prompt: torch.Tensor, new_tokens: int, decode: str = "loop") -> torch.Tensor:
+    """The `new_tokens` greedy tokens a decode mode feeds back while it is timed (the modes agree; tested)."""
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode={decode!r} is not allowed; allowed: {list(DECODE_MODES)}")
+    with torch.no_grad(), eval_mode(model):
+        return _RUNS[decode](model, prompt, new_tokens)[3]
 
 
 def measure(model: nn.Module, cfg: EfficiencyConfig = EfficiencyConfig(), *,
@@ -212,14 +209,14 @@ def measure(model: nn.Module, cfg: EfficiencyConfig = EfficiencyConfig(), *,
     vocab = model.get_input_embeddings().weight.shape[0]
     prompt = torch.randint(0, vocab, (cfg.batch_size, cfg.prompt_len),
                            generator=torch.Generator().manual_seed(cfg.seed)).to(device)
-    run = _run_static if cfg.decode == "static" else _run
+    run = _RUNS[cfg.decode]
     with eval_mode(model), torch.no_grad():
         for _ in range(cfg.warmup):
             run(model, prompt, cfg.new_tokens)
         prefills, steps = [], []
         with PeakMemory(device) as mem:
             for _ in range(cfg.repeats):
-                p, s, cache = run(model, prompt, cfg.new_tokens)
+                p, s, cache, _ = run(model, prompt, cfg.new_tokens)
                 prefills.append(p)
                 steps.extend(s)
     tokens_in_cache = cfg.batch_size * (cfg.prompt_len + cfg.new_tokens)

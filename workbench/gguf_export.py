@@ -32,7 +32,7 @@ from torch import nn
 
 from workbench.checkpoints import PLAN_FILE, load_model, load_plan
 from workbench.models import (
-    EmptyBlock,
+    BLOCKS,
     decoder_layers,
     geometry,
     get_spec,
@@ -41,6 +41,7 @@ from workbench.models import (
 )
 from workbench.paths import confined
 from workbench.plans import Plan
+from workbench.prune import output_bias
 
 GGUF_DTYPES = ("f32", "f16", "q8_0")
 #: llama.cpp architecture for a uniformly shaped model of each family.
@@ -120,7 +121,7 @@ def gguf_layout(model: nn.Module, ff_multiple: int = 1) -> GGUFLayout:
     rope = _rope(model.config)
     if rope["rope_type"] not in ("default", "llama3", "linear"):
         raise ExportError(f"rope_type={rope['rope_type']!r} has no GGUF export here; allowed: default, llama3, linear")
-    out_bias = any(b is not None for layer in layers for b in _output_biases(layer, spec))
+    out_bias = any(output_bias(layer, spec, block) is not None for layer in layers for block in BLOCKS)
     full_attention = all(g == geo.n_kv_heads for g, _ in widths) and geo.n_heads * geo.head_dim == geo.hidden
     if uniform and not (out_bias and spec.family in ("qwen2", "qwen3")):
         arch = UNIFORM_ARCH[spec.family]
@@ -143,23 +144,14 @@ def gguf_layout(model: nn.Module, ff_multiple: int = 1) -> GGUFLayout:
                           "q/k/v biases only at the full width; a plan that prunes only MLP channels exports")
     heads, kv, ff, a_stub, m_stub = [], [], [], [], []
     for (g, c), layer in zip(widths, layers):
-        parts = layer_parts(layer, spec)
-        attn_bias = isinstance(parts.attn, EmptyBlock) and parts.attn.bias is not None
         # llama.cpp reads the head size only when layer 0 has heads, so an emptied first attention is a stub too
-        a_stub.append(g == 0 and (attn_bias or not heads))
+        a_stub.append(g == 0 and (output_bias(layer, spec, "attn") is not None or not heads))
         m_stub.append(c == 0)  # an FFN-less layer would lose its attention output in llama.cpp
         g = 1 if a_stub[-1] else g
         heads.append(g * ratio)
         kv.append(g)
         ff.append(_round_up(max(c, 1), ff_multiple))
     return GGUFLayout(PER_LAYER_ARCH, tuple(heads), tuple(kv), tuple(ff), tuple(a_stub), tuple(m_stub))
-
-
-def _output_biases(layer: nn.Module, spec) -> list:
-    """The biases a layer adds after its attention and its MLP (o_proj / down_proj, or an emptied block's constant)."""
-    parts = layer_parts(layer, spec)
-    return [parts.attn.bias if isinstance(parts.attn, EmptyBlock) else parts.o.bias,
-            parts.mlp.bias if isinstance(parts.mlp, EmptyBlock) else parts.down.bias]
 
 
 def _permute_rotary(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:

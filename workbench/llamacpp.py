@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
+import pandas as pd
 
 _LIB = None
 _LOG: list[str] = []
@@ -262,8 +263,6 @@ def compare(files: dict[str, str | os.PathLike], windows: Sequence[Sequence[int]
             n_new: int = 64, n_threads: int | None = None, repeats: int = 3):
     """One row per GGUF file, run in llama.cpp: architecture, size, perplexity on `windows`, prompt and
     generation tokens/s (best of `repeats`). The prompt is the first window's first `prompt_len` tokens."""
-    import pandas as pd  # deferred: only the comparison table needs pandas
-
     if not windows or len(windows[0]) < prompt_len:
         raise ValueError(f"the first window must hold at least prompt_len={prompt_len} tokens")
     n_ctx = max(max(len(w) for w in windows), prompt_len + n_new)

@@ -65,11 +65,10 @@ def _legend_outside(ax, **kw) -> None:
     ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0), **kw)
 
 
-def _layer_ticks(ax, n_layers: int, axis: str = "x", every: int = 5) -> None:
-    """Readable layer ticks: every `every`-th layer (cells centred as seaborn/imshow draw them)."""
+def _layer_ticks(ax, n_layers: int, every: int = 5) -> None:
+    """Readable layer ticks on a heatmap's x axis: every `every`-th layer, at the cell centres."""
     ticks = list(range(0, n_layers, every))
-    set_ticks = ax.set_xticks if axis == "x" else ax.set_yticks
-    set_ticks([t + 0.5 for t in ticks], [str(t) for t in ticks], rotation=0)
+    ax.set_xticks([t + 0.5 for t in ticks], [str(t) for t in ticks], rotation=0)
 
 
 # Words for statistic column names on axes and colour bars.
