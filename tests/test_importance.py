@@ -230,3 +230,116 @@ def test_global_plan_from_wanda_warns_and_wanda_sp_does_not():
         r.plan(ScoringConfig(method="wanda", normalization="zscore", level="block"), SelectionConfig(ratio=0.2))
         r.plan(ScoringConfig(method="taylor"), SelectionConfig(ratio=0.2))
         make_plan("wanda_sp", r, 0.2)
+
+
+# ----------------------------------------------------------------------------------------------
+# At scale: the per-parameter reduction, gradients freed during backward, checkpointing, dispatched models
+
+
+def _same_importance(a, b, rtol=1e-6):
+    for name in ("first", "fisher", "magnitude", "wanda", "fluctuation"):
+        for block in ("attn", "mlp"):
+            for x, y in zip(getattr(a.acc, name)[block], getattr(b.acc, name)[block], strict=True):
+                torch.testing.assert_close(x, y, rtol=rtol, atol=1e-30, msg=f"{name} {block}")
+    cols = ["abs_sum", "sq_sum", "max_abs", "zeros"]
+    torch.testing.assert_close(torch.tensor(a.grad_stats[cols].to_numpy()), torch.tensor(b.grad_stats[cols].to_numpy()),
+                               rtol=rtol, atol=0)
+    assert (a.acc.batches, a.acc.tokens) == (b.acc.batches, b.acc.tokens)
+
+
+@pytest.mark.parametrize("shape,axis", [((96, 40), 0), ((40, 96), 1), ((96,), 0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_param_terms_match_a_float64_reduction(shape, axis, dtype):
+    from workbench.importance import param_terms
+
+    torch.manual_seed(0)
+    w, g = torch.randn(shape).to(dtype), (torch.randn(shape) * 1e-3).to(dtype)
+    g.view(-1)[::7] = 0
+    first, fisher, stats = param_terms(w, g.clone(), axis, 8)
+    prod = w.double() * g.double()
+    rows = prod if prod.ndim == 1 else prod.transpose(0, axis)
+    ref_first = rows.abs().reshape(8, -1).sum(1)
+    ref_fisher = rows.square().reshape(8, -1).sum(1)
+    torch.testing.assert_close(first.double(), ref_first, rtol=1e-6, atol=0)
+    torch.testing.assert_close(fisher.double(), ref_fisher, rtol=1e-6, atol=0)
+    gd = g.double()
+    torch.testing.assert_close(stats.double(), torch.stack([gd.abs().sum(), gd.square().sum(), gd.abs().max(),
+                                                            (gd == 0).sum().double()]), rtol=1e-6, atol=0)
+
+
+def test_each_gradient_is_reduced_and_freed_during_backward():
+    """When layer 0's query weight gets its gradient (one of the last in backward), the later layers' gradients
+    are already reduced and gone: the gradients of the prunable weights never all live at once."""
+    from workbench.units import block_params, iter_blocks
+
+    model = tiny_model("llama", n_layers=4)
+    params = [up.param for _, b, parts in iter_blocks(model) for up in block_params(parts, b)]
+    alive = []
+    q0 = model.model.layers[0].self_attn.q_proj.weight
+    handle = q0.register_post_accumulate_grad_hook(lambda _p: alive.append(sum(p.grad is not None for p in params)))
+    try:
+        compute_importance(model, torch.randint(0, 256, (4, 12)), batch_size=2, progress=False)
+    finally:
+        handle.remove()
+    assert len(alive) == 2 and max(alive) <= 4 < len(params) == 28
+    assert all(p.grad is None and not p._post_accumulate_grad_hooks for p in model.parameters())
+
+
+@pytest.mark.parametrize("fisher", ["batch", "sequence"])
+def test_gradient_checkpointing_gives_the_same_importance(family, fisher):
+    samples = torch.randint(0, 256, (4, 12))
+    plain = compute_importance(tiny_model(family, n_layers=2), samples, batch_size=2, fisher=fisher, progress=False)
+    model = tiny_model(family, n_layers=2)
+    calls = []
+    handle = model.model.layers[1].self_attn.q_proj.register_forward_hook(lambda *_: calls.append(1))
+    ckpt = compute_importance(model, samples, batch_size=2, fisher=fisher, gradient_checkpointing=True, progress=False)
+    handle.remove()
+    forwards = 2 if fisher == "batch" else 4
+    assert len(calls) == 2 * forwards  # each layer ran again during backward: checkpointing was on
+    _same_importance(plain, ckpt)  # ... and the Wanda / FLAP input sums did not count the recomputation
+    if fisher == "sequence":
+        for block in ("attn", "mlp"):
+            for x, y in zip(plain.acc.fisher_seq[block], ckpt.acc.fisher_seq[block], strict=True):
+                torch.testing.assert_close(x, y, rtol=1e-6, atol=0)
+    layers = model.model.layers
+    assert not any(layer.training or layer.gradient_checkpointing for layer in layers)
+    assert not any("_gradient_checkpointing_func" in layer.__dict__ for layer in layers)
+
+
+def test_importance_through_accelerate_dispatch_hooks():
+    """A model dispatched by accelerate (what `device_map` installs: hooks moving inputs to each block's device)
+    gives the same importance, with and without checkpointing; the hooks of the pass and accelerate's coexist."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module, remove_hook_from_module
+
+    samples = torch.randint(0, 256, (4, 12))
+    plain = compute_importance(tiny_model("qwen2", n_layers=3), samples, batch_size=2, progress=False)
+    model = tiny_model("qwen2", n_layers=3)
+    modules = [model.model.embed_tokens, *model.model.layers, model.model.norm, model.lm_head]
+    for m in modules:
+        add_hook_to_module(m, AlignDevicesHook(execution_device="cpu", io_same_device=True))
+    for ckpt in (False, True):
+        _same_importance(plain, compute_importance(model, samples, batch_size=2, gradient_checkpointing=ckpt,
+                                                   progress=False))
+    for m in modules:
+        remove_hook_from_module(m)
+
+
+def test_compiled_accumulation_matches_eager():
+    import shutil
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("torch.compile on a CPU needs a C++ compiler")
+    samples = torch.randint(0, 256, (4, 12))
+    eager = compute_importance(tiny_model("qwen2", n_layers=2), samples, batch_size=2, progress=False)
+    compiled = compute_importance(tiny_model("qwen2", n_layers=2), samples, batch_size=2, accumulation="compiled",
+                                  progress=False)
+    _same_importance(eager, compiled)
+
+
+def test_bad_accumulation_and_checkpointing_settings_are_refused():
+    from workbench.data import CalibrationConfig
+    with pytest.raises(ValueError, match="accumulation='fused'.*eager.*compiled"):
+        compute_importance(tiny_model("llama", n_layers=1), torch.randint(0, 256, (2, 8)), accumulation="fused")
+    with pytest.raises(ValueError, match="accumulation='triton'"):
+        CalibrationConfig(accumulation="triton")
+    with pytest.raises(TypeError, match="gradient_checkpointing='yes'"):
+        CalibrationConfig(gradient_checkpointing="yes")

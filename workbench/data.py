@@ -17,6 +17,7 @@ from workbench.paths import data_cache
 
 SPLITS = ("calibration", "evaluation")
 FISHER_MODES = ("batch", "sequence")  # how the importance pass estimates the Fisher diagonal
+ACCUMULATIONS = ("eager", "compiled")  # how the importance pass reduces each gradient to per-unit sums
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,10 @@ class CalibrationConfig:
         batch_size: windows per forward + backward pass.
         fisher: "batch" (the Fisher diagonal from batch-mean gradients, free) or "sequence" (also the empirical
             Fisher over sequences, one backward pass per window; enables the taylor2_seq and fisher_seq methods).
+        gradient_checkpointing: recompute each decoder layer during backward (less activation memory, about one
+            more forward pass of time; same scores, so not part of the cache key).
+        accumulation: "eager" or "compiled" (the per-parameter reduction under `torch.compile`: faster on GPUs,
+            a compile on the first batch; same scores, not part of the cache key).
     """
 
     source: str = OFFLINE_SOURCE
@@ -155,6 +160,8 @@ class CalibrationConfig:
     seed: int = 0
     batch_size: int = 4
     fisher: str = "batch"
+    gradient_checkpointing: bool = False
+    accumulation: str = "eager"
 
     def __post_init__(self):
         for name in ("num_samples", "seq_len", "batch_size", "seed"):
@@ -169,6 +176,10 @@ class CalibrationConfig:
                              "ones before it, so a single token has no target")
         if self.fisher not in FISHER_MODES:
             raise ValueError(f"fisher={self.fisher!r} is not allowed; allowed: {list(FISHER_MODES)}")
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise TypeError(f"gradient_checkpointing={self.gradient_checkpointing!r} must be True or False")
+        if self.accumulation not in ACCUMULATIONS:
+            raise ValueError(f"accumulation={self.accumulation!r} is not allowed; allowed: {list(ACCUMULATIONS)}")
 
 
 def calibration_samples(tokenizer, cfg: CalibrationConfig, *, hub_root=None) -> torch.Tensor:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 
 import pandas as pd
@@ -25,9 +26,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from workbench.cache import cached, make_key, read_entry, write_entry
-from workbench.data import FISHER_MODES
+from workbench.data import ACCUMULATIONS, FISHER_MODES
 from workbench.methods import IMPORTANCE_METHODS, Accumulators, Importance, ImportanceMethod  # noqa: F401 (re-exported)
-from workbench.models import BLOCKS, check_token_ids, eval_mode, geometry, layer_widths
+from workbench.models import BLOCKS, check_token_ids, checkpointed_layers, eval_mode, geometry, layer_widths
 from workbench.tracer import trace
 from workbench.units import block_params, block_units, iter_blocks, reduce_to_units
 
@@ -46,12 +47,13 @@ _WANDA_SITE = {"q.weight": "attn_input", "k.weight": "attn_input", "v.weight": "
 
 
 @contextlib.contextmanager
-def input_sq_norms(model: nn.Module):
+def input_sq_norms(model: nn.Module, when: Callable[[], bool] | None = None):
     """Accumulate Σ x² per input feature of the projections' inputs (and Σ x at the output projections' inputs).
 
     Yields {(layer, site): tensor[in_features]} for the sites attn_input, attn_channels, mlp_input,
     mlp_channels (Σ x²), and (layer, "sum:attn_channels") / (layer, "sum:mlp_channels") (Σ x, for FLAP's
-    fluctuation), filled during forward passes.
+    fluctuation), filled during forward passes. `when()` False skips a call: the recomputed forward of a
+    gradient-checkpointed layer during backward must not count twice. Sums stay on the activations' device.
     """
     sums: dict[tuple[int, str], torch.Tensor] = {}
 
@@ -59,6 +61,8 @@ def input_sq_norms(model: nn.Module):
         sums[key] = s if key not in sums else sums[key] + s
 
     def add(layer: int, site: str, x: torch.Tensor) -> None:
+        if when is not None and not when():
+            return
         x = x.detach().float().reshape(-1, x.shape[-1])
         put((layer, site), x.square().sum(0))
         if site in _FLAP_SITE.values():
@@ -141,6 +145,54 @@ def _fluctuation_scores(model: nn.Module, norms: dict[tuple[int, str], torch.Ten
     return out
 
 
+def param_terms(w: torch.Tensor, g: torch.Tensor, axis: int, n_units: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One parameter's share of one batch, in float32: per unit Σ_e |w_e·g_e| and Σ_e (w_e·g_e)², and the
+    gradient's [Σ|g|, Σg², max|g|, number of zeros].
+
+    w·g is the only temporary, reused in place (large fresh allocations cost more than the arithmetic on a
+    CPU), and it is one function so `accumulation="compiled"` can hand it to `torch.compile` (one read of w, g).
+    """
+    g = g.float()
+    prod = w.float() * g
+    flat = g.reshape(-1)
+    sq_sum, (low, high), nonzero = torch.dot(flat, flat), torch.aminmax(flat), torch.count_nonzero(flat)
+    if prod.ndim == 2:
+        dim = 1 - axis
+        first = prod.abs_().sum(dim)
+        fisher = prod.square_().sum(dim)
+    else:  # a bias: one value per element
+        first, fisher = prod.abs(), prod.square()
+    abs_sum = prod.copy_(g).abs_().sum()
+    stats = torch.stack([abs_sum, sq_sum, torch.maximum(-low, high), (g.numel() - nonzero).float()])
+    return first.view(n_units, -1).sum(1), fisher.view(n_units, -1).sum(1), stats
+
+
+_COMPILED: dict[str, Callable] = {}
+
+
+def _terms_fn(accumulation: str) -> Callable:
+    if accumulation not in ACCUMULATIONS:
+        raise ValueError(f"accumulation={accumulation!r} is not allowed; allowed: {list(ACCUMULATIONS)}")
+    if accumulation == "eager":
+        return param_terms
+    if "fn" not in _COMPILED:  # compiled once per process; shapes vary by module, hence dynamic
+        _COMPILED["fn"] = torch.compile(param_terms, dynamic=True)
+    return _COMPILED["fn"]
+
+
+@contextlib.contextmanager
+def accumulate_in_backward(params: list[torch.Tensor], sink):
+    """Call `sink(index)` as soon as backward has accumulated `params[index].grad` (post-accumulate-grad hooks):
+    each gradient is reduced and freed while backward goes on, so the gradients never all live at once."""
+    handles = [p.register_post_accumulate_grad_hook(lambda _p, k=k: sink(k)) for k, p in enumerate(params)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def compute_importance(
     model: nn.Module,
     samples: torch.Tensor,
@@ -150,16 +202,26 @@ def compute_importance(
     progress: bool = True,
     calibration: dict | None = None,
     data_parallel: bool = False,
+    gradient_checkpointing: bool = False,
+    accumulation: str = "eager",
 ) -> Importance:
     """Run one forward+backward pass over `samples` ([N, seq_len] token ids) and accumulate everything.
 
     fisher="sequence" runs each window forward and backward on its own (the batch gradient is their mean, so
     every other accumulator is the same as with "batch") and adds the per-sequence Fisher.
 
+    Each parameter's gradient is reduced to per-unit sums the moment backward has produced it, then freed.
+    Accumulators live on their parameter's device, so a model dispatched over several devices
+    (accelerate's `device_map`) is accumulated where its weights are.
+
     data_parallel=True (inside an initialised `torch.distributed` process group, e.g. under torchrun): every
     process passes the same `samples` and model, takes batches rank, rank + world, ... of them, and the
     accumulators, gradient statistics and Wanda / FLAP input sums are all-reduced at the end, so every
     process returns the result one process would compute (up to summation order). gloo on CPUs, NCCL on GPUs.
+
+    gradient_checkpointing=True recomputes each decoder layer's forward during backward (activations of one
+    layer at a time: bigger batches in less memory); the results are the same. accumulation="compiled" runs
+    the per-parameter reduction under `torch.compile` (worth it on GPUs; the first batch pays the compile).
     """
     if samples.ndim != 2 or samples.numel() == 0:
         raise ValueError(f"samples must be a non-empty [num_samples, seq_len] tensor, got shape {tuple(samples.shape)}")
@@ -170,6 +232,7 @@ def compute_importance(
         raise ValueError(f"batch_size={batch_size} must be a positive integer")
     if fisher not in FISHER_MODES:
         raise ValueError(f"fisher={fisher!r} is not allowed; allowed: {list(FISHER_MODES)}")
+    terms = _terms_fn(accumulation)
     check_token_ids(samples, model, "calibration token ids")
     rank, world = _rank_and_world(data_parallel)
     n_batches_total = -(-len(samples) // batch_size)
@@ -177,57 +240,74 @@ def compute_importance(
         raise ValueError(f"{n_batches_total} batches of {batch_size} cannot feed {world} processes; "
                          f"use at least {world * batch_size} samples or a smaller batch_size")
     geo = geometry(model.config)
-    device = next(model.parameters()).device
+    device = model.get_input_embeddings().weight.device  # where the token ids go in
     blocks = list(iter_blocks(model))
     n_units = {(i, b): block_units(parts, b, geo.head_dim) for i, b, parts in blocks}
-    zeros = lambda i, b: torch.zeros(n_units[(i, b)], dtype=torch.float32, device=device)  # noqa: E731
+    taps = [(i, b, up) for i, b, parts in blocks for up in block_params(parts, b)]
+    home = {(i, b): torch.device("cpu") for i, b, _ in blocks}  # each block's accumulators: its weights' device
+    home.update({(i, b): up.param.device for i, b, up in taps})
+    zeros = lambda i, b: torch.zeros(n_units[(i, b)], dtype=torch.float32, device=home[(i, b)])  # noqa: E731
     first = {(i, b): zeros(i, b) for i, b, _ in blocks}
     fisher_b = {(i, b): zeros(i, b) for i, b, _ in blocks}
     per_seq = fisher == "sequence"
     fisher_s = {(i, b): zeros(i, b) for i, b, _ in blocks} if per_seq else None
-    taps = [(i, b, up) for i, b, parts in blocks for up in block_params(parts, b)]
     scale = [1.0]  # 1 / (the current window's share of its batch's loss)
+    in_forward = [False]  # the input sums skip a checkpointed layer's recomputation during backward
+    last_part = [True]  # with fisher="sequence", .grad is complete only after a batch's last window
 
     def tap(k: int, g: torch.Tensor) -> None:
         i, b, up = taps[k]
         prod = up.param.detach().float() * (g.float() * scale[0])
         fisher_s[(i, b)] += reduce_to_units(prod.square(), up.axis, n_units[(i, b)])
 
-    stat_keys = [(i, b, up.name) for i, b, parts in blocks for up in block_params(parts, b)]
+    stat_keys = [(i, b, up.name) for i, b, up in taps]
     # abs_sum, sq_sum, max_abs, zeros per module, accumulated on the device
     stats = torch.zeros(len(stat_keys), 4, dtype=torch.float64, device=device)
+    batch_stats: list[torch.Tensor | None] = [None] * len(taps)
+
+    def reduce_grad(k: int) -> None:
+        if not last_part[0]:
+            return
+        i, b, up = taps[k]
+        f, s, st = terms(up.param.detach(), up.param.grad, up.axis, n_units[(i, b)])
+        first[(i, b)] += f
+        fisher_b[(i, b)] += s
+        batch_stats[k] = st
+        up.param.grad = None
 
     n_batches, n_tokens = 0, 0
     t0 = time.perf_counter()
-    taps_on = gradient_taps([up.param for _, _, up in taps], tap) if per_seq else contextlib.nullcontext()
+    params = [up.param for _, _, up in taps]
+    taps_on = gradient_taps(params, tap) if per_seq else contextlib.nullcontext()
     try:
-        with eval_mode(model), only_prunable_grads(model), input_sq_norms(model) as norms, taps_on:
+        with (eval_mode(model), only_prunable_grads(model), checkpointed_layers(model, gradient_checkpointing),
+              input_sq_norms(model, when=lambda: in_forward[0]) as norms, taps_on,
+              accumulate_in_backward(params, reduce_grad)):
             starts = range(rank * batch_size, len(samples), world * batch_size)  # this process's share
             for start in tqdm(starts, desc="importance", disable=not progress or rank != 0, leave=False):
                 batch = samples[start : start + batch_size].to(device)
                 # one window at a time with fisher="sequence": each loss / len(batch), so .grad sums to the batch's
-                for part in (batch.split(1) if per_seq else (batch,)):
+                windows = batch.split(1) if per_seq else (batch,)
+                for w, part in enumerate(windows):
+                    in_forward[0] = True
                     loss = model(input_ids=part, labels=part, use_cache=False).loss
+                    in_forward[0] = False
                     if not torch.isfinite(loss):
                         raise FloatingPointError(_locate_nonfinite_forward(model, part, n_batches))
                     scale[0] = len(batch) / len(part)
+                    last_part[0] = w == len(windows) - 1
                     (loss * (len(part) / len(batch))).backward()
-                batch_stats = []
-                for i, b, parts in blocks:
-                    n = n_units[(i, b)]
-                    for up in block_params(parts, b):
-                        g = up.param.grad.float()
-                        prod = up.param.detach().float() * g
-                        first[(i, b)] += reduce_to_units(prod.abs(), up.axis, n)
-                        fisher_b[(i, b)] += reduce_to_units(prod.square(), up.axis, n)
-                        ga = g.abs()
-                        batch_stats.append(torch.stack([ga.sum(), g.square().sum(), ga.max(), (g == 0).sum().float()]))
-                        up.param.grad = None
-                batch_stats = torch.stack(batch_stats).double()
-                _check_finite(batch_stats, stat_keys)
-                stats[:, :3] = torch.stack([stats[:, 0] + batch_stats[:, 0], stats[:, 1] + batch_stats[:, 1],
-                                            torch.maximum(stats[:, 2], batch_stats[:, 2])], dim=1)
-                stats[:, 3] += batch_stats[:, 3]
+                missing = [stat_keys[k] for k, st in enumerate(batch_stats) if st is None]
+                if missing:
+                    where = ", ".join(f"layer {i} {b}.{name}" for i, b, name in missing[:5])
+                    raise RuntimeError(f"no gradient reached {len(missing)} prunable parameter(s) ({where}); "
+                                       "every prunable weight must take part in the loss")
+                this_batch = torch.stack([st.to(device) for st in batch_stats]).double()
+                batch_stats[:] = [None] * len(taps)
+                _check_finite(this_batch, stat_keys)
+                stats[:, :3] = torch.stack([stats[:, 0] + this_batch[:, 0], stats[:, 1] + this_batch[:, 1],
+                                            torch.maximum(stats[:, 2], this_batch[:, 2])], dim=1)
+                stats[:, 3] += this_batch[:, 3]
                 n_batches += 1
                 n_tokens += batch.numel()
             if world > 1:
@@ -291,7 +371,7 @@ def _all_reduce_parts(first: dict, fisher_b: dict, fisher_s: dict | None, stats:
 
     tensors = [*first.values(), *fisher_b.values(), *(fisher_s or {}).values(),
                *(norms[k] for k in sorted(norms, key=str))]
-    flat = torch.cat([t.reshape(-1).double() for t in tensors]
+    flat = torch.cat([t.reshape(-1).double().to(stats.device) for t in tensors]
                      + [stats[:, [0, 1, 3]].reshape(-1), stats.new_tensor([n_batches, n_tokens])])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     maxima = stats[:, 2].clone()
@@ -370,9 +450,12 @@ def importance_cached(
     progress: bool = True,
     calibration: dict | None = None,
     data_parallel: bool = False,
+    gradient_checkpointing: bool = False,
+    accumulation: str = "eager",
 ) -> Importance:
     """`compute_importance`, cached (`workbench.cache`) by the model's content, the samples, the batch size and
-    the Fisher mode (not by the number of processes: a data-parallel pass gives the same result).
+    the Fisher mode (not by the number of processes, gradient checkpointing or the accumulation: they give the
+    same result).
 
     `cache=True`: memory + `data_cache/importance/`; a folder: memory + that folder; False: always computed.
     With `data_parallel=True` every process reads the cache and only rank 0 writes it.
@@ -382,7 +465,8 @@ def importance_cached(
 
     def compute() -> Importance:
         imp = compute_importance(model, samples, batch_size=batch_size, fisher=fisher, progress=progress,
-                                 calibration=calibration, data_parallel=data_parallel)
+                                 calibration=calibration, data_parallel=data_parallel,
+                                 gradient_checkpointing=gradient_checkpointing, accumulation=accumulation)
         imp.key = key
         return imp
 

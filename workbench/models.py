@@ -294,6 +294,44 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
+@contextlib.contextmanager
+def checkpointed_layers(model: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Inside the block every decoder layer recomputes its forward during backward (gradient checkpointing,
+    non-reentrant), whether or not the model is in training mode; everything is restored on exit.
+
+    transformers checkpoints a layer only when the layer's own `training` flag is set, so only that flag is
+    set, never its children's: attention and dropout stay in eval mode and the numbers do not change.
+    """
+    if not enabled:
+        yield
+        return
+    from functools import partial
+
+    from torch.utils.checkpoint import checkpoint
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = list(decoder_layers(model))
+    odd = sorted({type(layer).__name__ for layer in layers if not isinstance(layer, GradientCheckpointingLayer)})
+    if odd:
+        raise UnsupportedModelError(f"gradient checkpointing needs transformers' checkpointable decoder layers; "
+                                    f"{odd} are not")
+    saved = [(layer.training, layer.gradient_checkpointing, layer.__dict__.get("_gradient_checkpointing_func"))
+             for layer in layers]
+    try:
+        for layer in layers:
+            layer.gradient_checkpointing = True
+            layer._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
+            layer.training = True
+        yield
+    finally:
+        for layer, (training, flag, fn) in zip(layers, saved):
+            layer.training, layer.gradient_checkpointing = training, flag
+            if fn is None:
+                layer.__dict__.pop("_gradient_checkpointing_func", None)
+            else:
+                layer._gradient_checkpointing_func = fn
+
+
 def check_token_ids(ids: torch.Tensor, model: nn.Module, what: str = "token ids") -> None:
     """Refuse token ids the model's embedding cannot look up (negative, >= vocab, not integers), by value."""
     if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):

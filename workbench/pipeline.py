@@ -105,7 +105,9 @@ def calibrate(model: nn.Module, tokenizer, calibration: CalibrationConfig, *,
     process's share of it, inside a torch.distributed process group; every process gets the whole result)."""
     samples = calibration_samples(tokenizer, calibration)
     imp = importance_cached(model, samples, batch_size=calibration.batch_size, fisher=calibration.fisher,
-                            progress=progress, calibration=asdict(calibration), data_parallel=data_parallel)
+                            progress=progress, calibration=asdict(calibration), data_parallel=data_parallel,
+                            gradient_checkpointing=calibration.gradient_checkpointing,
+                            accumulation=calibration.accumulation)
     return samples, imp
 
 
