@@ -284,3 +284,23 @@ def test_removal_losses_from_kept_layer_inputs_equal_full_passes(family, monkeyp
     assert base == pytest.approx(base_full, abs=1e-6)
     assert fast == pytest.approx(full, abs=1e-5)
     assert len(decoder_layers(model)) == 4  # the layer list is restored
+
+
+@pytest.mark.parametrize("level", ["layer", "block"])
+@pytest.mark.parametrize("normalization", ["minmax", "zscore", "log", "sqrt"])
+def test_scores_do_not_depend_on_the_table_row_order(normalization, level):
+    """Groups read as slices (a table as built) and groups found by sorting (any other order) score alike."""
+    table, _ = _constructed_table()
+    cfg = ScoringConfig(normalization=normalization, level=level, temperature=0.5, tau=0.05)
+    loss = _loss_frame()
+    shuffled = table.sample(frac=1.0, random_state=0)
+    a = score_table(table, cfg, loss)
+    b = score_table(shuffled, cfg, loss).loc[a.index]
+    np.testing.assert_allclose(b.final_score, a.final_score, rtol=1e-12)
+    assert (b.forced == a.forced).all() and "final_score" not in table  # the given table is left as it was
+
+
+def test_temperature_needs_the_loss_of_every_scored_block():
+    table, _ = _constructed_table()
+    with pytest.raises(ValueError, match="lacks blocks the table scores"):
+        score_table(table, ScoringConfig(temperature=0.5), _loss_frame(n_layers=2))

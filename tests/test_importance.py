@@ -343,3 +343,26 @@ def test_bad_accumulation_and_checkpointing_settings_are_refused():
         CalibrationConfig(accumulation="triton")
     with pytest.raises(TypeError, match="gradient_checkpointing='yes'"):
         CalibrationConfig(gradient_checkpointing="yes")
+
+
+def test_device_auto_loads_dispatched_models_that_score_the_same(tmp_path, tokenizer):
+    """`device="auto"` (accelerate's device_map) for a model folder and a pruned checkpoint; on a machine without
+    GPUs everything lands on the CPU, and the importance pass gives what it gives on the undispatched model."""
+    from workbench.checkpoints import load_model, load_pruned, save_pruned
+    from workbench.plans import Plan
+    from workbench.prune import apply_plan
+
+    model = tiny_model("mistral", n_layers=2)
+    model.save_pretrained(tmp_path / "dense")
+    tokenizer.save_pretrained(tmp_path / "dense")
+    auto, _ = load_model(tmp_path / "dense", device="auto")
+    assert auto.hf_device_map and set(auto.hf_device_map.values()) <= {"cpu", 0, "cuda:0"}
+    samples = torch.randint(0, 256, (4, 12))
+    _same_importance(compute_importance(model, samples, batch_size=2, progress=False),
+                     compute_importance(auto, samples, batch_size=2, progress=False))
+    apply_plan(model, Plan(removed={"attn": [[0], []], "mlp": [[1, 2], list(range(10))]}, widths=[(2, 96)] * 2))
+    save_pruned(model, tmp_path / "pruned")
+    pruned = load_pruned(tmp_path / "pruned", device="auto")
+    assert pruned.hf_device_map
+    _same_importance(compute_importance(model, samples, batch_size=2, progress=False),
+                     compute_importance(pruned, samples, batch_size=2, progress=False))

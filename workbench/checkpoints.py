@@ -90,6 +90,9 @@ def load_model(
     A directory written by `save_pruned` is rebuilt with its per-layer shapes. A GGUF file is de-quantized
     once: the float32 result is kept in `data_cache/converted/`, keyed by the file's SHA-256, and later
     loads read that (`convert_cache=False` converts every time and keeps nothing).
+
+    `device="auto"` spreads a model too large for one GPU over every visible GPU (then the CPU), layer by
+    layer, with accelerate's `device_map="auto"`; the importance pass keeps each accumulator beside its weights.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer  # deferred: transformers loads in seconds
 
@@ -109,7 +112,8 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(source)
         return model, _with_pad_token(tokenizer)
 
-    kwargs = dict(dtype=torch_dtype, **({"attn_implementation": attn_implementation} if attn_implementation else {}))
+    kwargs = dict(dtype=torch_dtype, **({"attn_implementation": attn_implementation} if attn_implementation else {}),
+                  **({"device_map": AUTO_DEVICE} if str(device) == AUTO_DEVICE else {}))
     converted = _converted_gguf(Path(source, gguf_file)) if gguf_file and convert_cache else None
     if converted is not None:  # de-quantized earlier: read that copy
         model = AutoModelForCausalLM.from_pretrained(converted, **kwargs)
@@ -134,7 +138,24 @@ def _finish(model: nn.Module, source: str, gguf_file: str | None, device) -> nn.
     if gguf_file:
         model.config.gguf_source = str(Path(source, gguf_file).resolve())  # its tokenizer travels to GGUF exports
     model.config.name_or_path = DEFAULT_MODEL_NAME if Path(source) == default_model_dir() else source
-    return model.to(device).eval()
+    return (dispatch(model) if str(device) == AUTO_DEVICE else model.to(device)).eval()
+
+
+AUTO_DEVICE = "auto"  # `device="auto"`: the model spread over every visible GPU (accelerate's device_map)
+
+
+def dispatch(model: nn.Module) -> nn.Module:
+    """Spread a model over the visible GPUs (then the CPU), whole decoder layers per device, with accelerate.
+    A model `from_pretrained(device_map=...)` already placed is left where it is."""
+    if getattr(model, "hf_device_map", None):
+        return model
+    from accelerate import dispatch_model, infer_auto_device_map  # deferred: only multi-device loading needs it
+
+    layer_class = type(decoder_layers(model)[0]).__name__
+    device_map = infer_auto_device_map(model, no_split_module_classes=[layer_class])
+    model = dispatch_model(model, device_map)
+    model.hf_device_map = device_map
+    return model
 
 
 def _converted_dir(gguf_path: Path) -> Path:
@@ -285,7 +306,8 @@ def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
 
 def load_pruned(directory: str | os.PathLike, *, dtype: str | torch.dtype = torch.float32,
                 device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a pruned checkpoint with its per-layer shapes (no remote code), weights loaded exactly."""
+    """Rebuild a pruned checkpoint with its per-layer shapes (no remote code), weights loaded exactly
+    (`device="auto"`: spread over the visible GPUs, see `load_model`)."""
     from transformers import AutoConfig, AutoModelForCausalLM  # deferred: transformers loads in seconds
     from transformers.initialization import no_init_weights  # deferred: transformers loads in seconds
 
@@ -324,7 +346,7 @@ def load_pruned(directory: str | os.PathLike, *, dtype: str | torch.dtype = torc
                               f"missing={sorted(set(missing) - tied)[:5]}, unexpected={sorted(unexpected)[:5]}")
     if tied:
         model.tie_weights()
-    return model.to(device=device).eval()
+    return (dispatch(model) if str(device) == AUTO_DEVICE else model.to(device=device)).eval()
 
 
 def load_plan(directory: str | os.PathLike) -> Plan:

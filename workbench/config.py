@@ -42,7 +42,8 @@ class ModelConfig:
             (a pruned checkpoint included), a .gguf file, or "tiny" (a tiny random Llama with a byte tokenizer,
             for tests and smoke runs).
         dtype: float32, bfloat16 or float16.
-        device: cpu, cuda, cuda:N, mps.
+        device: cpu, cuda, cuda:N, mps, or auto (spread over every visible GPU with accelerate's device_map, for a
+            model larger than one GPU).
     """
 
     name: str = "default"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from functools import partial
 from dataclasses import dataclass
 
 import pandas as pd
@@ -305,10 +306,8 @@ def checkpointed_layers(model: nn.Module, enabled: bool = True) -> Iterator[None
     if not enabled:
         yield
         return
-    from functools import partial
-
-    from torch.utils.checkpoint import checkpoint
-    from transformers.modeling_layers import GradientCheckpointingLayer
+    from torch.utils.checkpoint import checkpoint  # deferred: only a checkpointed pass needs it
+    from transformers.modeling_layers import GradientCheckpointingLayer  # deferred: transformers loads in seconds
 
     layers = list(decoder_layers(model))
     odd = sorted({type(layer).__name__ for layer in layers if not isinstance(layer, GradientCheckpointingLayer)})

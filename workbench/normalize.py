@@ -31,10 +31,11 @@ def _none(x: np.ndarray) -> np.ndarray:
 
 
 def _log(x: np.ndarray) -> np.ndarray:
-    if (x < 0).any():
+    if len(x) and x.min() < 0:
         raise ValueError(f"log normalization needs scores >= 0; the smallest is {x.min():.3g}")
-    floor = x[x > 0].min() * 1e-3 if (x > 0).any() else 1.0
-    return np.log(x + floor)
+    smallest = np.min(x, where=x > 0, initial=np.inf)
+    out = x + (smallest * 1e-3 if np.isfinite(smallest) else 1.0)
+    return np.log(out, out=out)
 
 
 def _minmax(x: np.ndarray) -> np.ndarray:
@@ -129,23 +130,27 @@ PRESETS: dict[str, ScoringConfig] = {
 }
 
 
-def _level_codes(table: pd.DataFrame, level: str) -> np.ndarray:
-    if level == "layer":
-        return table["layer"].to_numpy()
-    return table["layer"].to_numpy().astype(np.int64) * 2 + block_codes(table)
-
-
 def normalize(scores: np.ndarray, codes: np.ndarray, name: str) -> np.ndarray:
-    """Apply a registered normalizer within each level group (vectorised over groups by sorting once)."""
+    """Apply a registered normalizer within each level group.
+
+    Tables from `build_table` hold each group in one contiguous run (or, per layer, two): the groups are then
+    read as slices, without a sort; any other row order is grouped by one stable sort of the codes.
+    """
     fn = NORMALIZERS[name].fn
     if name == "none":
         return scores.astype(np.float64, copy=True)
+    starts = np.r_[0, np.flatnonzero(codes[1:] != codes[:-1]) + 1]
+    ends = np.r_[starts[1:], len(codes)]
+    out = np.empty_like(scores, dtype=np.float64)
+    run_codes = codes[starts]
+    if len(np.unique(run_codes)) == len(run_codes):  # every group is one run: slices
+        for a, b in zip(starts.tolist(), ends.tolist()):
+            out[a:b] = fn(scores[a:b].astype(np.float64))
+        return out
     # small integer codes sort by radix (stable) in a few ms even for 10^6 units
     small = codes.astype(np.int16) if codes.max() < np.iinfo(np.int16).max else codes
     order = np.argsort(small, kind="stable")
-    sorted_codes = codes[order]
-    bounds = np.flatnonzero(np.diff(sorted_codes)) + 1
-    out = np.empty_like(scores, dtype=np.float64)
+    bounds = np.flatnonzero(np.diff(codes[order])) + 1
     for idx in np.split(order, bounds):
         out[idx] = fn(scores[idx].astype(np.float64))
     return out
@@ -158,14 +163,19 @@ def clip_percentiles(x: np.ndarray, low: float, high: float) -> np.ndarray:
     return np.clip(x, lo, hi)
 
 
-def block_corrected(scores: np.ndarray, table: pd.DataFrame, block_loss: pd.DataFrame) -> np.ndarray:
-    """s · L_b / Σ_b s: each block's scores sum to its removal loss, distribution inside kept."""
-    codes = _level_codes(table, "block")
+def block_corrected(scores: np.ndarray, codes: np.ndarray, block_loss: pd.DataFrame) -> np.ndarray:
+    """s · L_b / Σ_b s: each block's scores sum to its removal loss, distribution inside kept (`codes`: each row's
+    block, layer · 2 + (1 for MLP))."""
     loss = _block_loss_by_code(block_loss)
-    totals = np.bincount(codes, weights=scores, minlength=codes.max() + 1)
-    if (totals[np.unique(codes)] <= 0).any():
+    totals = np.bincount(codes, weights=scores)
+    present = np.bincount(codes, minlength=len(totals)) > 0
+    if (totals[present] <= 0).any():
         raise ValueError("block correction needs positive score totals per block; use method scores >= 0")
-    return scores * loss[codes] / totals[codes]
+    if len(loss) < len(totals) or np.isnan(loss[: len(totals)][present]).any():
+        raise ValueError("the block removal loss lacks blocks the table scores; measure it on the same model")
+    with np.errstate(divide="ignore", invalid="ignore"):  # codes of no row: never read
+        factor = loss[: len(totals)] / totals
+    return scores * factor[codes]
 
 
 def _block_loss_by_code(block_loss: pd.DataFrame) -> np.ndarray:
@@ -180,18 +190,21 @@ def score_table(table: pd.DataFrame, cfg: ScoringConfig, block_loss: pd.DataFram
     if cfg.needs_block_loss and block_loss is None:
         raise ValueError(f"temperature={cfg.temperature}, tau={cfg.tau} need the measured block removal loss "
                          "(workbench.diagnosis.block_removal_loss)")
-    out = table.copy()
+    out = table.copy(deep=False)  # new columns only: the cached table is never written (pandas copy-on-write)
     raw = out["score"].to_numpy(dtype=np.float64)
-    s = normalize(raw, _level_codes(out, cfg.level), cfg.normalization)
+    layer = out["layer"].to_numpy()
+    block = layer * 2 + block_codes(out).astype(layer.dtype)  # each row's block (layer · 2 + MLP), read once
+    s = normalize(raw, layer if cfg.level == "layer" else block, cfg.normalization)
     s = clip_percentiles(s, cfg.clip_low, cfg.clip_high)
     if cfg.temperature > 0:
-        bc = block_corrected(raw, out, block_loss)
+        bc = block_corrected(raw, block, block_loss)
         scale = np.abs(bc).mean() / max(np.abs(s).mean(), 1e-300)
-        s = (1 - cfg.temperature) * s * scale + cfg.temperature * bc
+        s = s * ((1 - cfg.temperature) * scale)  # a new array: s may still be the caller's
+        s += cfg.temperature * bc
     out["final_score"] = s
     forced = np.zeros(len(out), dtype=bool)
     if cfg.tau is not None:
-        loss = _block_loss_by_code(block_loss)[_level_codes(out, "block")]
+        loss = _block_loss_by_code(block_loss)[block]
         forced = loss < cfg.tau
         out["forced_loss"] = np.where(forced, loss, np.nan)  # the order in which "cap" keeps forced blocks
     out["forced"] = forced

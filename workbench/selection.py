@@ -25,11 +25,11 @@ RATIO_OF = ("total", "prunable")
 
 
 def block_codes(table: pd.DataFrame) -> np.ndarray:
-    """0 for attention rows, 1 for MLP rows (fast: from the categorical codes when present)."""
+    """0 for attention rows, 1 for MLP rows, as small integers (fast: the categorical codes when present)."""
     col = table["block"]
     if isinstance(col.dtype, pd.CategoricalDtype) and list(col.cat.categories) == list(BLOCKS):
-        return col.cat.codes.to_numpy().astype(np.int64)
-    return (col.astype(str).to_numpy() == "mlp").astype(np.int64)
+        return col.cat.codes.to_numpy()
+    return (col.astype(str).to_numpy() == "mlp").astype(np.int8)
 
 
 def unit_costs(model: nn.Module) -> dict[str, list[int]]:
@@ -222,7 +222,7 @@ def select(table: pd.DataFrame, model: nn.Module | Budget, cfg: SelectionConfig 
     mlp = block_codes(table)
     unit = table["unit"].to_numpy()
     cost = table["cost"].to_numpy()
-    group = layer * 2 + mlp
+    group = layer * 2 + mlp.astype(layer.dtype)
     # blocks removed whole before width pruning (tau); they count against the budget
     forced = table["forced"].to_numpy(dtype=bool) if "forced" in table else np.zeros(len(table), dtype=bool)
     if forced.any() and int(cost[forced].sum()) > target:
@@ -304,10 +304,11 @@ def _lowest_reaching(score: np.ndarray, cost: np.ndarray, idx: np.ndarray, rest:
     n = len(idx)
     if rest <= 0 or n == 0:
         return idx[:0] if rest <= 0 else idx
-    c = cost[idx]
+    full = n == len(score)  # idx is every row in order (no forced block): no gathers
+    c = cost if full else cost[idx]
     if int(c.sum()) < rest:
         return idx
-    s = score[idx]
+    s = score if full else score[idx]
     k = min(n, max(64, int(2 * rest / c.mean())))
     while k < n:
         part = np.argpartition(s, k - 1)[:k]
