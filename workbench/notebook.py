@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from workbench.checkpoints import load_model
+from workbench.checkpoints import AUTO_DEVICE, dispatch, load_model
 from workbench.testing import byte_tokenizer, tiny_model
 
 
@@ -16,7 +16,8 @@ def load(model: str | None = None, smoke: bool = False, *, dtype: str | torch.dt
     4-layer Llama with a byte tokenizer (seconds; what the test suite runs every notebook on)."""
     with timed("model loaded"):
         if smoke:
-            return tiny_model("llama", n_layers=4).to(device), byte_tokenizer()
+            model = tiny_model("llama", n_layers=4)
+            return (dispatch(model) if str(device) == AUTO_DEVICE else model.to(device)), byte_tokenizer()
         return load_model(model, dtype=dtype, device=device)
 
 
