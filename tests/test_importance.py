@@ -366,3 +366,16 @@ def test_device_auto_loads_dispatched_models_that_score_the_same(tmp_path, token
     assert pruned.hf_device_map
     _same_importance(compute_importance(model, samples, batch_size=2, progress=False),
                      compute_importance(pruned, samples, batch_size=2, progress=False))
+
+
+def test_checkpointing_and_accumulation_share_the_plain_cache_entry(tmp_path, tokenizer):
+    """They do not change the scores, so a run file that turns them on reads the plain pass's cache entry."""
+    from workbench.data import CalibrationConfig
+    from workbench.pipeline import calibrate
+
+    model = tiny_model("llama", n_layers=2)
+    plain = CalibrationConfig(num_samples=4, seq_len=16, batch_size=2)
+    _, a = calibrate(model, tokenizer, plain, progress=False)
+    checkpointed = CalibrationConfig(num_samples=4, seq_len=16, batch_size=2, gradient_checkpointing=True)
+    _, b = calibrate(model, tokenizer, checkpointed, progress=False)
+    assert a.key == b.key and b.calibration["gradient_checkpointing"] is False  # served from the first pass
