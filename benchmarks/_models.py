@@ -69,3 +69,20 @@ def bare_pass(model, samples, batch_size: int) -> None:
         batch = samples[start : start + batch_size].to(device)
         model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
         model.zero_grad(set_to_none=True)
+
+
+def measured(fn, device):
+    """(result, seconds, peak bytes) of one call, synchronised on CUDA (`PeakMemory`: allocator peak on a GPU,
+    process RSS on a CPU)."""
+    import time
+
+    from workbench.efficiency import PeakMemory
+
+    device = torch.device(device)
+    with PeakMemory(device) as mem:
+        t = time.perf_counter()
+        out = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - t
+    return out, seconds, mem.peak

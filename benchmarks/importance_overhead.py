@@ -8,13 +8,10 @@ Peak memory is the peak RSS over each phase (CPU; sampled every 5 ms) or the pea
 from __future__ import annotations
 
 import argparse
-import time
 
-import torch
-from _models import add_calibration_args, add_model_args, bare_pass, bench_model, calibration
+from _models import add_calibration_args, add_model_args, bare_pass, bench_model, calibration, measured
 
 from workbench.data import calibration_samples
-from workbench.efficiency import PeakMemory
 from workbench.importance import compute_importance, only_prunable_grads
 
 
@@ -35,18 +32,12 @@ def main():
     warm = samples[: args.batch_size]
     bare_pass(model, warm, args.batch_size)
     compute_importance(model, warm, **options)  # the compiled accumulation compiles here
-    results = {}
-    for name in ("bare", "importance", "bare_again"):
-        with PeakMemory(device) as mem:
-            t = time.perf_counter()
-            if name.startswith("bare"):
-                with only_prunable_grads(model):
-                    bare_pass(model, samples, args.batch_size)
-            else:
-                compute_importance(model, samples, **options)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            results[name] = (time.perf_counter() - t, mem.peak)
+    def bare():
+        with only_prunable_grads(model):
+            bare_pass(model, samples, args.batch_size)
+
+    passes = {"bare": bare, "importance": lambda: compute_importance(model, samples, **options), "bare_again": bare}
+    results = {name: measured(fn, device)[1:] for name, fn in passes.items()}
     bare_t = min(results["bare"][0], results["bare_again"][0])
     print(f"model {model.config.name_or_path}, device {device}, dtype {next(model.parameters()).dtype}, "
           f"{args.samples} samples × {args.seq_len} tokens, batch {args.batch_size}, accumulation {args.accumulation}"

@@ -21,21 +21,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import torch
-from _models import add_calibration_args, add_model_args, bare_pass, bench_model, calibration
-from rescore_speed import settings
+from _models import add_calibration_args, add_model_args, bare_pass, bench_model, calibration, measured
+from rescore_speed import plan_ms, settings
 
 from workbench.cache import model_fingerprint
 from workbench.checkpoints import load_pruned, save_pruned
 from workbench.data import calibration_samples
 from workbench.diagnosis import block_removal_loss
-from workbench.efficiency import EfficiencyConfig, PeakMemory, directory_bytes, measure
+from workbench.efficiency import EfficiencyConfig, directory_bytes, measure
 from workbench.finetune import FinetuneConfig, finetune, training_data
 from workbench.importance import compute_importance, only_prunable_grads
 from workbench.normalize import ScoringConfig
@@ -54,17 +52,6 @@ def report(section: str, measure_name: str, value, unit: str = "") -> None:
     ROWS.append(dict(section=section, measure=measure_name, value=value, unit=unit))
     shown = f"{value:,.4g}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) else str(value)
     print(f"  {section:11s} {measure_name:52s} {shown:>14s} {unit}", flush=True)
-
-
-def run(fn, device: torch.device):
-    """(result, seconds, peak bytes) of one call, synchronised on CUDA."""
-    with PeakMemory(device) as mem:
-        t = time.perf_counter()
-        out = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - t
-    return out, seconds, mem.peak
 
 
 def forward_only(model, samples, batch_size):
@@ -86,26 +73,27 @@ def importance_section(model, samples, args, device):
     warm = samples[: args.batch_size]
     bare_pass(model, warm, args.batch_size)
     compute_importance(model, warm, **opts)
-    _, t_fwd, m_fwd = run(lambda: forward_only(model, samples, args.batch_size), device)
+    _, t_fwd, m_fwd = measured(lambda: forward_only(model, samples, args.batch_size), device)
     with only_prunable_grads(model):
-        _, t_bare, m_bare = run(lambda: bare_pass(model, samples, args.batch_size), device)
-    eager, t_eager, m_eager = run(lambda: compute_importance(model, samples, **opts), device)
+        _, t_bare, m_bare = measured(lambda: bare_pass(model, samples, args.batch_size), device)
+    eager, t_eager, m_eager = measured(lambda: compute_importance(model, samples, **opts), device)
     with only_prunable_grads(model):  # again, the faster of the two counts (a shared machine drifts)
-        _, t_bare2, _ = run(lambda: bare_pass(model, samples, args.batch_size), device)
+        _, t_bare2, _ = measured(lambda: bare_pass(model, samples, args.batch_size), device)
     t_bare = min(t_bare, t_bare2)
     report("importance", "forward only", t_fwd, "s")
     report("importance", "bare forward+backward (faster of two)", t_bare, "s")
     report("importance", "importance pass (eager accumulation)", t_eager, "s")
     report("importance", "overhead eager (target <= 1.10)", t_eager / t_bare, "x")
     if not args.no_compile:
-        _, t_compile, _ = run(lambda: compute_importance(model, warm, accumulation="compiled", **opts), device)
-        compiled, t_comp, m_comp = run(lambda: compute_importance(model, samples, accumulation="compiled", **opts),
-                                       device)
+        _, t_compile, _ = measured(lambda: compute_importance(model, warm, accumulation="compiled", **opts), device)
+        compiled, t_comp, m_comp = measured(
+            lambda: compute_importance(model, samples, accumulation="compiled", **opts), device)
         report("importance", "first compiled batch (includes compiling)", t_compile, "s")
         report("importance", "importance pass (compiled accumulation)", t_comp, "s")
         report("importance", "overhead compiled (target <= 1.10)", t_comp / t_bare, "x")
         report("importance", "compiled vs eager, max relative difference", max_rel_diff(compiled, eager))
-    ckpt, t_ckpt, m_ckpt = run(lambda: compute_importance(model, samples, gradient_checkpointing=True, **opts), device)
+    ckpt, t_ckpt, m_ckpt = measured(
+        lambda: compute_importance(model, samples, gradient_checkpointing=True, **opts), device)
     report("importance", "importance pass, gradient checkpointing", t_ckpt, "s")
     report("importance", "checkpointed vs plain, max relative difference", max_rel_diff(ckpt, eager))
     kind = "peak allocated" if device.type == "cuda" else "peak RSS"
@@ -116,8 +104,8 @@ def importance_section(model, samples, args, device):
 
 
 def selection_section(model, imp, samples, args, device):
-    loss, t_loss, _ = run(lambda: block_removal_loss(model, samples[: args.batch_size], progress=False, cache=False),
-                          device)
+    loss, t_loss, _ = measured(lambda: block_removal_loss(model, samples[: args.batch_size], progress=False,
+                                                          cache=False), device)
     report("selection", f"block removal loss ({args.batch_size} windows; for T and tau)", t_loss, "s")
     t = time.perf_counter()
     rescorer = Rescorer(imp, Budget.of(model), loss)
@@ -125,14 +113,7 @@ def selection_section(model, imp, samples, args, device):
     report("selection", f"unit table ({sum(w[0] + w[1] for w in imp.widths):,} units)", time.perf_counter() - t, "s")
     for name, cfg in settings().items():
         cfg = dataclasses.replace(cfg, tau_over_budget="cap")  # random weights: tau's blocks may exceed the budget
-        times = []
-        for _ in range(7):
-            with warnings.catch_warnings():  # the cap's warning, once per run
-                warnings.simplefilter("ignore")
-                t = time.perf_counter()
-                rescorer.plan(cfg, SelectionConfig(ratio=args.ratio))
-                times.append(time.perf_counter() - t)
-        report("selection", f"re-score + select, {name} (target < 50 ms)", 1e3 * statistics.median(times), "ms")
+        report("selection", f"re-score + select, {name} (target < 50 ms)", plan_ms(rescorer, cfg, args.ratio), "ms")
     return rescorer.plan(ScoringConfig(method="taylor"), SelectionConfig(ratio=args.ratio))[1]
 
 
@@ -158,8 +139,8 @@ def checkpoint_section(model, args, device):
     dtype = next(model.parameters()).dtype
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         target = Path(tmp) / "pruned"
-        _, t_save, _ = run(lambda: save_pruned(model, target), device)
-        reloaded, t_load, _ = run(lambda: load_pruned(target, dtype=dtype, device=device), device)
+        _, t_save, _ = measured(lambda: save_pruned(model, target), device)
+        reloaded, t_load, _ = measured(lambda: load_pruned(target, dtype=dtype, device=device), device)
         with torch.no_grad():
             diff = float((reloaded(probe).logits.float() - model(probe).logits.float()).abs().max())
         report("checkpoint", "save", t_save, "s")
@@ -176,8 +157,8 @@ def lora_section(model, tokenizer, args, device):
     data = data.subset(torch.arange(min(len(data), 4 * args.lora_steps + 20)))  # a small held-out part to evaluate
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         first = finetune(model, tokenizer, cfg, tmp, data=data, stop_after=1, progress=False, log=lambda *_: None)
-        result, _, peak = run(lambda: finetune(first.model, tokenizer, cfg, tmp, data=data, progress=False,
-                                               log=lambda *_: None), device)
+        result, _, peak = measured(lambda: finetune(first.model, tokenizer, cfg, tmp, data=data, progress=False,
+                                                    log=lambda *_: None), device)
     steps = args.lora_steps - 1
     report("lora", f"seconds per step ({steps} steps × 4 × {args.lora_seq_len} tokens after the first; with one "
                    "evaluation and one save)",
@@ -224,11 +205,11 @@ def main():
 
     samples = calibration_samples(tok, calibration(args))
     imp = importance_section(model, samples, args, device)
-    _, t_fp, _ = run(lambda: model_fingerprint(model), device)
+    _, t_fp, _ = measured(lambda: model_fingerprint(model), device)
     report("cache key", "model fingerprint (hash of every weight)", t_fp, "s")
     plan = selection_section(model, imp, samples, args, device)
     dense = decode_section(model, "dense", args, device, floor_gbs)
-    _, t_apply, _ = run(lambda: apply_plan(model, plan), device)
+    _, t_apply, _ = measured(lambda: apply_plan(model, plan), device)
     report("apply", f"physical pruning ({plan.selected_params / plan.denominator:.1%} of the parameters)", t_apply, "s")
     pruned = decode_section(model, "pruned", args, device, floor_gbs)
     ideal = dense["loop"]["weight_bytes"] / pruned["loop"]["weight_bytes"]

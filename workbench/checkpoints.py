@@ -138,10 +138,15 @@ def _finish(model: nn.Module, source: str, gguf_file: str | None, device) -> nn.
     if gguf_file:
         model.config.gguf_source = str(Path(source, gguf_file).resolve())  # its tokenizer travels to GGUF exports
     model.config.name_or_path = DEFAULT_MODEL_NAME if Path(source) == default_model_dir() else source
-    return (dispatch(model) if str(device) == AUTO_DEVICE else model.to(device)).eval()
+    return place(model, device).eval()
 
 
 AUTO_DEVICE = "auto"  # `device="auto"`: the model spread over every visible GPU (accelerate's device_map)
+
+
+def place(model: nn.Module, device: str | torch.device) -> nn.Module:
+    """The model on `device`, or spread over the visible GPUs when `device="auto"` (`dispatch`)."""
+    return dispatch(model) if str(device) == AUTO_DEVICE else model.to(device)
 
 
 def dispatch(model: nn.Module) -> nn.Module:
@@ -346,7 +351,7 @@ def load_pruned(directory: str | os.PathLike, *, dtype: str | torch.dtype = torc
                               f"missing={sorted(set(missing) - tied)[:5]}, unexpected={sorted(unexpected)[:5]}")
     if tied:
         model.tie_weights()
-    return (dispatch(model) if str(device) == AUTO_DEVICE else model.to(device=device)).eval()
+    return place(model, device).eval()
 
 
 def load_plan(directory: str | os.PathLike) -> Plan:

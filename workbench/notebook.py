@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from workbench.checkpoints import AUTO_DEVICE, dispatch, load_model
+from workbench.checkpoints import load_model, place
 from workbench.testing import byte_tokenizer, tiny_model
 
 
@@ -16,8 +16,7 @@ def load(model: str | None = None, smoke: bool = False, *, dtype: str | torch.dt
     4-layer Llama with a byte tokenizer (seconds; what the test suite runs every notebook on)."""
     with timed("model loaded"):
         if smoke:
-            model = tiny_model("llama", n_layers=4)
-            return (dispatch(model) if str(device) == AUTO_DEVICE else model.to(device)), byte_tokenizer()
+            return place(tiny_model("llama", n_layers=4), device), byte_tokenizer()
         return load_model(model, dtype=dtype, device=device)
 
 
