@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from workbench.models import BLOCKS, as_dtype, decoder_layers, geometry, get_spec, spec_for_config
+from workbench.models import BLOCKS, as_dtype, decoder_layers, geometry, get_spec, spec_for_config, verify_decoding
 from workbench.paths import data_cache, replace_dir, write_atomic
 from workbench.prune import LAYERS_KEY, PruneReport, add_output_bias, record_layer_config, shape_layer
 from workbench.plans import Plan
@@ -351,7 +351,9 @@ def load_pruned(directory: str | os.PathLike, *, dtype: str | torch.dtype = torc
                               f"missing={sorted(set(missing) - tied)[:5]}, unexpected={sorted(unexpected)[:5]}")
     if tied:
         model.tie_weights()
-    return place(model, device).eval()
+    model = place(model, device).eval()
+    verify_decoding(model)  # per-layer shapes decode through transformers internals: checked once, here
+    return model
 
 
 def load_plan(directory: str | os.PathLike) -> Plan:

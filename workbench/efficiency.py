@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from workbench.compat import cache_keyword, output_cache
 from workbench.models import decoder_layers, eval_mode, geometry, get_spec, layer_parts, layer_widths, parameter_count
 
 
@@ -168,7 +169,7 @@ def _run_static(model: nn.Module, prompt: torch.Tensor, new_tokens: int):
     out = _generate(model, prompt, new_tokens + 1)
     _sync(device)
     per_token = max(time.perf_counter() - t - prefill, 0.0) / new_tokens
-    return prefill, [per_token] * new_tokens, out.past_key_values, out.sequences[:, prompt.shape[1]:-1]
+    return prefill, [per_token] * new_tokens, output_cache(out), out.sequences[:, prompt.shape[1]:-1]
 
 
 def _run_loop(model: nn.Module, prompt: torch.Tensor, new_tokens: int):
@@ -179,15 +180,15 @@ def _run_loop(model: nn.Module, prompt: torch.Tensor, new_tokens: int):
     out = model(input_ids=prompt, use_cache=True)
     _sync(device)
     prefill = time.perf_counter() - t
-    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    steps, tokens = [], []
+    cache, token = output_cache(out), out.logits[:, -1:].argmax(-1)
+    key, steps, tokens = cache_keyword(model), [], []
     for _ in range(new_tokens):
         tokens.append(token)
         t = time.perf_counter()
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        out = model(input_ids=token, use_cache=True, **{key: cache})
         _sync(device)
         steps.append(time.perf_counter() - t)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        cache, token = output_cache(out), out.logits[:, -1:].argmax(-1)
     return prefill, steps, cache, torch.cat(tokens, dim=1)
 
 

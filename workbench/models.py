@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicLayer
 
+from workbench.compat import check_cached_decoding, find_cache
+
 BLOCKS = ("attn", "mlp")  # the two prunable blocks of a decoder layer, in this order everywhere
 
 
@@ -167,9 +169,18 @@ class PositionsOnlyCacheLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.positions
 
-    def crop(self, max_length: int) -> None:
-        super().crop(max_length)
-        self.positions = max_length if max_length >= 0 else max(0, self.positions + max_length)
+    def crop(self, length: int) -> None:
+        """Keep the first `length` positions (length >= 0), or drop the last -length (length < 0).
+
+        transformers before 5.24 passes either form; 5.24 passes only the negative one."""
+        keep = length if length >= 0 else max(0, self.positions + length)
+        if self.is_initialized:
+            self.keys, self.values = self.keys[..., :keep, :], self.values[..., :keep, :]
+        self.positions = keep
+
+    def reset(self) -> None:
+        self.positions = 0
+        super().reset()
 
 
 class EmptyBlock(nn.Module):
@@ -187,19 +198,20 @@ class EmptyBlock(nn.Module):
         self.kind, self.layer_idx, self.head_dim = kind, layer_idx, head_dim
         self.bias: nn.Parameter | None = None
 
-    def forward(self, hidden_states: torch.Tensor, *args, past_key_values=None, **kwargs):
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         out = torch.zeros_like(hidden_states)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         if self.kind == "mlp":
             return out
-        if past_key_values is not None:  # zero heads, but the cache still advances by this many positions
-            layers = getattr(past_key_values, "layers", None)
+        cache = find_cache(args, kwargs)  # by type: transformers renamed the keyword (past_key_values -> cache)
+        if cache is not None:  # zero heads, but the cache still advances by this many positions
+            layers = getattr(cache, "layers", None)
             if layers is not None and type(layers[self.layer_idx]) is DynamicLayer:
                 layers[self.layer_idx] = PositionsOnlyCacheLayer()
             b, s = hidden_states.shape[:2]
             empty = hidden_states.new_zeros(b, 0, s, self.head_dim)
-            past_key_values.update(empty, empty, self.layer_idx)
+            cache.update(empty, empty, self.layer_idx)
         return out, None
 
     def extra_repr(self) -> str:
@@ -282,6 +294,27 @@ def layer_widths(model: nn.Module) -> list[tuple[int, int]]:
     head_dim = geometry(model.config).head_dim
     return [(kv_groups(p, head_dim), mlp_channels(p))
             for p in (layer_parts(layer, spec) for layer in decoder_layers(model, spec))]
+
+
+def decoding_touch_points(model: nn.Module) -> list[str]:
+    """What this model's cached decoding relies on beyond transformers' stock layers: emptied attention
+    blocks (zero-head cache layers) and per-layer KV heads. Empty for a dense or uniformly pruned model."""
+    widths = layer_widths(model)
+    emptied = [i for i, (g, _) in enumerate(widths) if g == 0]
+    points = [f"an emptied attention in layer{'s' if len(emptied) > 1 else ''} {', '.join(map(str, emptied))}"
+              ] if emptied else []
+    if len({g for g, _ in widths if g}) > 1:
+        points.append("per-layer KV heads")
+    return points
+
+
+def verify_decoding(model: nn.Module, extra: list[str] | None = None) -> None:
+    """Check once that cached decoding matches a full pass when the model relies on a touch point with
+    transformers internals (`compat.check_cached_decoding`; raises `DecodingCheckError`). A few short
+    forward passes: well under a second on the default model."""
+    points = decoding_touch_points(model) + list(extra or [])
+    if points and hasattr(model, "get_input_embeddings") and getattr(model.config, "vocab_size", None):
+        check_cached_decoding(model, why=" and ".join(points))
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ from torch import nn
 
 from workbench.models import (
     ArchSpec, EmptyBlock, Geometry, decoder_layers, geometry, get_spec, layer_parts, layer_widths, parameter_count,
+    verify_decoding,
 )
 from workbench.plans import Plan
 from workbench.selection import prunable_params, unit_costs
@@ -140,8 +141,13 @@ def _has_units(entry: dict, block: str) -> bool:
     return (entry["num_key_value_heads"] if block == "attn" else entry["intermediate_size"]) > 0
 
 
-def apply_plan(model: nn.Module, plan: Plan) -> PruneReport:
-    """Physically remove the plan's units from `model` (in place) and drop emptied layers."""
+def apply_plan(model: nn.Module, plan: Plan, check_decoding: bool = True) -> PruneReport:
+    """Physically remove the plan's units from `model` (in place) and drop emptied layers.
+
+    When the result relies on transformers internals to decode (an emptied attention, per-layer KV heads,
+    removed layers), a few tokens are decoded once with the KV cache and against a full pass; a mismatch
+    raises `compat.DecodingCheckError` naming the transformers version (`check_decoding=False` skips it).
+    """
     _check_plan(model, plan)
     spec, geo = get_spec(model), geometry(model.config)
     costs = unit_costs(model)
@@ -162,6 +168,8 @@ def apply_plan(model: nn.Module, plan: Plan) -> PruneReport:
             model.config.layer_types = [model.config.layer_types[i] for i in kept_idx]
         _set_layer_indices(model, spec)
     record_layer_config(model)
+    if check_decoding:
+        verify_decoding(model, ["removed layers"] if gone else [])
     new_costs = unit_costs(model)
     return PruneReport(
         params_before=params_before,
