@@ -1,4 +1,5 @@
 """GGUF export, proven in llama.cpp itself: its logits and greedy tokens equal the workbench model's."""
+import json
 import gguf
 import numpy as np
 import pytest
@@ -232,3 +233,20 @@ def test_a_gguf_model_is_converted_once_then_read_from_the_cache(tok, tmp_path):
     with torch.no_grad():
         assert torch.equal(repaired(ids).logits, first(ids).logits)
     assert len(list(data_cache("converted").iterdir())) == 1
+
+
+@pytest.mark.parametrize("damage", ["config.json", "tokenizer.json", "checksums.json"])
+def test_a_damaged_conversion_cache_is_converted_again(tok, tmp_path, damage):
+    """The README promises a re-conversion for any damaged file of the cache, not a raw OSError / JSONDecodeError."""
+    from workbench.checkpoints import load_model
+    from workbench.paths import data_cache
+
+    path = export_gguf(tiny_model("llama", n_layers=2), tmp_path / "tiny.gguf", dtype="f32", tokenizer=tok).path
+    first, _ = load_model(path)
+    (folder,) = list(data_cache("converted").iterdir())
+    (folder / damage).write_text("{ damaged")
+    again, tok2 = load_model(path)
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, first(ids).logits)
+    assert tok2("the thin")["input_ids"] and json.loads((folder / damage).read_text())

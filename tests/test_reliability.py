@@ -260,9 +260,11 @@ def test_a_corrupted_weight_payload_is_refused(tmp_path):
     f.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="checksum"):
         load_pruned(tmp_path / "ck")
-    (tmp_path / "ck" / "checksums.json").unlink()  # without the checksums, the NaN values are still caught
-    with pytest.raises(CheckpointError, match="inf/NaN"):
+    (tmp_path / "ck" / "checksums.json").unlink()  # without the manifest: refused unless the user opts out
+    with pytest.raises(CheckpointError, match="has no checksums.json.*verify=False"):
         load_pruned(tmp_path / "ck")
+    with pytest.raises(CheckpointError, match="inf/NaN"):  # unchecked, the NaN values are still caught
+        load_pruned(tmp_path / "ck", verify=False)
 
 
 # ---------------------------------------------------------------------------------------------- 7. no data lost
@@ -420,3 +422,97 @@ def test_fingerprint_is_stable_and_fast_enough_to_key_on():
     model = tiny_model("llama", n_layers=2)
     assert model_fingerprint(model) == model_fingerprint(model)
     assert model_fingerprint(model) != model_fingerprint(tiny_model("llama", n_layers=2, seed=1))
+
+
+# ---------------------------------------------------------------------------------------------- 8. checkpoints under bad input
+
+
+def _pruned_checkpoint(tmp_path, name="ck", family="llama", dtype=None):
+    model = tiny_model(family, n_layers=3)
+    if dtype is not None:
+        model = model.to(dtype)
+    apply_plan(model, random_plan(layer_widths(model), 0.3, seed=2))
+    return model, save_pruned(model, tmp_path / name)
+
+
+def test_saving_over_a_checkpoint_keeps_the_files_it_did_not_write(tmp_path):
+    _, ck = _pruned_checkpoint(tmp_path)
+    (ck / "notes.md").write_text("my notes")
+    (ck / "model.gguf").write_bytes(b"GGUF exported beside it")
+    (ck / "eval").mkdir()
+    (ck / "eval" / "ppl.json").write_text("{}")
+    (ck / "model-00009-of-00009.safetensors").write_bytes(b"stale shard from an older save")
+    sums = json.loads((ck / "checksums.json").read_text())
+    sums["model-00009-of-00009.safetensors"] = "0" * 64  # listed by an earlier save: ours, so replaced
+    (ck / "checksums.json").write_text(json.dumps(sums))
+    model, _ = _pruned_checkpoint(tmp_path, name="ck")  # a second save over the first
+    assert (ck / "notes.md").read_text() == "my notes"
+    assert (ck / "model.gguf").read_bytes() == b"GGUF exported beside it"
+    assert (ck / "eval" / "ppl.json").read_text() == "{}"
+    assert not (ck / "model-00009-of-00009.safetensors").exists()
+    again = load_pruned(ck)  # the foreign files do not disturb loading
+    ids = torch.randint(0, 256, (1, 16))
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, model(ids).logits)
+
+
+def test_saving_onto_a_symlink_writes_where_it_points(tmp_path):
+    (tmp_path / "real").mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "real", target_is_directory=True)
+    _pruned_checkpoint(tmp_path, name="link")
+    _pruned_checkpoint(tmp_path, name="link")  # twice: the second replaces the first through the link
+    assert link.is_symlink() and (tmp_path / "real" / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]  # nothing orphaned beside them
+    assert load_pruned(link) is not None
+
+
+def test_a_weight_file_the_manifest_does_not_list_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    model, ck = _pruned_checkpoint(tmp_path)
+    name = "model.embed_tokens.weight"
+    save_file({name: torch.zeros_like(model.state_dict()[name])}, ck / "zz-extra.safetensors")
+    with pytest.raises(CheckpointError, match=r"\['zz-extra.safetensors'\] are not part of the checkpoint"):
+        load_pruned(ck)
+
+
+@pytest.mark.parametrize("edit", [dict(rope_theta=1.0), dict(hidden_act="relu"), dict(tie_word_embeddings=True)])
+def test_an_edited_config_is_refused(tmp_path, edit):
+    _, ck = _pruned_checkpoint(tmp_path)
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg.update(edit)
+    (ck / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="config.json does not match its checksum"):
+        load_pruned(ck)
+
+
+def test_a_damaged_manifest_is_named(tmp_path):
+    _, ck = _pruned_checkpoint(tmp_path)
+    (ck / "checksums.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="checksums.json is not valid JSON"):
+        load_pruned(ck)
+    (ck / "checksums.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="not a map of file names"):
+        load_pruned(ck)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_cast_model_reloads_as_it_was_saved(tmp_path, dtype):
+    """`model.to(bfloat16)` casts the rotary inv_freq too; the reload reproduces that (Δlogit was up to 0.25)."""
+    model, ck = _pruned_checkpoint(tmp_path, dtype=dtype)
+    assert model.model.rotary_emb.inv_freq.dtype == dtype
+    again = load_pruned(ck, dtype=dtype)
+    assert again.model.rotary_emb.inv_freq.dtype == dtype
+    ids = torch.randint(0, 256, (2, 300))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, again(ids).logits)
+
+
+def test_staged_checkpoints_are_readable_by_the_group(tmp_path):
+    old = os.umask(0o002)
+    try:
+        _, ck = _pruned_checkpoint(tmp_path)
+    finally:
+        os.umask(old)
+    assert ck.stat().st_mode & 0o777 == 0o775

