@@ -1,6 +1,10 @@
 """Run files, the command line, resumable sweeps over workers, and consolidation (tiny random models)."""
 import json
 import math
+import os
+import platform
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -25,6 +29,12 @@ eval_windows: 4
 eval_seq_len: 32
 save_model: false
 """
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
 
 
 def _files(tmp_path, grid="  scoring: [taylor, layerwise, blockwise]\n  calibration.num_samples: [2, 4]\n"):
@@ -117,18 +127,20 @@ def test_sweep_resumes_only_what_is_left_after_a_kill(tmp_path):
     sweep = load_sweep(sweep_file)
     assert prepare(sweep, sweep_dir)["enqueued"] == 6
     assert work(sweep, sweep_dir, max_runs=3, log=lambda *_: None) == 3
-    # the worker is "killed" in the middle of its fourth run: its trial stays RUNNING, a staging folder is left
-    optuna.load_study(study_name="sweep", storage=_storage(sweep_dir, None)).ask()
+    # the worker is "killed" in the middle of its fourth run: its trial stays RUNNING, held by a process that is
+    # gone, and a staging folder is left
+    trial = optuna.load_study(study_name="sweep", storage=_storage(sweep_dir, None)).ask()
+    trial.set_user_attr("worker", dict(host=platform.node(), pid=_dead_pid()))
     (sweep_dir / "runs" / ".abc.staging-x").mkdir()
     first = {p.name: (p / "status.json").read_text() for p in (sweep_dir / "runs").iterdir() if not p.name.startswith(".")}
     assert len(first) == 3
     counts = run_sweep(sweep_file, sweep_dir, log=lambda *_: None)
-    assert counts == dict(stale=1, enqueued=1, complete=3)  # the abandoned run is queued again; 2 still wait
+    assert counts == dict(stale=1, live=0, enqueued=1, complete=3)  # the abandoned run is queued again; 2 still wait
     done = {p.name: (p / "status.json").read_text() for p in (sweep_dir / "runs").iterdir() if not p.name.startswith(".")}
     assert len(done) == 6 and all(done[k] == v for k, v in first.items())  # the first three were not rerun
     assert all(json.loads(v)["status"] == "complete" for v in done.values())
     # nothing is left to do
-    assert run_sweep(sweep_file, sweep_dir, log=lambda *_: None) == dict(stale=0, enqueued=0, complete=6)
+    assert run_sweep(sweep_file, sweep_dir, log=lambda *_: None) == dict(stale=0, live=0, enqueued=0, complete=6)
 
 
 def test_two_worker_processes_run_every_run_exactly_once(tmp_path):
@@ -230,3 +242,95 @@ def test_a_run_with_a_baseline_uses_its_plan_and_compensation(tmp_path):
     # FLAP's bias compensation was applied and saved
     assert any(lc.get("attn_out_bias") or lc.get("mlp_out_bias") for lc in saved["pruned_layers"])
     assert rec["reload_max_abs_diff"] < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------- bad sweeps
+
+
+def test_a_preset_axis_after_its_sub_keys_keeps_them(tmp_path):
+    """`scoring: [preset, …]` after `scoring.*` axes used to replace them: a 3 × 2 grid ran 2 runs."""
+    _, sweep = _files(tmp_path, grid="  scoring.clip_high: [95.0, 99.0, 100.0]\n  scoring: [taylor, blockwise]\n")
+    runs = expand(load_sweep(sweep))
+    assert len(runs) == 6 and len({config_hash(r) for r in runs}) == 6
+    assert sorted((r.scoring.normalization, r.scoring.clip_high) for r in runs) == sorted(
+        (n, c) for n in ("none", "minmax") for c in (95.0, 99.0, 100.0))
+
+
+def test_a_second_sweep_leaves_a_live_worker_s_run_alone(tmp_path):
+    import optuna
+    from workbench.sweep import _storage
+    _, sweep_file = _files(tmp_path, grid="  calibration.num_samples: [2, 4]\n")
+    sweep_dir = tmp_path / "s"
+    assert run_sweep(sweep_file, sweep_dir, log=lambda *_: None)["enqueued"] == 2
+    # a live worker (this process) holds a trial of a third point
+    _, bigger = _files(tmp_path, grid="  calibration.num_samples: [2, 4, 6]\n")
+    study = optuna.load_study(study_name="sweep", storage=_storage(sweep_dir, None))
+    counts = prepare(load_sweep(bigger), sweep_dir)
+    assert counts == dict(stale=0, live=0, enqueued=1, complete=2)
+    trial = study.ask()
+    trial.set_user_attr("worker", dict(host=platform.node(), pid=os.getpid()))
+    trial.set_user_attr("run", study.get_trials()[-1].user_attrs["run"])
+    # a second invocation without --join: the live trial is neither failed nor queued again
+    assert prepare(load_sweep(bigger), sweep_dir) == dict(stale=0, live=1, enqueued=0, complete=2)
+    assert study.get_trials()[-1].state == optuna.trial.TrialState.RUNNING
+
+
+def test_a_reclaimed_trial_does_not_crash_its_worker_nor_overwrite_a_record(tmp_path):
+    import optuna
+    from workbench.sweep import _storage, _tell
+    _, sweep_file = _files(tmp_path, grid="  calibration.num_samples: [2]\n")
+    sweep_dir = tmp_path / "s"
+    run_sweep(sweep_file, sweep_dir, log=lambda *_: None)
+    study = optuna.load_study(study_name="sweep", storage=_storage(sweep_dir, None))
+    study.enqueue_trial({}, user_attrs=dict(run="x"))
+    trial = study.ask()
+    study.tell(trial.number, state=optuna.trial.TrialState.FAIL)  # another invocation took it for dead
+    _tell(study, trial, dict(status="complete", objective_values=dict(ppl=3.0)), "ppl")  # no "Cannot tell"
+    (key,) = [p.name for p in (sweep_dir / "runs").iterdir() if not p.name.startswith(".")]
+    before = (sweep_dir / "runs" / key / "status.json").read_text()
+    from workbench.sweep import run_one
+    cfg = expand(load_sweep(sweep_file))[0]
+    assert run_one(cfg, sweep_dir / "runs", log=lambda *_: None)["status"] == "complete"
+    assert (sweep_dir / "runs" / key / "status.json").read_text() == before
+
+
+@pytest.mark.parametrize("params, match", [
+    ("{selection.ratoi: {low: 0.1, high: 0.3}}", r"search point .*unknown key 'selection.ratoi'"),
+    ("{selection.ratio: {low: 0.3, high: 0.1}}", r"low=0.3 is above high=0.1"),
+    ("{selection.ratio: {low: 0.1, high: 0.3, log: true, step: 0.1}}", r"log range needs low > 0 and no step"),
+    ("{selection.ratio: {low: 0.1, high: 0.3, lo: 1}}", r"must be \{low, high"),
+    ("{selection.ratio: {low: 0.1, high: 1.5}}", r"search point .*ratio=1.5 must be in"),
+    ("{scoring.normalization: {choices: []}}", r"choices must be a non-empty list"),
+    ("{scoring.normalization: {choices: [none, lgo]}}", r"search point .*lgo"),
+])
+def test_a_bad_search_space_is_refused_before_anything_is_queued(tmp_path, capsys, params, match):
+    (tmp_path / "run.yaml").write_text(RUN)
+    (tmp_path / "search.yaml").write_text(f"base: run.yaml\nsearch: {{trials: 2, params: {params}}}\n")
+    with pytest.raises(ConfigError, match=match):
+        load_sweep(tmp_path / "search.yaml")
+    assert main(["sweep", str(tmp_path / "search.yaml"), "--dir", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "s").exists()
+
+
+def test_an_objective_the_runs_never_produce_is_refused(tmp_path):
+    (tmp_path / "run.yaml").write_text(RUN)
+    for body in ("search: {trials: 2, params: {selection.ratio: {low: 0.1, high: 0.3}}}",
+                 "grid: {selection.ratio: [0.1, 0.2]}"):
+        (tmp_path / "s.yaml").write_text(f"base: run.yaml\nobjective: acc_mean\ndirection: maximize\n{body}\n")
+        with pytest.raises(ConfigError, match=r"objective 'acc_mean' is not produced .*needs zero_shot"):
+            load_sweep(tmp_path / "s.yaml")
+
+
+def test_best_reads_the_sweep_file_s_objective_and_direction(tmp_path, capsys):
+    _, sweep_file = _files(tmp_path, grid="  calibration.num_samples: [2, 4]\n")
+    text = sweep_file.read_text() + "objective: ppl_dense\ndirection: maximize\n"
+    sweep_file.write_text(text)
+    sweep_dir = tmp_path / "s"
+    run_sweep(sweep_file, sweep_dir, log=lambda *_: None)
+    out = best(sweep_dir)
+    assert (out["objective"], out["direction"]) == ("ppl_dense", "maximize")
+    assert main(["best", str(sweep_dir)]) == 0
+    assert "objective ppl_dense (maximize)" in capsys.readouterr().out
+    assert best(sweep_dir, "ppl", "minimize")["objective"] == "ppl"  # an explicit choice still wins

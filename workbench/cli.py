@@ -25,6 +25,7 @@ from workbench.gguf_export import GGUF_DTYPES, ExportError, export_gguf
 from workbench.parallel import init_from_env
 from workbench.paths import experiments_root
 from workbench.pipeline import calibrate, run_pruning
+from workbench.compat import DecodingCheckError
 from workbench.sweep import DIRECTIONS, RUN_FILE, ModelPool, run_sweep
 
 
@@ -110,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     c.set_defaults(fn=_consolidate)
     b = sub.add_parser("best", help="best configs, method comparison, correlations and a report")
     b.add_argument("sweep_dir")
-    b.add_argument("--objective", default="ppl")
-    b.add_argument("--direction", default="minimize", choices=DIRECTIONS)
+    b.add_argument("--objective", default=None, help="default: the sweep file's objective (else ppl)")
+    b.add_argument("--direction", default=None, choices=DIRECTIONS, help="default: the sweep file's direction")
     b.set_defaults(fn=_best)
     g = sub.add_parser("export-gguf", help="write a pruned checkpoint (or an experiment's model) as a GGUF file "
                                            "llama.cpp runs")
@@ -128,8 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, ExportError, FileExistsError, FileNotFoundError) as e:
-        print(f"workbench {args.command}: error: {e}", file=sys.stderr)
+    except (ConfigError, ExportError, FileExistsError, FileNotFoundError, ValueError, DecodingCheckError) as e:
+        # bad input (a file, a value, an impossible request): one line naming it, exit 2; a bug keeps its traceback
+        print(f"workbench {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
 
 

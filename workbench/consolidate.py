@@ -148,10 +148,22 @@ def _link(link: Path, target: Path) -> None:
     link.symlink_to(os.path.relpath(target, link.parent), target_is_directory=True)
 
 
-def best(sweep_dir: str | os.PathLike, objective: str = "ppl", direction: str = "minimize",
+def sweep_objective(sweep_dir: str | os.PathLike) -> tuple[str, str]:
+    """The objective and direction the sweep file in `sweep_dir` names (ppl, minimize when it names none)."""
+    path = Path(sweep_dir) / "sweep.yaml"
+    data = read_yaml(path) if path.is_file() else {}
+    return data.get("objective") or "ppl", data.get("direction") or "minimize"
+
+
+def best(sweep_dir: str | os.PathLike, objective: str | None = None, direction: str | None = None,
          table: pd.DataFrame | None = None) -> dict:
-    """Best configurations and comparisons of a consolidated sweep, written beside it; returns what it wrote."""
+    """Best configurations and comparisons of a consolidated sweep, written beside it; returns what it wrote.
+    `objective` / `direction` default to the sweep file's own."""
     sweep_dir = Path(sweep_dir)
+    file_objective, file_direction = sweep_objective(sweep_dir)
+    objective, direction = objective or file_objective, direction or file_direction
+    if direction not in ("minimize", "maximize"):
+        raise ValueError(f"direction={direction!r} is not allowed; allowed: ['minimize', 'maximize']")
     table = consolidate(sweep_dir) if table is None else table
     done = table[table.status == "complete"].copy() if len(table) else table
     if objective not in done.columns:

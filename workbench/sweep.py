@@ -17,8 +17,9 @@ Who runs what is Optuna's storage, not a home-made queue: `prepare` enqueues eve
 complete on disk, and each worker pops waiting trials (`study.ask`), which the storage hands to exactly one
 worker. A run is written into a staging folder and moved under its key only when it is complete; a run that
 raises is recorded as failed with its traceback, and the sweep goes on. A killed sweep loses only the runs in
-progress: the next `workbench sweep` marks the previous invocation's running trials failed and enqueues them
-again. Workers on other machines that share the folder (or an RDB storage URL) join with `join=True`.
+progress: the next `workbench sweep` marks running trials whose worker is gone (its process on this host no
+longer exists) failed and enqueues their runs again; a live worker's trial is left to it, and its run is not
+enqueued twice. A complete run's record is never overwritten. Workers on other machines that share the folder (or an RDB storage URL) join with `join=True`.
 """
 from __future__ import annotations
 
@@ -50,6 +51,48 @@ SAMPLERS = ("tpe", "random")
 DIRECTIONS = ("minimize", "maximize")
 
 
+RANGE_KEYS, CHOICE_KEYS = {"low", "high", "log", "step"}, {"choices"}
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x and abs(x) != float("inf")
+
+
+def _check_param(key: str, spec) -> None:
+    """One search parameter: {low, high[, log, step]} with low <= high (log: low > 0, no step), or a non-empty
+    {choices: [...]}. Anything else is refused before a trial is queued."""
+    shape = f"params[{key!r}]={spec!r}"
+    if not isinstance(spec, dict) or not (spec.keys() <= RANGE_KEYS and {"low", "high"} <= spec.keys()
+                                          or spec.keys() == CHOICE_KEYS):
+        raise ValueError(f"{shape} must be {{low, high[, log, step]}} or {{choices: [...]}}")
+    if "choices" in spec:
+        if not isinstance(spec["choices"], list) or not spec["choices"]:
+            raise ValueError(f"{shape}: choices must be a non-empty list")
+        return
+    low, high = spec["low"], spec["high"]
+    if not (_number(low) and _number(high)):
+        raise ValueError(f"{shape}: low and high must be finite numbers")
+    if low > high:
+        raise ValueError(f"{shape}: low={low} is above high={high}")
+    if not isinstance(spec.get("log", False), bool):
+        raise ValueError(f"{shape}: log must be true or false")
+    if spec.get("log") and ("step" in spec or low <= 0):
+        raise ValueError(f"{shape}: a log range needs low > 0 and no step (Optuna cannot step a log scale)")
+    if "step" in spec and not (_number(spec["step"]) and spec["step"] > 0):
+        raise ValueError(f"{shape}: step={spec['step']!r} must be a positive number")
+
+
+def search_corners(search: "SearchConfig") -> list[dict]:
+    """Every value each parameter can reach at its ends (low, high, every choice), the others at their first:
+    the points `load_sweep` checks as whole run configs before anything is queued."""
+    first = {k: (v["choices"][0] if "choices" in v else v["low"]) for k, v in search.params.items()}
+    points = []
+    for key, spec in search.params.items():
+        for value in (spec["choices"] if "choices" in spec else (spec["low"], spec["high"])):
+            points.append(dict(first, **{key: value}))
+    return points
+
+
 @dataclass(frozen=True)
 class SearchConfig:
     """An Optuna search over run settings.
@@ -70,8 +113,7 @@ class SearchConfig:
         if not self.params:
             raise ValueError("params is empty; name at least one dotted key with a range or choices")
         for key, spec in self.params.items():
-            if not isinstance(spec, dict) or not ({"low", "high"} <= spec.keys() or "choices" in spec):
-                raise ValueError(f"params[{key!r}]={spec!r} must be {{low, high[, log, step]}} or {{choices: [...]}}")
+            _check_param(key, spec)
         if self.trials < 1:
             raise ValueError(f"trials={self.trials} must be a positive integer")
         if self.sampler not in SAMPLERS:
@@ -123,16 +165,42 @@ def load_sweep(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] =
     data["base"] = with_overrides(base, overrides, f"{path}: base")
     sweep = from_dict(SweepConfig, data)
     if sweep.search is None:
-        expand(sweep)  # every grid point checked
+        configs = expand(sweep)  # every grid point checked
     else:
-        from_dict(RunConfig, sweep.base)
+        configs = []
+        for point in search_corners(sweep.search):
+            try:
+                configs.append(from_dict(RunConfig, _apply(sweep.base, point.items())))
+            except ConfigError as e:
+                raise ConfigError(f"search point {point}: {e}") from None
+    for cfg in configs:
+        missing = sweep.objective not in objectives(cfg)
+        if missing:
+            raise ConfigError(f"objective {sweep.objective!r} is not produced by the run {_short(cfg)}; its runs "
+                              f"produce {sorted(objectives(cfg))} (acc_mean needs zero_shot, ppl_finetuned finetune)")
     return sweep
 
 
+def objectives(cfg: RunConfig) -> set[str]:
+    """The objective values a run of this config records (`status.json`'s objective_values)."""
+    out = {"ppl", "ppl_dense"}
+    if cfg.finetune is not None:
+        out.add("ppl_finetuned")
+    if cfg.zero_shot is not None:
+        out.add("acc_mean")
+    return out
+
+
+def _short(cfg: RunConfig) -> str:
+    return f"{config_hash(cfg)} (finetune={'on' if cfg.finetune else 'off'}, zero_shot={'on' if cfg.zero_shot else 'off'})"
+
+
 def _apply(base: dict, assignments) -> dict:
-    """A copy of `base` with dotted keys set (a string for `scoring` names a preset)."""
+    """A copy of `base` with dotted keys set (a string for `scoring` names a preset). A section is set before
+    the keys inside it, whatever their order: `scoring: blockwise` with `scoring.clip_high: 99` is the preset
+    with that change, never the preset alone."""
     out = copy.deepcopy(base)
-    for key, value in assignments:
+    for key, value in sorted(assignments, key=lambda kv: kv[0].count(".")):
         if key == "scoring" and isinstance(value, str):
             if value not in PRESETS:
                 raise ConfigError(f"scoring={value!r} is not a preset; presets: {list(PRESETS)}")
@@ -225,6 +293,10 @@ def run_one(cfg: RunConfig, runs_dir: str | os.PathLike, *, pool: ModelPool | No
             write_atomic(exp.root / STATUS, json.dumps(status, indent=2))
         return status
     except Exception as e:  # recorded; the sweep goes on
+        done = run_status(final)
+        if done is not None and done["status"] == "complete":  # completed meanwhile by another worker: kept
+            log(f"run {key}: finished elsewhere meanwhile; its record is kept ({type(e).__name__}: {e})")
+            return done
         status = dict(base, status="failed", seconds=round(time.time() - t0, 2), error=f"{type(e).__name__}: {e}",
                       traceback=traceback.format_exc())
         exp = Experiment.create(key, base=runs_dir, exist_ok=True)
@@ -269,20 +341,26 @@ def _study(sweep: SweepConfig, sweep_dir: Path, storage: str | None):
 
 
 def prepare(sweep: SweepConfig, sweep_dir: str | os.PathLike, *, storage: str | None = None) -> dict:
-    """Make the sweep folder and the queue: stale running trials of an earlier invocation are marked failed,
-    every grid run that is neither complete on disk nor already waiting is enqueued. Returns counts."""
+    """Make the sweep folder and the queue: running trials whose worker is gone are marked failed, and every
+    grid run that is neither complete on disk, nor waiting, nor running in a live worker is enqueued.
+    Returns counts."""
     import optuna  # deferred: only sweeps need it
 
     sweep_dir = Path(sweep_dir)
     (sweep_dir / "runs").mkdir(parents=True, exist_ok=True)
     write_atomic(sweep_dir / "sweep.yaml", dump_yaml(to_dict(sweep)))
     study = _study(sweep, sweep_dir, storage)
-    stale = 0
+    stale = live = 0
+    running = set()
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        study.tell(t.number, state=optuna.trial.TrialState.FAIL)
-        stale += 1
+        if _worker_alive(t):
+            live += 1
+            running.add(t.user_attrs.get("run"))
+        else:
+            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+            stale += 1
     if sweep.search is not None:
-        return dict(stale=stale, enqueued=0, complete=0)
+        return dict(stale=stale, live=live, enqueued=0, complete=0)
     waiting = {t.user_attrs.get("run") for t in study.get_trials(deepcopy=False,
                                                                  states=(optuna.trial.TrialState.WAITING,))}
     enqueued = complete = 0
@@ -291,10 +369,36 @@ def prepare(sweep: SweepConfig, sweep_dir: str | os.PathLike, *, storage: str | 
         status = run_status(sweep_dir / "runs" / key)
         if status is not None and status["status"] == "complete":
             complete += 1
-        elif key not in waiting:
+        elif key not in waiting and key not in running:
             study.enqueue_trial({}, user_attrs=dict(run=key))
             enqueued += 1
-    return dict(stale=stale, enqueued=enqueued, complete=complete)
+    return dict(stale=stale, live=live, enqueued=enqueued, complete=complete)
+
+
+CLAIM_GRACE_S = 120.0  # a trial asked for this recently may not carry its worker's name yet
+
+
+def _claim(trial) -> None:
+    """Name the worker that holds a trial (host and pid), so a later `prepare` can tell live from dead."""
+    trial.set_user_attr("worker", dict(host=platform.node(), pid=os.getpid()))
+
+
+def _worker_alive(trial) -> bool:
+    """Whether the worker holding a running trial may still be at work: on this host, its process exists; on
+    another host, it cannot be told from here, so it is taken as alive (never run twice)."""
+    worker = trial.user_attrs.get("worker")
+    if worker is None:
+        started = trial.datetime_start.timestamp() if trial.datetime_start else 0.0
+        return time.time() - started < CLAIM_GRACE_S
+    if worker.get("host") != platform.node():
+        return True
+    try:
+        os.kill(int(worker["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def work(sweep: SweepConfig, sweep_dir: str | os.PathLike, *, storage: str | None = None, log=print,
@@ -314,6 +418,7 @@ def work(sweep: SweepConfig, sweep_dir: str | os.PathLike, *, storage: str | Non
         if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
             break
         trial = study.ask()
+        _claim(trial)
         key = trial.user_attrs.get("run")
         if key not in by_key:  # another worker took the last waiting run meanwhile
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
@@ -329,6 +434,9 @@ def _tell(study, trial, status: dict, objective: str) -> None:
     import optuna  # deferred: only sweeps need it
 
     value = status.get("objective_values", {}).get(objective)
+    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    if not any(t.number == trial.number for t in running):  # reclaimed by an invocation that took us for dead
+        return
     if status["status"] != "complete" or value is None or value != value:
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
     else:
@@ -344,6 +452,7 @@ def _search(sweep: SweepConfig, study, runs_dir: Path, pool: ModelPool, log, max
         if len(study.get_trials(deepcopy=False, states=states)) >= sweep.search.trials:
             break
         trial = study.ask()
+        _claim(trial)
         values = {}
         for key, spec in sweep.search.params.items():
             if "choices" in spec:
@@ -379,7 +488,8 @@ def run_sweep(sweep_path: str | os.PathLike, sweep_dir: str | os.PathLike, *, ov
     counts = {} if join else prepare(sweep, sweep_dir, storage=storage)
     if counts:
         log(f"sweep {sweep_dir}: {counts['complete']} complete, {counts['enqueued']} to run, "
-            f"{counts['stale']} stale trials of an earlier run marked failed")
+            f"{counts['stale']} stale trials of a stopped worker marked failed and run again, "
+            f"{counts['live']} running in live workers (left to them)")
     if workers == 1:
         work(sweep, sweep_dir, storage=storage, log=log)
     else:
