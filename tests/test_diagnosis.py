@@ -304,3 +304,60 @@ def test_temperature_needs_the_loss_of_every_scored_block():
     table, _ = _constructed_table()
     with pytest.raises(ValueError, match="lacks blocks the table scores"):
         score_table(table, ScoringConfig(temperature=0.5), _loss_frame(n_layers=2))
+
+
+# ---------------------------------------------------------------------------------------------- plan makers under bad input
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0])
+def test_temperature_keeps_the_order_inside_a_block_whose_removal_lowers_the_loss(temperature):
+    """L_b < 0 used to reverse a block's order (correlation −1): its most important units went first."""
+    table, _ = _constructed_table()
+    loss = _loss_frame()
+    loss.loc[(loss.layer == 1) & (loss.block == "mlp"), "removal_loss"] = -0.2
+    scored = score_table(table, ScoringConfig(temperature=temperature), loss)
+    for (layer, block), g in scored.groupby(["layer", "block"], observed=True):
+        a, b = g.score.to_numpy(), g.final_score.to_numpy()
+        assert (np.argsort(a, kind="stable") == np.argsort(b, kind="stable")).all(), (layer, block)
+    total = scored[(scored.layer == 1) & (scored.block == "mlp")]
+    if temperature == 1.0:  # the block's total is its (negative) removal loss
+        assert total.final_score.sum() == pytest.approx(-0.2)
+        assert (total.final_score < 0).any()
+
+
+def test_layer_ratios_that_protected_units_cannot_meet_are_refused():
+    table, budget = _constructed_table()
+    with pytest.raises(ValueError, match=r"per-layer selection: asked to remove .* short by more than the tolerance"
+                                         r".*min_units_per_block=8 keeps units.*layer 0: 0.900 asked"):
+        select(table, budget, SelectionConfig(layer_ratios=(0.9, 0.9, 0.9, 0.9), min_units_per_block=8))
+    plan = select(table, budget, SelectionConfig(layer_ratios=(0.3, 0.3, 0.3, 0.3), min_units_per_block=1))
+    assert abs(plan.achieved_ratio - plan.asked_ratio) < 0.05
+
+
+def test_tau_with_protected_units_is_refused():
+    table, budget = _constructed_table()
+    loss = _loss_frame()
+    loss.loc[(loss.layer == 2) & (loss.block == "mlp"), "removal_loss"] = 0.001
+    scored = score_table(table, ScoringConfig(tau=0.005), loss)
+    with pytest.raises(ValueError, match=r"tau removes 1 blocks whole, but min_units_per_block=1"):
+        select(scored, budget, SelectionConfig(0.3, "prunable", min_units_per_block=1), score_column="final_score")
+
+
+def test_shortgpt_refuses_a_ratio_below_half_a_layer():
+    from workbench.baselines import shortgpt_plan
+    _, budget = _constructed_table()
+    with pytest.raises(ValueError, match=r"ShortGPT: asked to remove 0.0500 .* removes 0.0000 .*: nothing; whole "
+                                         r"layers only: the nearest layer count .* is 0"):
+        shortgpt_plan(budget, [0.1, 0.2, 0.3, 0.4], 0.05, "prunable")
+    plan = shortgpt_plan(budget, [0.1, 0.2, 0.3, 0.4], 0.25, "prunable")
+    assert plan.settings["layers_removed"] == [0] and plan.achieved_ratio == pytest.approx(0.25)
+
+
+def test_a_plan_far_over_its_budget_is_warned_of():
+    from workbench.allocation import plan_from_counts
+    table, budget = _constructed_table()
+    counts = np.array([[2, 10], [2, 10], [0, 0], [0, 0]])  # two whole layers for a budget of ~5 %
+    target, denominator = budget.target(0.05, "prunable")
+    with pytest.warns(UserWarning, match=r"over by more than the tolerance"):
+        plan = plan_from_counts(table, budget, counts, target=target, denominator=denominator)
+    assert plan.achieved_ratio == pytest.approx(0.5)

@@ -27,7 +27,7 @@ from torch import nn
 
 from workbench.activations import ActivationStats
 from workbench.models import BLOCKS, decoder_layers, get_spec, layer_parts
-from workbench.plans import Plan
+from workbench.plans import Plan, check_achieved
 from workbench.normalize import NORMALIZERS
 from workbench.selection import (
     RATIO_OF, Budget, SelectionConfig, check_attn_mlp, check_table_widths, select, stable_argsort,
@@ -268,9 +268,10 @@ def plan_from_counts(table: pd.DataFrame, budget: Budget, counts: np.ndarray, *,
             order = stable_argsort(part[score_column].to_numpy(dtype=np.float64))
             removed[str(block)][int(layer)] = sorted(part["unit"].to_numpy()[order[:n]].tolist())
     cost = np.stack([np.asarray(budget.costs[b], dtype=np.int64) for b in BLOCKS], axis=1)
-    return Plan.from_units(budget.widths, removed, target_params=int(target),
+    plan = Plan.from_units(budget.widths, removed, target_params=int(target),
                            selected_params=int((np.asarray(counts) * cost).sum()), denominator=int(denominator),
                            settings=dict(settings or {}, score_column=score_column))
+    return check_achieved(plan, str((settings or {}).get("kind", "per-layer counts")), int(cost.max()))
 
 
 def layerwise_plan(table: pd.DataFrame, budget: Budget, layer_importance, cfg: LayerwiseConfig, *,

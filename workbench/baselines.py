@@ -28,7 +28,7 @@ import numpy as np
 from workbench.allocation import LayerwiseConfig, layerwise_plan, uniform_plan
 from workbench.models import BLOCKS
 from workbench.normalize import ScoringConfig, score_table
-from workbench.plans import Plan
+from workbench.plans import Plan, check_achieved
 from workbench.reconstruct import ReconstructConfig
 from workbench.rescore import Rescorer
 from workbench.selection import SelectionConfig, select
@@ -116,9 +116,12 @@ def shortgpt_plan(budget, block_influence, ratio: float, ratio_of: str = "total"
     n = int(np.argmin(np.abs(cum - target)))
     gone = sorted(order[:n].tolist())
     removed = {b: {i: list(range(budget.widths[i][k])) for i in gone} for k, b in enumerate(BLOCKS)}
-    return Plan.from_units(budget.widths, removed, target_params=target, selected_params=int(round(cum[n])),
+    plan = Plan.from_units(budget.widths, removed, target_params=target, selected_params=int(round(cum[n])),
                            denominator=denominator,
                            settings=dict(baseline="shortgpt", ratio=ratio, ratio_of=ratio_of, layers_removed=gone))
+    return check_achieved(plan, "ShortGPT", int(per_layer.max()),
+                          f"whole layers only: the nearest layer count to {target:,} parameters is {n} "
+                          f"(the smallest layer owns {int(per_layer.min()):,})")
 
 
 def _shortgpt(r: Rescorer, layer_scores, ratio, ratio_of):

@@ -4,8 +4,10 @@ Order of operations on the unit table (score = importance / cost):
   1. normalization within a level (`layer`: all units of a layer; `block`: a layer's attention or MLP),
      with a monotone map per level, so the order of units inside a level never changes;
   2. percentile clipping of the normalized scores to [P_low, P_high] (global percentiles);
-  3. temperature T ∈ [0, 1]: block-corrected scores s_bc = s · L_b / Σ_{u∈b} s_u make each block's total
-     equal its measured removal loss L_b while keeping the within-block distribution; the normalized
+  3. temperature T ∈ [0, 1]: block-corrected scores s_bc = s · |L_b| / Σ_{u∈b} s_u + (L_b − |L_b|) / n_b make
+     each block's total equal its measured removal loss L_b (of any sign: removing a block can lower the loss)
+     while keeping the within-block order and distribution (a negative L_b shifts the block's n_b units down
+     by the same amount, it never reverses them); the normalized
      scores are rescaled by one positive constant to the mean |s_bc| and mixed:
      final = (1 − T)·normalized + T·s_bc. T = 0 is off;
   4. tau: every block whose removal loss L_b < tau is removed whole before width pruning (its
@@ -164,8 +166,8 @@ def clip_percentiles(x: np.ndarray, low: float, high: float) -> np.ndarray:
 
 
 def block_corrected(scores: np.ndarray, codes: np.ndarray, block_loss: pd.DataFrame) -> np.ndarray:
-    """s · L_b / Σ_b s: each block's scores sum to its removal loss, distribution inside kept (`codes`: each row's
-    block, layer · 2 + (1 for MLP))."""
+    """s · |L_b| / Σ_b s + (L_b − |L_b|) / n_b: each block's scores sum to its removal loss L_b, order and
+    spread inside the block kept whatever the sign of L_b (`codes`: each row's block, layer · 2 + (1 for MLP))."""
     loss = _block_loss_by_code(block_loss)
     totals = np.bincount(codes, weights=scores)
     present = np.bincount(codes, minlength=len(totals)) > 0
@@ -173,9 +175,12 @@ def block_corrected(scores: np.ndarray, codes: np.ndarray, block_loss: pd.DataFr
         raise ValueError("block correction needs positive score totals per block; use method scores >= 0")
     if len(loss) < len(totals) or np.isnan(loss[: len(totals)][present]).any():
         raise ValueError("the block removal loss lacks blocks the table scores; measure it on the same model")
+    counts = np.bincount(codes, minlength=len(totals))
+    loss = loss[: len(totals)]
     with np.errstate(divide="ignore", invalid="ignore"):  # codes of no row: never read
-        factor = loss[: len(totals)] / totals
-    return scores * factor[codes]
+        factor = np.abs(loss) / totals
+        shift = (loss - np.abs(loss)) / counts  # 0 for L_b >= 0; 2 L_b / n_b below zero
+    return scores * factor[codes] + shift[codes]
 
 
 def _block_loss_by_code(block_loss: pd.DataFrame) -> np.ndarray:

@@ -5,6 +5,7 @@ tests) produces a `Plan`; pruning, zeroing, checkpoints, evaluation and figures 
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -33,6 +34,16 @@ class Plan:
     selected_params: int = 0
     denominator: int = 0
     settings: dict = field(default_factory=dict)
+
+    @property
+    def asked_ratio(self) -> float:
+        """The share of the denominator the maker was asked to remove (0 when it was asked for no budget)."""
+        return self.target_params / self.denominator if self.denominator else 0.0
+
+    @property
+    def achieved_ratio(self) -> float:
+        """The share of the denominator the plan removes."""
+        return self.selected_params / self.denominator if self.denominator else 0.0
 
     @property
     def n_layers(self) -> int:
@@ -129,3 +140,32 @@ def random_plan(widths: list[tuple[int, int]], fraction: float, seed: int = 0,
                 m = min(n - 1, int(round(fraction * n)))
                 removed[b][i] = torch.randperm(n, generator=g)[:m].tolist()
     return Plan.from_units(widths, removed, settings=dict(kind="random", fraction=fraction, seed=seed))
+
+
+# A plan may miss its budget by one removable item (one unit, or one layer for depth pruning) or by this share of
+# its denominator, whichever is larger: past that, a shortfall is refused and an overshoot warned of.
+ACHIEVED_TOLERANCE = 0.005
+
+
+def check_achieved(plan: Plan, maker: str, item_params: int, why_short: str = "") -> Plan:
+    """The one rule every plan maker applies to what it made: refuse a plan that removes nothing when asked for a
+    budget, or falls short of it by more than the tolerance; warn when it overshoots by more. Returns the plan.
+
+    >>> check_achieved(plan, "shortgpt", item_params=layer_params)   # raises / warns as stated above
+    """
+    if plan.target_params <= 0 or plan.denominator <= 0:
+        return plan
+    asked, achieved = plan.asked_ratio, plan.achieved_ratio
+    tolerance = max(ACHIEVED_TOLERANCE, item_params / plan.denominator)
+    said = (f"{maker}: asked to remove {asked:.4f} of {plan.denominator:,} parameters ({plan.target_params:,}), "
+            f"the plan removes {achieved:.4f} ({plan.selected_params:,})")
+    if plan.selected_params == 0:
+        raise ValueError(f"{said}: nothing{'; ' + why_short if why_short else ''}. Raise the ratio or choose "
+                         "a finer-grained method")
+    if achieved < asked - tolerance:
+        raise ValueError(f"{said}, short by more than the tolerance {tolerance:.4f}"
+                         f"{'; ' + why_short if why_short else ''}")
+    if achieved > asked + tolerance:
+        warnings.warn(f"{said}, over by more than the tolerance {tolerance:.4f} (its units are coarse)",
+                      UserWarning, stacklevel=3)
+    return plan

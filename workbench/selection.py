@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from workbench.models import BLOCKS, geometry, layer_widths, parameter_count
-from workbench.plans import Plan
+from workbench.plans import Plan, check_achieved
 from workbench.units import iter_blocks, unit_cost
 
 RATIO_OF = ("total", "prunable")
@@ -225,6 +225,9 @@ def select(table: pd.DataFrame, model: nn.Module | Budget, cfg: SelectionConfig 
     group = layer * 2 + mlp.astype(layer.dtype)
     # blocks removed whole before width pruning (tau); they count against the budget
     forced = table["forced"].to_numpy(dtype=bool) if "forced" in table else np.zeros(len(table), dtype=bool)
+    if forced.any() and cfg.min_units_per_block > 0:
+        raise ValueError(f"tau removes {len(np.unique(group[forced]))} blocks whole, but min_units_per_block="
+                         f"{cfg.min_units_per_block} keeps units in every block; set one of them off")
     if forced.any() and int(cost[forced].sum()) > target:
         forced = _forced_within_budget(table, forced, cost, group, target, denominator, cfg)
     whole = np.flatnonzero(forced)
@@ -271,7 +274,7 @@ def select(table: pd.DataFrame, model: nn.Module | Budget, cfg: SelectionConfig 
                 settings=dict(asdict(cfg), score_column=score_column))
     if len(plan.removed_layers()) == len(widths):
         raise ValueError(f"ratio={cfg.ratio} would remove every layer; lower the ratio or set min_units_per_block >= 1")
-    return plan
+    return check_achieved(plan, "global selection", int(cost.max()))
 
 
 def _forced_within_budget(table: pd.DataFrame, forced: np.ndarray, cost: np.ndarray, group: np.ndarray, target: int,
@@ -347,6 +350,7 @@ def _select_per_layer(table: pd.DataFrame, budget: Budget, cfg: SelectionConfig,
         raise ValueError("tau (forced whole-block removal) does not combine with layer_ratios; set tau=None")
     removed: dict[str, dict[int, list[int]]] = {b: {} for b in BLOCKS}
     target = selected = 0
+    short = []
     for layer, part in table.groupby("layer", sort=True):
         part = part.iloc[stable_argsort(part[score_column].to_numpy(dtype=np.float64))]
         if cfg.min_units_per_block:  # each block keeps its N best units; the layer's ratio is met from the rest
@@ -361,6 +365,12 @@ def _select_per_layer(table: pd.DataFrame, budget: Budget, cfg: SelectionConfig,
             removed[str(block)][int(layer)] = sorted(g["unit"].tolist())
         target += want
         selected += int(chosen["cost"].sum())
-    return Plan.from_units(widths, removed, target_params=target, selected_params=selected,
+        if int(chosen["cost"].sum()) < want:
+            short.append(f"layer {layer}: {cfg.layer_ratios[layer]:.3f} asked, "
+                         f"{int(chosen['cost'].sum()) / layer_params:.3f} possible")
+    plan = Plan.from_units(widths, removed, target_params=target, selected_params=selected,
                            denominator=budget.prunable_params,
                            settings=dict(asdict(cfg), score_column=score_column))
+    why = (f"min_units_per_block={cfg.min_units_per_block} keeps units the layer ratios ask for "
+           f"({'; '.join(short[:4])}{' …' if len(short) > 4 else ''})") if short else ""
+    return check_achieved(plan, "per-layer selection", int(table["cost"].max()), why)
