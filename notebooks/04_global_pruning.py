@@ -37,6 +37,7 @@ EVAL_WINDOWS = 50
 RECONSTRUCT = True      # re-fit o_proj / down_proj of pruned blocks in closed form after pruning (no training)
 DAMPING = 1e-4          # ridge λ of the reconstruction (× mean diagonal of the normal equations)
 RECONSTRUCT_SAMPLES = 128  # calibration samples of the reconstruction (more tokens: a better fit)
+BLOCK_LOSS_SAMPLES = 16  # calibration samples for the block-removal loss the panel measures on request
 USE_PANEL_PLAN = False  # True: prune with the plan the panel below shows (after trying settings there)
 EXPERIMENT = "nb04-global-pruning"
 
@@ -54,6 +55,7 @@ from workbench.widgets import panel
 from workbench.experiments import Experiment
 from workbench.importance import IMPORTANCE_METHODS
 from workbench.data import calibration_samples
+from workbench.diagnosis import block_removal_loss
 from workbench.pipeline import calibrate, prune_and_reconstruct, record_plan, save_and_check, select_plan
 from workbench.reconstruct import ReconstructConfig
 from workbench.selection import SelectionConfig
@@ -97,7 +99,8 @@ plots.kept_fraction_per_layer(summary, title=f"{METHOD}: kept fraction per layer
 # ("pin as reference" replaces them by the plan on display, to compare with the previous setting); the
 # title names the settings; the preset switches to "(custom)" after a manual edit. "Evaluate PPL" prunes a
 # copy by the plan on display (about a minute on the default model); "Save plan" writes it into this
-# experiment (`analysis/panel_plan.json`). With `USE_PANEL_PLAN = True` the cells below prune by it.
+# experiment (`analysis/panel_plan.json`). With `USE_PANEL_PLAN = True` the cells below prune by it. T and
+# tau need each block's removal loss: "compute block-removal loss" measures it here (cached; one pass per block).
 
 # %%
 rescorer = Rescorer(imp, Budget.of(model))
@@ -105,7 +108,8 @@ box, state = panel(rescorer, ScoringConfig(method=METHOD), ratio=RATIO, referenc
                    reference_name=f"{METHOD} {RATIO:.0%}",
                    evaluate=lambda p: perplexity_after(model, tokenizer, p, seq_len=SEQ_LEN, max_windows=EVAL_WINDOWS,
                                                        progress=False).ppl,
-                   save=lambda p: exp.write_json("analysis/panel_plan.json", p.to_dict()))
+                   save=lambda p: exp.write_json("analysis/panel_plan.json", p.to_dict()),
+                   block_loss=lambda: block_removal_loss(model, samples[:BLOCK_LOSS_SAMPLES], progress=False))
 box
 
 # %% [markdown]
@@ -113,7 +117,7 @@ box
 
 # %%
 plots.export(plots.kept_fraction_per_layer(layer_summary(state["plan"]), backend="paper", title=state["title"]),
-             f"panel_plan_{METHOD}_{RATIO:g}", exp)
+             state["figure_name"], exp)
 plan = state["plan"] if USE_PANEL_PLAN else plan
 
 # %% [markdown]

@@ -8,6 +8,7 @@ from workbench.diagnosis import (
 )
 from workbench.importance import compute_importance
 from workbench.models import decoder_layers
+from workbench.prune import apply_plan
 from workbench.testing import tiny_model
 from workbench.normalize import NORMALIZERS, PRESETS, ScoringConfig, clip_percentiles, score_table
 from workbench.rescore import Rescorer
@@ -168,7 +169,7 @@ def test_panel_title_preset_table_reference_and_buttons(tmp_path):
     box, state = panel(rs, PRESETS["layerwise"], ratio=0.2,
                        evaluate=lambda plan: calls.append(plan) or 12.5,
                        save=lambda plan: tmp_path / f"plan-{plan.selected_params}.json")
-    c, fig = box.controls, box.children[0].children[1]
+    c, fig = box.controls, box.figure
     assert c["preset"].value == "layerwise"
     assert fig.layout.title.text == "taylor, minmax/layer; 20% of total"
     c["clip"].value = (5.0, 95.0)  # a manual edit: the settings are no preset's any more
@@ -361,3 +362,88 @@ def test_a_plan_far_over_its_budget_is_warned_of():
     with pytest.warns(UserWarning, match=r"over by more than the tolerance"):
         plan = plan_from_counts(table, budget, counts, target=target, denominator=denominator)
     assert plan.achieved_ratio == pytest.approx(0.5)
+
+
+def _panel(**kw):
+    pytest.importorskip("ipywidgets")
+    from workbench.widgets import panel
+
+    model = tiny_model("llama", n_layers=3)
+    imp = compute_importance(model, torch.randint(0, 256, (4, 16)), batch_size=2, progress=False)
+    rs = Rescorer(imp, Budget.of(model), kw.pop("block_loss_frame", _loss_frame(3)))
+    return (*panel(rs, **kw), rs, model)
+
+
+def test_a_refused_setting_leaves_nothing_on_display_to_save_or_evaluate():
+    calls = []
+    box, state, _, _ = _panel(evaluate=lambda p: calls.append(p) or 1.0, save=lambda p: calls.append(p))
+    c = box.controls
+    assert state["plan"] is not None and not box.buttons["save"].disabled
+    c["ratio"].value = 0.95  # more than the tiny model can give
+    assert state["plan"] is None and state["title"] is None
+    assert "refused" in box.status.value and box.figure.layout.title.text == "refused: see below"
+    assert all(y is None for y in box.figure.data[0].y) and box.table.value == ""
+    assert box.buttons["save"].disabled and box.buttons["evaluate"].disabled and box.buttons["pin"].disabled
+    box.buttons["save"].click()
+    box.buttons["evaluate"].click()
+    assert calls == []
+    c["ratio"].value = 0.2  # a valid setting again: shown and acted on
+    box.buttons["save"].click()
+    assert calls == [state["plan"]] and not box.buttons["evaluate"].disabled
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(ratio=0.99), r"ratio=0.99 is outside the panel's slider \[0, 0.95\]"),
+    (dict(initial=ScoringConfig(tau=0.0)), r"tau=0.0 is outside the panel's tau slider"),
+    (dict(initial=ScoringConfig(tau=50.0)), r"tau=50.0 is outside the panel's tau slider"),
+])
+def test_initial_values_the_controls_cannot_show_are_errors(kw, match):
+    with pytest.raises(ValueError, match=match):
+        _panel(**kw)
+    box, state, _, _ = _panel(ratio=0.8, initial=ScoringConfig(tau=5.0))  # in range: shown as given
+    assert box.controls["ratio"].value == 0.8 and box.controls["tau"].value == pytest.approx(5.0)
+
+
+def test_a_failing_button_shows_its_error_in_the_panel():
+    def evaluate(plan):
+        raise ValueError("the model no longer has the widths this plan was made for")
+
+    box, _, _, _ = _panel(evaluate=evaluate)
+    box.buttons["evaluate"].click()
+    assert "ValueError: the model no longer has the widths" in box.result.value and "evaluating" not in box.result.value
+
+
+def test_evaluating_a_plan_on_an_already_pruned_model_says_what_happened():
+    from workbench.evaluate import perplexity_after
+    from workbench.testing import byte_tokenizer
+    model = tiny_model("llama", n_layers=3)
+    plan = Plan.from_units([(2, 96)] * 3, {"mlp": {0: [1]}})
+    apply_plan(model, Plan.from_units([(2, 96)] * 3, {"mlp": {1: [0, 1]}}))
+    with pytest.raises(ValueError, match="pruned after the plan was made"):
+        perplexity_after(model, byte_tokenizer(), plan, seq_len=16, max_windows=2)
+
+
+def test_without_the_block_loss_the_panel_says_why_t_and_tau_are_off_and_can_measure_it():
+    loss = _loss_frame(3)
+    box, state, rs, _ = _panel(block_loss_frame=None, block_loss=lambda: loss)
+    c = box.controls
+    assert c["temperature"].disabled and c["tau"].disabled
+    assert "T and tau are off" in box.loss_note.value and "press the button" in box.loss_note.value
+    box.buttons["block_loss"].click()
+    assert rs.block_loss is loss and not c["temperature"].disabled and box.loss_note.value == ""
+    c["temperature"].value = 0.5
+    assert state["plan"] is not None and "T=0.5" in state["title"]
+    plain, _, _, _ = _panel(block_loss_frame=None)
+    assert "pass <code>block_loss=</code>" in plain.loss_note.value and plain.buttons["block_loss"].disabled
+
+
+def test_pinning_renames_the_reference_and_figures_are_named_by_the_settings():
+    from workbench.widgets import figure_name
+    box, state, _, _ = _panel()
+    box.controls["ratio"].value = 0.35
+    assert state["figure_name"] == "panel_plan_taylor_0.35_total"
+    box.buttons["pin"].click()
+    assert box.figure.data[2].name == "attn (pinned: taylor; 35% of total)"
+    assert figure_name(PRESETS["blockwise"], SelectionConfig(ratio=0.2, ratio_of="prunable")) == \
+        "panel_plan_taylor_minmax-block_0.2_prunable"
+    assert box.figure.layout.xaxis.dtick == 1 and box.figure.layout.width is None

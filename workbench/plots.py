@@ -173,8 +173,9 @@ def kept_fraction_per_layer(summary: pd.DataFrame, backend: str = "plotly", titl
                 customdata=part[["kept", "units"]].to_numpy(),
                 hovertemplate="layer %{x}<br>kept %{customdata[0]} of %{customdata[1]}<br>fraction %{y:.2f}",
             ))
+        n_layers = int(summary.layer.max()) + 1 if len(summary) else 1
         fig.update_layout(title=title, xaxis_title="layer", yaxis_title="kept fraction", yaxis_range=[-0.02, 1.02],
-                          template="plotly_white")
+                          template="plotly_white", xaxis=dict(tick0=0, dtick=max(1, n_layers // 6)))  # whole layers
         return fig
     fig, ax = _paper_axes()
     for block in ("attn", "mlp"):

@@ -50,38 +50,75 @@ def matching_preset(scoring: ScoringConfig) -> str:
 
 
 CUSTOM = "(custom)"
+RATIO_MAX = 0.95  # the ratio slider's range is [0, RATIO_MAX]
+TAU_RANGE = (1e-5, 10.0)  # the tau slider's range (log scale: tau = 0 cannot be shown; tau off is "tau on" unticked)
+
+
+def figure_name(scoring: ScoringConfig, selection: SelectionConfig) -> str:
+    """A file-name form of the settings on display, for the panel plan's static figure.
+
+    >>> figure_name(PRESETS["blockwise"], SelectionConfig(ratio=0.35))
+    'panel_plan_taylor_minmax-block_0.35_total'
+    """
+    parts = [scoring.method]
+    if scoring.normalization != "none":
+        parts.append(f"{scoring.normalization}-{scoring.level}")
+    if (scoring.clip_low, scoring.clip_high) != (0.0, 100.0):
+        parts.append(f"clip{scoring.clip_low:g}-{scoring.clip_high:g}")
+    if scoring.temperature:
+        parts.append(f"T{scoring.temperature:g}")
+    if scoring.tau is not None:
+        parts.append(f"tau{scoring.tau:g}-{scoring.tau_over_budget}")
+    return "_".join(["panel_plan", *parts, f"{selection.ratio:g}", selection.ratio_of])
+
+
+def _check_initial(initial: ScoringConfig, ratio: float) -> None:
+    """Initial values the controls cannot show are an error, never a silent clamp."""
+    if not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= RATIO_MAX:
+        raise ValueError(f"ratio={ratio!r} is outside the panel's slider [0, {RATIO_MAX}]")
+    if initial.tau is not None and not TAU_RANGE[0] <= initial.tau <= TAU_RANGE[1]:
+        raise ValueError(f"tau={initial.tau!r} is outside the panel's tau slider [{TAU_RANGE[0]:g}, {TAU_RANGE[1]:g}] "
+                         "(a log scale); use tau=None (off) or a value in that range")
 
 
 def panel(rescorer: Rescorer, initial: ScoringConfig = PRESETS["taylor"], ratio: float = 0.2, *,
           reference: Plan | None = None, reference_name: str = "reference",
-          evaluate: Callable[[Plan], float] | None = None, save: Callable[[Plan], object] | None = None):
-    """Build the panel; returns (widget, state) where state['plan'] is the plan on display.
+          evaluate: Callable[[Plan], float] | None = None, save: Callable[[Plan], object] | None = None,
+          block_loss: Callable[[], pd.DataFrame] | None = None):
+    """Build the panel; returns (widget, state) where state['plan'] is the plan on display (None while the
+    settings on display are refused: the chart is then empty and the buttons are off, so what is shown,
+    saved and evaluated is always one plan). state['figure_name'] names its static figure by its settings.
 
     reference: a plan drawn dashed beside the current one ("pin as reference" replaces it by the plan on
         display, to compare with the previous setting).
     evaluate: plan -> perplexity, run by the "Evaluate PPL" button (e.g. `perplexity_after` on the model).
     save: plan -> where it went, run by the "Save plan" button (e.g. `record_plan` into the experiment).
-    The per-layer table under the chart lists the plan's kept units per layer.
+    block_loss: () -> the block-removal loss, run by the "compute block-removal loss" button when the
+        rescorer has none (T and tau need it; without it they are off and the panel says why).
+    The per-layer table under the chart lists the plan's kept units per layer. An error in a button's
+    callback is shown in the panel, in red.
     """
+    _check_initial(initial, ratio)
     import ipywidgets as W  # deferred: widgets load only in a notebook
     import plotly.graph_objects as go  # deferred: plotting libraries load only when drawing
 
     has_loss = rescorer.block_loss is not None
+    slider = dict(style={"description_width": "80px"}, layout=W.Layout(width="340px"))
     c = dict(
         preset=W.Dropdown(options=[CUSTOM, *PRESETS], value=matching_preset(initial), description="preset"),
         method=W.Dropdown(options=available_methods(rescorer.importance), value=initial.method, description="importance"),
         normalization=W.Dropdown(options=list(NORMALIZERS), value=initial.normalization, description="normalize"),
         level=W.ToggleButtons(options=list(LEVELS), value=initial.level, description="level"),
         clip=W.FloatRangeSlider(value=(initial.clip_low, initial.clip_high), min=0, max=100, step=0.5,
-                                description="clip pct"),
+                                description="clip pct", readout_format=".1f", **slider),
         temperature=W.FloatSlider(value=initial.temperature, min=0, max=1, step=0.05, description="T",
-                                  disabled=not has_loss),
+                                  disabled=not has_loss, **slider),
         use_tau=W.Checkbox(value=initial.tau is not None, description="tau on", disabled=not has_loss),
         tau_over_budget=W.ToggleButtons(options=list(TAU_OVER_BUDGET), value=initial.tau_over_budget,
                                         description="tau > budget", disabled=not has_loss),
-        tau=W.FloatLogSlider(value=initial.tau or 1e-3, base=10, min=-5, max=1, description="tau",
-                             disabled=not has_loss),
-        ratio=W.FloatSlider(value=ratio, min=0.0, max=0.7, step=0.01, description="ratio"),
+        tau=W.FloatLogSlider(value=1e-3 if initial.tau is None else initial.tau, base=10, min=-5, max=1,
+                             description="tau", disabled=not has_loss, readout_format=".2g"),
+        ratio=W.FloatSlider(value=ratio, min=0.0, max=RATIO_MAX, step=0.01, description="ratio", **slider),
         ratio_of=W.ToggleButtons(options=list(RATIO_OF), value="total", description="of"),
     )
     buttons = dict(
@@ -89,15 +126,26 @@ def panel(rescorer: Rescorer, initial: ScoringConfig = PRESETS["taylor"], ratio:
         evaluate=W.Button(description="Evaluate PPL", disabled=evaluate is None,
                           tooltip="perplexity of the model pruned by the plan on display"),
         save=W.Button(description="Save plan", disabled=save is None, tooltip="save the plan on display"),
+        block_loss=W.Button(description="compute block-removal loss", disabled=block_loss is None or has_loss,
+                            layout=W.Layout(display="none" if has_loss else None, width="auto"),
+                            tooltip="measure each block's removal loss (one pass per block), then T and tau work"),
     )
+    for b in ("pin", "evaluate", "save"):
+        buttons[b].layout = W.Layout(width="auto")
     status, result, table = W.HTML(), W.HTML(), W.HTML()
+    loss_note = W.HTML("" if has_loss else (
+        "<i>T and tau are off: they need each block's removal loss, which this panel was not given "
+        + ("(press the button below to measure it)" if block_loss is not None else
+           "(pass <code>block_loss=</code> to the Rescorer, from <code>workbench.diagnosis.block_removal_loss</code>, "
+           "or <code>block_loss=</code> to <code>panel</code> to measure it here)") + ".</i>"))
     # Traces start empty; the first `redraw` below fills them (one plan per change, none twice).
     empty = layer_summary(Plan.from_units(rescorer.budget.widths, {}))
     fig = go.FigureWidget(plots.kept_fraction_per_layer(empty))
+    fig.layout.width, fig.layout.autosize = None, True  # follows its box (the controls keep their width)
     for block in ("attn", "mlp"):
         fig.add_scatter(x=empty[empty.block == block].layer, y=[None] * len(rescorer.budget.widths), mode="lines",
                         line=dict(dash="dash", color=plots.COLORS[block]), name=f"{block} ({reference_name})")
-    state: dict = {"applying_preset": False, "reference": reference, "ppl": {}}
+    state: dict = {"applying_preset": False, "reference": reference, "ppl": {}, "plan": None}
 
     def draw_reference():
         ref = state["reference"]
@@ -115,11 +163,21 @@ def panel(rescorer: Rescorer, initial: ScoringConfig = PRESETS["taylor"], ratio:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 _, plan = rescorer.plan(scoring, selection)
-        except ValueError as e:
-            status.value = f"<b style='color:#d62728'>{e}</b>"
+        except ValueError as e:  # nothing on display: no chart, no table, no buttons acting on an older plan
+            state["plan"] = state["scoring"] = state["selection"] = state["title"] = state["figure_name"] = None
+            with fig.batch_update():
+                for trace in fig.data[:2]:
+                    trace.y = [None] * len(rescorer.budget.widths)
+                fig.layout.title.text = "refused: see below"
+            table.value, result.value = "", ""
+            buttons["evaluate"].disabled = buttons["save"].disabled = buttons["pin"].disabled = True
+            status.value = f"<b style='color:#d62728'>refused: {e}</b>"
             return
         state["plan"], state["scoring"], state["selection"] = plan, scoring, selection
         state["title"] = settings_title(scoring, selection)
+        state["figure_name"] = figure_name(scoring, selection)
+        buttons["pin"].disabled = False
+        buttons["evaluate"].disabled, buttons["save"].disabled = evaluate is None, save is None
         if c["preset"].value != matching_preset(scoring):  # a manual edit leaves the preset's settings
             state["applying_preset"] = True
             c["preset"].value = matching_preset(scoring)
@@ -151,35 +209,64 @@ def panel(rescorer: Rescorer, initial: ScoringConfig = PRESETS["taylor"], ratio:
             state["applying_preset"] = False
         redraw()
 
-    def pin(_=None):
+    def shown_errors(fn, needs_plan=True):
+        """A button callback whose exception is shown in the panel (a notebook would only log it); one that acts
+        on the plan does nothing while no plan is on display."""
+        def run(_=None):
+            if needs_plan and state["plan"] is None:
+                result.value = "<b style='color:#d62728'>no plan on display: the settings are refused</b>"
+                return
+            try:
+                fn()
+            except Exception as e:
+                result.value = f"<b style='color:#d62728'>{type(e).__name__}: {e}</b>"
+        return run
+
+    def pin():
         state["reference"] = state["plan"]
+        for trace, block in zip(fig.data[2:], ("attn", "mlp")):
+            trace.name = f"{block} (pinned: {state['title']})"
         draw_reference()
 
-    def run_evaluate(_=None):
+    def run_evaluate():
         result.value = "<i>evaluating…</i>"
-        value = evaluate(state["plan"])
-        state["ppl"][state["title"]] = value
-        result.value = f"PPL <b>{value:,.2f}</b> ({state['title']})"
+        plan, title = state["plan"], state["title"]
+        value = evaluate(plan)
+        state["ppl"][title] = value
+        result.value = f"PPL <b>{value:,.2f}</b> ({title})"
 
-    def run_save(_=None):
+    def run_save():
         where = save(state["plan"])
         state["saved"] = where
         result.value = f"saved: {where}"
+
+    def measure_block_loss():
+        result.value = "<i>measuring the block-removal loss…</i>"
+        rescorer.block_loss = block_loss()
+        for name in ("temperature", "use_tau", "tau_over_budget", "tau"):
+            c[name].disabled = False
+        buttons["block_loss"].layout.display = "none"
+        loss_note.value, result.value = "", "block-removal loss measured: T and tau are on"
 
     c["preset"].observe(apply_preset, names="value")
     for name, w in c.items():
         if name != "preset":
             w.observe(redraw, names="value")
-    buttons["pin"].on_click(pin)
-    buttons["evaluate"].on_click(run_evaluate)
-    buttons["save"].on_click(run_save)
+    for name, fn in (("pin", pin), ("evaluate", run_evaluate), ("save", run_save), ("block_loss", measure_block_loss)):
+        buttons[name].on_click(shown_errors(fn, needs_plan=name != "block_loss"))
     redraw()
     draw_reference()
     controls = W.VBox([c["preset"], c["method"], c["normalization"], c["level"], c["clip"], c["temperature"],
-                       W.HBox([c["use_tau"], c["tau"]]), c["tau_over_budget"], c["ratio"], c["ratio_of"],
-                       W.HBox(list(buttons.values())), result, status])
-    box = W.VBox([W.HBox([controls, fig]), W.Accordion(children=[table], titles=("per-layer plan",))])
-    box.controls, box.buttons, box.status, box.result, box.table = c, buttons, status, result, table
+                       W.HBox([c["use_tau"], c["tau"]]), c["tau_over_budget"], loss_note, buttons["block_loss"],
+                       c["ratio"], c["ratio_of"],
+                       W.HBox([buttons["pin"], buttons["evaluate"], buttons["save"]], layout=W.Layout(flex_flow="row wrap")),
+                       result, status], layout=W.Layout(flex="0 0 360px", min_width="360px"))
+    fig_box = W.Box([fig], layout=W.Layout(flex="1 1 480px", min_width="420px"))
+    # controls beside the chart from about 800 px of notebook width; below it when narrower (they never squeeze)
+    row = W.HBox([controls, fig_box], layout=W.Layout(flex_flow="row wrap", width="100%"))
+    box = W.VBox([row, W.Accordion(children=[table], titles=("per-layer plan",))])
+    box.controls, box.buttons, box.status, box.result, box.table, box.figure = c, buttons, status, result, table, fig
+    box.loss_note = loss_note
     return box, state
 
 
