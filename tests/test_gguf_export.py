@@ -184,14 +184,14 @@ def test_bad_requests_are_refused_and_leave_no_file(tok, tmp_path, monkeypatch):
 def test_checkpoint_folder_exports_from_the_cli_with_plan_and_carried_tokenizer(tok, tmp_path):
     m = _model("llama", "per_layer")
     plan = Plan.from_units(layer_widths(tiny_model("llama", n_layers=5, n_heads=6, n_kv_heads=3)), {},
-                           settings=dict(baseline="flap"), selected_params=120, denominator=400)
+                           settings=dict(baseline="flap", ratio_of="prunable"), selected_params=120, denominator=400)
     ckpt = save_pruned(m, tmp_path / "ckpt", tokenizer=tok, plan=plan)
     out = tmp_path / "out.gguf"
     assert main(["export-gguf", str(ckpt), str(out), "--dtype", "f32"]) == 0
     assert main(["export-gguf", str(ckpt), str(out)]) == 2  # exists, no --overwrite
     fields = gguf.GGUFReader(out).fields
     assert fields["prune_workbench.method"].contents() == "flap"
-    assert "30.0% of 400 prunable parameters removed" in fields["general.description"].contents()
+    assert "flap, 30.0% of 400 attention + MLP parameters removed" in fields["general.description"].contents()
     with llamacpp.loaded(out, n_ctx=128, n_threads=2, kv_type="f32") as lm:
         assert np.abs(lm.logits(PROMPT) - _hf_logits(m, PROMPT)).max() <= 1e-4
 
@@ -250,3 +250,33 @@ def test_a_damaged_conversion_cache_is_converted_again(tok, tmp_path, damage):
     with torch.no_grad():
         assert torch.equal(again(ids).logits, first(ids).logits)
     assert tok2("the thin")["input_ids"] and json.loads((folder / damage).read_text())
+
+
+@pytest.mark.parametrize("family, kw", [
+    ("mistral", dict(sliding_window=64)),
+    ("qwen2", dict(hidden=96, use_sliding_window=True, sliding_window=64, max_window_layers=0)),
+])
+def test_a_sliding_window_is_refused_not_dropped(family, kw, tok, tmp_path):
+    """llama.cpp differed by up to 8.7 in the logits past the window when the window was silently dropped."""
+    m = tiny_model(family, n_layers=2, n_heads=6, n_kv_heads=3, **kw)
+    assert gguf_export.active_sliding_window(m.config) == 64
+    with pytest.raises(ExportError, match=r"sliding window of 64 tokens .* sliding_window=None"):
+        export_gguf(m, tmp_path / "m.gguf", tokenizer=tok)
+    assert list(tmp_path.iterdir()) == []
+    assert gguf_export.active_sliding_window(tiny_model("mistral").config) is None  # window >= context: no effect
+
+
+def test_a_llama_with_qkv_biases_and_fewer_query_heads_is_refused(tok, tmp_path):
+    m = _model("llama", "uniform_attn", attention_bias=True)
+    with pytest.raises(ExportError, match="llama architecture with q/k/v biases needs query width = hidden"):
+        export_gguf(m, tmp_path / "m.gguf", tokenizer=tok)
+
+
+def test_metadata_names_a_global_plan_s_method_and_its_denominator():
+    from workbench.gguf_export import _plan_label, _plan_summary
+    plan = Plan.from_units([(2, 8)], {}, selected_params=25, denominator=100,
+                           settings=dict(ratio=0.25, ratio_of="total", score_column="final_score",
+                                         scoring=dict(method="taylor", normalization="minmax", level="block")))
+    assert _plan_label(plan) == "global taylor (minmax/block)"
+    assert _plan_summary(plan) == "pruned by prune-workbench: global taylor (minmax/block), 25.0% of all 100 " \
+                                  "parameters removed"

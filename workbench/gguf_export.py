@@ -101,6 +101,17 @@ def _rope(config) -> dict:
     return params
 
 
+def active_sliding_window(config) -> int | None:
+    """The sliding window this config's attention really uses (None: full attention everywhere). Mistral uses
+    `sliding_window` when set; Qwen2 only on the layers `layer_types` marks "sliding_attention". A window
+    no shorter than the context changes nothing."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if window is None or (types is not None and "sliding_attention" not in types):
+        return None
+    return int(window) if window < config.max_position_embeddings else None
+
+
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -119,6 +130,12 @@ def gguf_layout(model: nn.Module, ff_multiple: int = 1) -> GGUFLayout:
         raise ExportError("the model has no decoder layers left; llama.cpp needs at least one")
     uniform = len(set(widths)) == 1 and widths[0][0] > 0 and widths[0][1] > 0
     rope = _rope(model.config)
+    if (window := active_sliding_window(model.config)) is not None:
+        raise ExportError(
+            f"this {spec.family} model attends within a sliding window of {window} tokens (context "
+            f"{model.config.max_position_embeddings}); llama.cpp's {UNIFORM_ARCH[spec.family]} and deci architectures "
+            f"have no sliding window, so past {window} tokens the GGUF file would compute something else. Export "
+            "a model whose config has sliding_window=None (full attention) if that is what you want")
     if rope["rope_type"] not in ("default", "llama3", "linear"):
         raise ExportError(f"rope_type={rope['rope_type']!r} has no GGUF export here; allowed: default, llama3, linear")
     out_bias = any(output_bias(layer, spec, block) is not None for layer in layers for block in BLOCKS)
@@ -126,9 +143,9 @@ def gguf_layout(model: nn.Module, ff_multiple: int = 1) -> GGUFLayout:
     if uniform and not (out_bias and spec.family in ("qwen2", "qwen3")):
         arch = UNIFORM_ARCH[spec.family]
         g, c = widths[0]
-        if arch == "qwen2" and g * ratio * geo.head_dim != geo.hidden:
+        if (arch == "qwen2" or geo.qkv_bias) and g * ratio * geo.head_dim != geo.hidden:
             raise ExportError(
-                f"llama.cpp's qwen2 architecture needs query width = hidden size; this model has "
+                f"llama.cpp's {arch} architecture with q/k/v biases needs query width = hidden size; this model has "
                 f"{g * ratio} heads × {geo.head_dim} = {g * ratio * geo.head_dim} against hidden {geo.hidden} "
                 f"(a Qwen2 plan that prunes only MLP channels exports)")
         n = len(widths)
@@ -338,16 +355,26 @@ def _hf_tokenizer(writer, tokenizer, n_vocab: int) -> list[str]:
 
 
 def _plan_label(plan: Plan) -> str:
+    """How the plan was made, from its settings: a baseline's name, a per-layer kind, or the global selection's
+    importance method (with its normalization)."""
     s = plan.settings
-    return str(s.get("baseline") or s.get("method") or s.get("kind") or "plan")
+    if s.get("baseline") or s.get("kind"):
+        return str(s.get("baseline") or s.get("kind"))
+    scoring = s.get("scoring") or {}
+    method = scoring.get("method") or s.get("method")
+    if method:
+        norm = scoring.get("normalization", "none")
+        return f"global {method}" + (f" ({norm}/{scoring.get('level', 'layer')})" if norm != "none" else "")
+    return "global selection" if "score_column" in s else "plan"
 
 
 def _plan_summary(plan: Plan | None) -> str:
     if plan is None:
         return "exported by prune-workbench"
-    share = plan.selected_params / plan.denominator if plan.denominator else 0.0
-    return (f"pruned by prune-workbench: {_plan_label(plan)}, {share:.1%} of {plan.denominator:,} prunable "
-            f"parameters removed")
+    n = f"{plan.denominator:,}"
+    of = {"total": f"all {n} parameters", "prunable": f"{n} attention + MLP parameters"}.get(
+        str(plan.settings.get("ratio_of")), f"{n} parameters (the plan's denominator)")
+    return f"pruned by prune-workbench: {_plan_label(plan)}, {plan.achieved_ratio:.1%} of {of} removed"
 
 
 def export_gguf(
