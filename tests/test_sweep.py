@@ -334,3 +334,19 @@ def test_best_reads_the_sweep_file_s_objective_and_direction(tmp_path, capsys):
     assert main(["best", str(sweep_dir)]) == 0
     assert "objective ppl_dense (maximize)" in capsys.readouterr().out
     assert best(sweep_dir, "ppl", "minimize")["objective"] == "ppl"  # an explicit choice still wins
+
+
+def test_a_tiny_run_in_bfloat16_runs_in_bfloat16(tmp_path):
+    from workbench.sweep import ModelPool
+    cfg = from_dict(RunConfig, dict(model=dict(name="tiny", dtype="bfloat16")))
+    model, _ = ModelPool().get(cfg)
+    assert next(model.parameters()).dtype == __import__("torch").bfloat16
+
+
+def test_sequences_beyond_the_model_s_context_are_refused_before_any_work(tmp_path, capsys):
+    run, _ = _files(tmp_path)
+    for override, what in (("eval_seq_len=600", "eval_seq_len=600"), ("calibration.seq_len=513", "calibration.seq_len=513")):
+        assert main(["run", str(run), override, "--name", "long", "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert f"{what} is longer than the model's context of 512 tokens" in err and err.count("\n") == 1
+    assert not (tmp_path / "experiments" / "long").exists()

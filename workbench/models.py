@@ -364,12 +364,24 @@ def checkpointed_layers(model: nn.Module, enabled: bool = True) -> Iterator[None
                 layer._gradient_checkpointing_func = fn
 
 
+def check_context(model: nn.Module, seq_len: int, what: str = "seq_len") -> None:
+    """Refuse sequences longer than the model's context (`max_position_embeddings`): positions it never saw
+    give numbers that mean nothing (and cost the time of a full run before anyone notices)."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None and seq_len > context:
+        raise ValueError(f"{what}={seq_len} is longer than the model's context of {context} tokens "
+                         "(max_position_embeddings); use at most that")
+
+
 def check_token_ids(ids: torch.Tensor, model: nn.Module, what: str = "token ids") -> None:
-    """Refuse token ids the model's embedding cannot look up (negative, >= vocab, not integers), by value."""
+    """Refuse token ids the model's embedding cannot look up (negative, >= vocab, not integers), by value, and
+    sequences longer than its context."""
     if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
         raise TypeError(f"{what} must be an integer tensor, got {ids.dtype}")
     if ids.numel() == 0:
         return
+    if ids.dim() >= 2:
+        check_context(model, ids.shape[-1], f"the length of {what}")
     vocab = model.get_input_embeddings().num_embeddings
     lo, hi = int(ids.min()), int(ids.max())
     if lo < 0 or hi >= vocab:

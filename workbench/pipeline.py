@@ -24,7 +24,7 @@ from workbench.experiments import Experiment
 from workbench.finetune import FinetuneConfig, finetune
 from workbench.importance import Importance, importance_cached
 from workbench.layer_importance import layer_importance
-from workbench.models import anatomy, model_summary
+from workbench.models import anatomy, check_context, model_summary
 from workbench.prune import PruneReport, apply_plan
 from workbench.reconstruct import ReconstructConfig, Reconstruction, apply_reconstruction, solve_reconstruction
 from workbench.plans import Plan, layer_summary
@@ -206,6 +206,11 @@ def run_pruning(model, tokenizer, cfg: PruneRunConfig, experiment: Experiment, *
                           progress=progress)
 
     extra = [s for s in cfg.extra_eval_sources if s != cfg.eval_source]
+    lengths = dict(eval_seq_len=cfg.eval_seq_len, **{"calibration.seq_len": cfg.calibration.seq_len})
+    if cfg.finetune is not None:
+        lengths["finetune.seq_len"] = cfg.finetune.seq_len
+    for what, n in lengths.items():  # before any work: a run that cannot be right stops at once
+        check_context(model, n, what)
 
     experiment.write_json("config.json", dict(run=asdict(cfg), model=model_summary(model)))
     with step("perplexity_dense"):
