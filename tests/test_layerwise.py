@@ -4,6 +4,7 @@ import copy
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -278,3 +279,15 @@ def test_comparison_table_has_every_method():
     assert list(table.index) == ["dense", *BASELINES]
     assert table.loc["flap", "compensation"] and (table["ppl"] > 0).all()
     assert table.loc["dense", "params"] > table.loc["global_taylor", "params"]
+
+
+def test_a_method_that_refuses_the_budget_gets_a_row_with_its_reason():
+    """ShortGPT cannot remove 5 % of a model whose layers own 20 % each: the table says so and goes on."""
+    model, ids, r, scores = _setup("llama", seed=5)
+    plans = baseline_plans(r, 0.05, layer_scores=scores)
+    table = compare_plans(model, byte_tokenizer(), plans, ids, seq_len=32, max_windows=3, progress=False)
+    assert list(table.index) == ["dense", *BASELINES]
+    assert "ShortGPT: asked to remove" in table.loc["shortgpt", "refused"] and pd.isna(table.loc["shortgpt", "ppl"])
+    assert table.loc["global_taylor", "refused"] == "" and table.loc["global_taylor", "ppl"] > 0
+    with pytest.raises(ValueError, match="not registered"):
+        baseline_plans(r, 0.05, layer_scores=scores, variants={"x": ("magic", {})})

@@ -18,14 +18,13 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from workbench.models import BLOCKS, as_dtype, decoder_layers, geometry, get_spec, spec_for_config, verify_decoding
-from workbench.paths import data_cache, replace_dir, write_atomic
+from workbench.paths import clean_staging, data_cache, replace_dir, staging_dir, write_atomic
 from workbench.prune import LAYERS_KEY, PruneReport, add_output_bias, record_layer_config, shape_layer
 from workbench.plans import Plan
 
@@ -232,10 +231,9 @@ def _save_checked(model: nn.Module, tokenizer, target: Path, extra: dict[str, st
     it points."""
     if target.is_symlink():
         target = target.resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    clean_staging(target.parent)  # what a killed save left here
+    tmp = staging_dir(target.parent, target.name)
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would lock others out of a shared folder
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -250,12 +248,6 @@ def _save_checked(model: nn.Module, tokenizer, target: Path, extra: dict[str, st
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _with_pad_token(tokenizer):
@@ -313,7 +305,8 @@ def save_pruned(model: nn.Module, directory: str | os.PathLike, *, tokenizer=Non
     """Save safetensors weights + a config recording every layer's widths (+ plan, + checksums), atomically.
 
     `directory` may be missing, empty, or an earlier pruned checkpoint (replaced once the new one is
-    complete). A folder holding anything else is refused unless `overwrite=True`.
+    complete). A folder holding anything else is refused unless `overwrite=True`. Files in it that no save
+    wrote (notes, an exported GGUF) are kept either way; a symlink is written through.
     """
     target = Path(directory)
     if target.exists() and not target.is_dir():

@@ -3,6 +3,7 @@ optionally also with closed-form reconstruction, PPL on the evaluation part, ach
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import pandas as pd
 import torch
@@ -21,12 +22,29 @@ from workbench.rescore import Rescorer
 from workbench.selection import Budget
 
 
+@dataclass(frozen=True)
+class Refused:
+    """A method that made no plan at this budget, and why (its row in the table says so)."""
+
+    reason: str
+
+
 def baseline_plans(rescorer: Rescorer, ratio: float, ratio_of: str = "total", *, layer_scores: dict | None = None,
-                   variants: dict[str, tuple[str, dict]] | None = None) -> dict[str, tuple[Plan, ReconstructConfig | None]]:
-    """Plans by label: every registered baseline with its defaults, or `variants` {label: (baseline, params)}."""
+                   variants: dict[str, tuple[str, dict]] | None = None
+                   ) -> dict[str, tuple[Plan | Refused, ReconstructConfig | None]]:
+    """Plans by label: every registered baseline with its defaults, or `variants` {label: (baseline, params)}.
+    A method that refuses this budget (e.g. ShortGPT below half a layer) is kept as `Refused` with its reason."""
     variants = variants or {name: (name, {}) for name in BASELINES}
-    return {label: (make_plan(name, rescorer, ratio, ratio_of, layer_scores=layer_scores, **params),
-                    BASELINES[name].compensation) for label, (name, params) in variants.items()}
+    out: dict[str, tuple[Plan | Refused, ReconstructConfig | None]] = {}
+    for label, (name, params) in variants.items():
+        try:
+            plan: Plan | Refused = make_plan(name, rescorer, ratio, ratio_of, layer_scores=layer_scores, **params)
+        except ValueError as e:
+            if name not in BASELINES:
+                raise
+            plan = Refused(str(e))
+        out[label] = (plan, BASELINES[name].compensation)
+    return out
 
 
 def study_variants(best_xy: tuple[float, float] | None = None) -> dict[str, tuple[str, dict]]:
@@ -54,7 +72,8 @@ def compare_plans(model: nn.Module, tokenizer, plans: dict[str, tuple[Plan, Reco
                   source: str = OFFLINE_SOURCE, seq_len: int = 128, max_windows: int | None = 50,
                   progress: bool = True) -> pd.DataFrame:
     """One row per plan (and the dense model): PPL (with the plan's own compensation), PPL after closed-form
-    reconstruction instead (when `reconstruction` is given), parameters, achieved ratio, attention / MLP rates.
+    reconstruction instead (when `reconstruction` is given), parameters, achieved ratio, attention / MLP rates;
+    a `Refused` method gets a row with its reason in `refused` and no numbers.
 
     `model` is left unchanged; `samples` (calibration token ids) feed compensation and reconstruction.
     """
@@ -64,6 +83,9 @@ def compare_plans(model: nn.Module, tokenizer, plans: dict[str, tuple[Plan, Reco
     budget = Budget.of(model)
     rows = [dict(method="dense", ppl=ppl(model), params=parameter_count(model), achieved_ratio=0.0)]
     for label, (plan, compensation) in tqdm(plans.items(), desc="methods", disable=not progress, leave=False):
+        if isinstance(plan, Refused):
+            rows.append(dict(method=label, refused=plan.reason))
+            continue
         rates = kind_rates(plan, budget)
         pruned = copy.deepcopy(model)
         prune_and_reconstruct(pruned, plan, samples, compensation, progress=False)
@@ -78,4 +100,6 @@ def compare_plans(model: nn.Module, tokenizer, plans: dict[str, tuple[Plan, Reco
             row["ppl_reconstructed"] = ppl(rebuilt)
             del rebuilt
         rows.append(row)
-    return pd.DataFrame(rows).set_index("method")
+    table = pd.DataFrame(rows).set_index("method")
+    table["refused"] = table["refused"].fillna("") if "refused" in table else ""
+    return table

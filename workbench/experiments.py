@@ -21,17 +21,19 @@ import math
 import os
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
 
-from workbench.paths import confined, experiments_root, replace_dir, torch_save_atomic, write_atomic  # noqa: F401 (re-exported)
+from workbench.paths import (  # noqa: F401 (re-exported)
+    clean_staging, confined, experiments_root, replace_dir, staging_dir, torch_save_atomic, write_atomic,
+)
 
 SUBDIRS = ("analysis", "evaluation", "figures", "model", "checkpoints")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+MAX_NAME = 200  # file names hold 255 bytes; the staging folder adds its own part
 
 
 def jsonable(obj):
@@ -79,8 +81,8 @@ class Experiment:
         """
         name = time.strftime("run-%Y%m%d-%H%M%S") if name is None else name
         final = cls.check_new(name, base=base, overwrite=overwrite)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{name}.staging-", dir=final.parent))
+        clean_staging(final.parent)  # what a killed run left here
+        staging = staging_dir(final.parent, name)
         exp = cls(staging, name=name)
         for sub in SUBDIRS:
             (staging / sub).mkdir()
@@ -155,4 +157,6 @@ def _root_of(name: str, base: str | os.PathLike | None) -> Path:
     if not isinstance(name, str) or not _NAME.fullmatch(name) or name in (".", ".."):
         raise ValueError(f"experiment name {name!r} must be letters, digits, '.', '_' or '-', starting with a "
                          "letter or digit (no path separators, no newline)")
+    if len(name) > MAX_NAME:
+        raise ValueError(f"experiment name {name[:20]!r}… has {len(name)} characters; at most {MAX_NAME}")
     return confined(Path(base) if base is not None else experiments_root(), name)

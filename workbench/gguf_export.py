@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +38,7 @@ from workbench.models import (
     layer_parts,
     layer_widths,
 )
-from workbench.paths import confined
+from workbench.paths import clean_staging, confined, staging_file
 from workbench.plans import Plan
 from workbench.prune import output_bias
 
@@ -433,9 +432,8 @@ def export_gguf(
     n_vocab = embed.shape[0]
     rope = _rope(config)
 
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    clean_staging(target.parent)  # what a killed export left here
+    tmp = staging_file(target.parent, target.name)
     notes: list[str] = []
     try:
         arch = layout.arch

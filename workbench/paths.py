@@ -7,8 +7,12 @@ half-written file; `confined` refuses a relative path that would leave its folde
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import platform
+import re
 import shutil
+import tempfile
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -97,3 +101,63 @@ def replace_dir(new: Path, target: Path) -> None:
         os.replace(old, target)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _host_tag() -> str:
+    return hashlib.sha1(platform.node().encode()).hexdigest()[:8]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_STAGING = re.compile(r"^\..*\.staging-([0-9a-f]{8})-(\d+)-[^/]*$")
+
+
+def staging_dir(parent: str | os.PathLike, name: str) -> Path:
+    """A new hidden folder in `parent` to build `name` in before it is moved into place. Its name carries this
+    host and process, so a later start can prove it a dead process's leftover (`clean_staging`); its
+    permissions follow the umask (a shared folder stays shared)."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.staging-{_host_tag()}-{os.getpid()}-", dir=parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
+
+
+def staging_file(parent: str | os.PathLike, name: str, suffix: str = ".tmp") -> Path:
+    """Like `staging_dir`, a new hidden file (for writers that stream into one file, e.g. GGUF)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.staging-{_host_tag()}-{os.getpid()}-", suffix=suffix, dir=parent)
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())
+    return Path(tmp)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_staging(parent: str | os.PathLike) -> list[Path]:
+    """Remove the staging folders and files in `parent` that a process of this host left behind when it died
+    (killed mid-run); anything else, another host's or a live process's, is left alone. Returns what went."""
+    parent = Path(parent)
+    gone = []
+    if not parent.is_dir():
+        return gone
+    for item in parent.iterdir():
+        m = _STAGING.match(item.name)
+        if m and m[1] == _host_tag() and int(m[2]) != os.getpid() and not _alive(int(m[2])):
+            if item.is_dir() and not item.is_symlink():
+                shutil.rmtree(item, ignore_errors=True)
+            else:
+                item.unlink(missing_ok=True)
+            gone.append(item)
+    return gone

@@ -42,7 +42,7 @@ from workbench.config import (
 )
 from workbench.experiments import Experiment
 from workbench.normalize import PRESETS
-from workbench.paths import write_atomic
+from workbench.paths import clean_staging, write_atomic
 from workbench.pipeline import run_pruning
 
 STATUS = "status.json"
@@ -348,6 +348,7 @@ def prepare(sweep: SweepConfig, sweep_dir: str | os.PathLike, *, storage: str | 
 
     sweep_dir = Path(sweep_dir)
     (sweep_dir / "runs").mkdir(parents=True, exist_ok=True)
+    clean_staging(sweep_dir / "runs")  # staging folders of runs whose worker was killed (whole checkpoints)
     write_atomic(sweep_dir / "sweep.yaml", dump_yaml(to_dict(sweep)))
     study = _study(sweep, sweep_dir, storage)
     stale = live = 0
