@@ -350,3 +350,65 @@ def test_sequences_beyond_the_model_s_context_are_refused_before_any_work(tmp_pa
         err = capsys.readouterr().err
         assert f"{what} is longer than the model's context of 512 tokens" in err and err.count("\n") == 1
     assert not (tmp_path / "experiments" / "long").exists()
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--name", "a" * 300], r"has 300 characters; at most 200"),
+    (["--name", "../x"], r"must be letters, digits"),
+    (["model.device=banana"], r"device='banana' is not a device; allowed"),
+    (["model.device=cuda:7"], r"device='cuda:7' asks for a CUDA GPU, but torch sees none"),
+])
+def test_bad_run_arguments_exit_2_with_one_line(tmp_path, capsys, args, match):
+    pytest.importorskip("torch")
+    if "cuda" in args[0] and __import__("torch").cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    run, _ = _files(tmp_path)
+    assert main(["run", str(run), *args, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert __import__("re").search(match, err), err
+
+
+def test_overrides_may_follow_options(tmp_path):
+    run, _ = _files(tmp_path)
+    assert main(["run", str(run), "--name", "mixed", "selection.ratio=0.25", "--quiet", "eval_windows=2"]) == 0
+    cfg = load_run_config(tmp_path / "experiments" / "mixed" / "run.yaml")
+    assert cfg.selection.ratio == 0.25 and cfg.eval_windows == 2
+
+
+def test_joining_an_unprepared_folder_and_a_damaged_queue_are_named(tmp_path, capsys):
+    _, sweep_file = _files(tmp_path, grid="  calibration.num_samples: [2]\n")
+    assert main(["sweep", str(sweep_file), "--dir", str(tmp_path / "none"), "--join"]) == 2
+    assert "is not prepared (no optuna.journal)" in capsys.readouterr().err
+    sweep_dir = tmp_path / "s"
+    assert main(["sweep", str(sweep_file), "--dir", str(sweep_dir)]) == 0
+    capsys.readouterr()
+    (sweep_dir / "optuna.journal").write_bytes(b"\x00garbage{not json\n" * 3)
+    assert main(["sweep", str(sweep_file), "--dir", str(sweep_dir)]) == 2
+    err = capsys.readouterr().err
+    assert f"the sweep's queue {sweep_dir / 'optuna.journal'} cannot be read" in err and "rebuild it" in err
+    (sweep_dir / "optuna.journal").rename(sweep_dir / "journal.bad")  # as the message says: the runs are kept
+    assert run_sweep(sweep_file, sweep_dir, log=lambda *_: None) == dict(stale=0, live=0, enqueued=0, complete=1)
+
+
+def test_a_killed_run_s_staging_folder_is_removed_by_the_next_start(tmp_path):
+    from workbench.paths import clean_staging, staging_dir
+    _, sweep_file = _files(tmp_path, grid="  calibration.num_samples: [2]\n")
+    runs = tmp_path / "s" / "runs"
+    dead = staging_dir(runs, "abc")
+    (dead / "model.safetensors").write_bytes(b"half a checkpoint")
+    dead.rename(runs / dead.name.replace(f"-{os.getpid()}-", f"-{_dead_pid()}-"))
+    mine = staging_dir(runs, "live")  # this process is alive: its folder stays
+    other = runs / ".x.staging-00000000-1-abc"  # another host's: stays
+    other.mkdir()
+    run_sweep(sweep_file, tmp_path / "s", log=lambda *_: None)
+    left = sorted(p.name for p in runs.iterdir() if p.name.startswith("."))
+    assert left == sorted([mine.name, other.name])
+    assert mine.stat().st_mode & 0o777 == 0o777 & ~_umask()
+    assert clean_staging(runs) == []
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -17,6 +17,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -107,6 +108,7 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer  # deferred: transformers loads in seconds
 
     torch_dtype = as_dtype(dtype)
+    check_device(device)
     cache_dir = str(cache_dir or data_cache("hub"))
     if source is None:
         source, gguf_file = default_model_dir(), gguf_file or DEFAULT_GGUF_FILE
@@ -154,8 +156,29 @@ def _finish(model: nn.Module, source: str, gguf_file: str | None, device) -> nn.
 AUTO_DEVICE = "auto"  # `device="auto"`: the model spread over every visible GPU (accelerate's device_map)
 
 
+DEVICE_FORMS = ("cpu", "cuda", "cuda:N", "mps", AUTO_DEVICE)
+
+
+def check_device(device: str | torch.device) -> None:
+    """Refuse a device this machine does not have, by name, before anything is loaded onto it."""
+    name = str(device)
+    m = re.fullmatch(r"(cpu|mps|auto|cuda)(?::(\d+))?", name)
+    if m is None or (m[2] is not None and m[1] != "cuda"):
+        raise ValueError(f"device={name!r} is not a device; allowed: {list(DEVICE_FORMS)}")
+    if m[1] == "cuda":  # "auto" works anywhere: without GPUs, accelerate keeps the model on the CPU
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={name!r} asks for a CUDA GPU, but torch sees none on this machine "
+                             f"(torch {torch.__version__}); use device='cpu'")
+        if m[2] is not None and int(m[2]) >= torch.cuda.device_count():
+            raise ValueError(f"device={name!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                             f"cuda:0 … cuda:{torch.cuda.device_count() - 1}")
+    if m[1] == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError("device='mps' asks for Apple's GPU, which torch does not see here; use device='cpu'")
+
+
 def place(model: nn.Module, device: str | torch.device) -> nn.Module:
     """The model on `device`, or spread over the visible GPUs when `device="auto"` (`dispatch`)."""
+    check_device(device)
     return dispatch(model) if str(device) == AUTO_DEVICE else model.to(device)
 
 

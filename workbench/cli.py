@@ -126,7 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("overrides", nargs="*", help="dotted key=value, e.g. calibration.num_samples=128")
     k.add_argument("--quiet", action="store_true", help="no progress bars")
     k.set_defaults(fn=_calibrate)
-    args = ap.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in sub.choices:  # options and key=value overrides in any order: `run cfg.yaml --name x k=v`
+        args = sub.choices[argv[0]].parse_intermixed_args(argv[1:])
+        args.command = argv[0]
+    else:
+        args = ap.parse_args(argv)
     try:
         return args.fn(args)
     except (ConfigError, ExportError, FileExistsError, FileNotFoundError, ValueError, DecodingCheckError) as e:

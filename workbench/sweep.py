@@ -328,16 +328,30 @@ def _storage(sweep_dir: Path, storage: str | None):
     return JournalStorage(JournalFileBackend(str(sweep_dir / "optuna.journal")))
 
 
-def _study(sweep: SweepConfig, sweep_dir: Path, storage: str | None):
+def _study(sweep: SweepConfig, sweep_dir: Path, storage: str | None, *, must_exist: bool = False):
     import optuna  # deferred: only sweeps need it
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    journal = sweep_dir / "optuna.journal"
+    where = storage or journal
+    if must_exist and storage is None and not journal.is_file():
+        raise ConfigError(f"sweep folder {sweep_dir} is not prepared (no optuna.journal): start the sweep there "
+                          "without --join first, then join further workers")
     sampler = None
     if sweep.search is not None:
         sampler = (optuna.samplers.TPESampler(seed=sweep.search.seed) if sweep.search.sampler == "tpe"
                    else optuna.samplers.RandomSampler(seed=sweep.search.seed))
-    return optuna.create_study(study_name="sweep", storage=_storage(sweep_dir, storage), load_if_exists=True,
-                               direction=sweep.direction, sampler=sampler)
+    try:
+        if must_exist:
+            optuna.load_study(study_name="sweep", storage=_storage(sweep_dir, storage), sampler=sampler)
+        return optuna.create_study(study_name="sweep", storage=_storage(sweep_dir, storage), load_if_exists=True,
+                                   direction=sweep.direction, sampler=sampler)
+    except KeyError:
+        raise ConfigError(f"the storage {where} holds no sweep: start it without --join first") from None
+    except Exception as e:  # a damaged journal or database: say which, and that the runs are safe
+        raise ConfigError(f"the sweep's queue {where} cannot be read ({type(e).__name__}: {e}). The finished runs in "
+                          f"{sweep_dir / 'runs'} are kept: move the queue aside and run `workbench sweep` again "
+                          "(without --join) to rebuild it from them") from None
 
 
 def prepare(sweep: SweepConfig, sweep_dir: str | os.PathLike, *, storage: str | None = None) -> dict:
@@ -408,7 +422,7 @@ def work(sweep: SweepConfig, sweep_dir: str | os.PathLike, *, storage: str | Non
     import optuna  # deferred: only sweeps need it
 
     sweep_dir = Path(sweep_dir)
-    study = _study(sweep, sweep_dir, storage)
+    study = _study(sweep, sweep_dir, storage, must_exist=True)
     runs_dir = sweep_dir / "runs"
     pool = ModelPool()
     done = 0
