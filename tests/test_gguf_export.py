@@ -280,3 +280,26 @@ def test_metadata_names_a_global_plan_s_method_and_its_denominator():
     assert _plan_label(plan) == "global taylor (minmax/block)"
     assert _plan_summary(plan) == "pruned by prune-workbench: global taylor (minmax/block), 25.0% of all 100 " \
                                   "parameters removed"
+
+
+@needs_llamacpp
+def test_export_sources_without_what_they_need_are_named(tok, tmp_path, capsys):
+    m = _model("llama", "per_layer")
+    # a checkpoint saved without a tokenizer: refused with the way out; --tokenizer supplies one
+    bare = save_pruned(m, tmp_path / "bare")
+    assert main(["export-gguf", str(bare), str(tmp_path / "a.gguf")]) == 2
+    assert "saved without one" in capsys.readouterr().err
+    tok.save_pretrained(tmp_path / "tok")
+    assert main(["export-gguf", str(bare), str(tmp_path / "a.gguf"), "--tokenizer", str(tmp_path / "tok")]) == 0
+    # the source GGUF moved away: the checkpoint's own tokenizer is used, and a note says so
+    src = export_gguf(m, tmp_path / "src.gguf", dtype="f32", tokenizer=tok).path
+    m.config.gguf_source = str(src)
+    ckpt = save_pruned(m, tmp_path / "ckpt", tokenizer=tok)
+    src.rename(tmp_path / "moved.gguf")
+    report = export_gguf(ckpt, tmp_path / "b.gguf", dtype="f32")
+    assert report.tokenizer_source.startswith("written from the HF tokenizer")
+    assert any("source GGUF" in n and "is gone" in n for n in report.notes)
+    # an experiment run with save_model: false
+    (tmp_path / "exp" / "evaluation").mkdir(parents=True)
+    assert main(["export-gguf", str(tmp_path / "exp"), str(tmp_path / "c.gguf")]) == 2
+    assert "has no saved model (it ran with save_model: false)" in capsys.readouterr().err

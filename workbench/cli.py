@@ -67,7 +67,18 @@ def _export_gguf(args) -> int:
     source = Path(args.source)
     if (source / "model" / "config.json").is_file():  # an experiment folder: its pruned model
         source = source / "model"
-    report = export_gguf(source, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    elif (source / RUN_FILE).is_file() or (source / "evaluation").is_dir():  # an experiment without a model
+        raise ConfigError(f"experiment {source} has no saved model (it ran with save_model: false); run it again "
+                          "with save_model: true, then export its model/")
+    tok: dict = {}
+    if args.tokenizer:
+        if args.tokenizer.endswith(".gguf"):
+            tok["tokenizer_gguf"] = args.tokenizer
+        else:
+            from transformers import AutoTokenizer  # deferred: transformers loads in seconds
+
+            tok["tokenizer"] = AutoTokenizer.from_pretrained(args.tokenizer)
+    report = export_gguf(source, args.out, dtype=args.dtype, overwrite=args.overwrite, **tok)
     print(f"{report.path}: {report.arch}, {report.n_layers} layers, {report.dtype}, "
           f"{report.size_bytes / 2**20:.1f} MiB; tokenizer {report.tokenizer_source}")
     for note in report.notes:
@@ -120,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("out", help="the .gguf file to write (its folder must exist)")
     g.add_argument("--dtype", default="f16", choices=GGUF_DTYPES)
     g.add_argument("--overwrite", action="store_true")
+    g.add_argument("--tokenizer", help="a HF tokenizer folder / hub id, or a .gguf file whose tokenizer is carried "
+                                       "(default: the model's own)")
     g.set_defaults(fn=_export_gguf)
     k = sub.add_parser("calibrate", help="the importance pass of a run file, cached (data-parallel under torchrun)")
     k.add_argument("config")

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workbench.checkpoints import PLAN_FILE, load_model, load_plan
+from workbench.checkpoints import PLAN_FILE, is_pruned_checkpoint, load_model, load_plan, load_pruned
 from workbench.models import (
     BLOCKS,
     decoder_layers,
@@ -412,8 +412,15 @@ def export_gguf(
         raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
     if not isinstance(model, nn.Module):
         source = Path(model)
-        model, loaded_tok = load_model(source)
-        tokenizer = tokenizer or loaded_tok
+        if is_pruned_checkpoint(source):  # its own tokenizer when it was saved with one
+            model = load_pruned(source)
+            if tokenizer is None and any((source / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+                from transformers import AutoTokenizer  # deferred: transformers loads in seconds
+
+                tokenizer = AutoTokenizer.from_pretrained(source)
+        else:
+            model, loaded_tok = load_model(source)
+            tokenizer = tokenizer or loaded_tok
         if plan is None and (source / PLAN_FILE).is_file():
             plan = load_plan(source)
     spec, geo, config = get_spec(model), geometry(model.config), model.config
@@ -422,11 +429,23 @@ def export_gguf(
         raise ExportError(f"pad_ff_to={pad_ff_to!r} is not allowed; allowed: a positive integer"
                           + (f", a multiple of {q_block} for q8_0" if dtype == "q8_0" else ""))
     layout = gguf_layout(model, ff_multiple=pad_ff_to)
-    tokenizer_gguf = tokenizer_gguf or getattr(config, "gguf_source", None)
+    notes: list[str] = []
     if tokenizer_gguf is not None and not Path(tokenizer_gguf).is_file():
         raise FileNotFoundError(f"tokenizer_gguf={tokenizer_gguf} does not exist")
+    source_gguf = getattr(config, "gguf_source", None)
+    if tokenizer_gguf is None and source_gguf is not None:
+        if Path(source_gguf).is_file():
+            tokenizer_gguf = source_gguf
+        elif tokenizer is not None:
+            notes.append(f"the model's source GGUF {source_gguf} is gone: its tokenizer is written from the HF "
+                         "tokenizer saved with the model")
+        else:
+            raise ExportError(f"the model's tokenizer came from {source_gguf}, which no longer exists, and no other "
+                              "tokenizer was given: pass tokenizer= (CLI: --tokenizer) a HF tokenizer folder or the "
+                              "moved GGUF file")
     if tokenizer_gguf is None and tokenizer is None:
-        raise ExportError("no tokenizer: pass tokenizer= (a HF fast tokenizer) or tokenizer_gguf= (a GGUF file)")
+        raise ExportError("no tokenizer: the model was saved without one; pass tokenizer= (a HF fast tokenizer; "
+                          "CLI: --tokenizer FOLDER) or tokenizer_gguf= (a GGUF file; CLI: --tokenizer FILE.gguf)")
     embed = model.get_input_embeddings().weight
     head = model.get_output_embeddings().weight
     n_vocab = embed.shape[0]
@@ -434,7 +453,6 @@ def export_gguf(
 
     clean_staging(target.parent)  # what a killed export left here
     tmp = staging_file(target.parent, target.name)
-    notes: list[str] = []
     try:
         arch = layout.arch
         writer = gguf.GGUFWriter(tmp, arch)
