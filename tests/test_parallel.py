@@ -70,3 +70,29 @@ def test_calibrate_command_under_torchrun_caches_what_one_process_computes(tmp_p
     for block, per_layer in one.acc.first.items():
         for a, b in zip(shared.acc.first[block], per_layer):
             assert _close(a, b)
+
+
+def _model_with_a_cache_per_node(root: str):
+    """Each process gets its own data cache, as ranks on different machines do."""
+    import os
+    from pathlib import Path
+
+    import torch.distributed as dist
+    os.environ["WORKBENCH_DATA_CACHE"] = str(Path(root) / f"node{dist.get_rank()}")
+    return tiny_model("llama", n_layers=3, seed=5)
+
+
+def test_ranks_agree_on_a_cache_hit_before_the_pass(tmp_path):
+    """Rank 0's node holds the entry, rank 1's does not: both compute (rank 0 alone returning early would leave
+    rank 1 waiting in the all-reduce forever, or dying)."""
+    from workbench.importance import importance_cached
+    samples = torch.randint(0, 256, (8, 16), generator=torch.Generator().manual_seed(2))
+    one = importance_cached(tiny_model("llama", n_layers=3, seed=5), samples, batch_size=4, progress=False,
+                            cache=tmp_path / "node0")
+    two = importance_data_parallel(functools.partial(_model_with_a_cache_per_node, str(tmp_path)), samples, 2,
+                                   batch_size=4)
+    assert two.acc.batches == one.acc.batches
+    for block, per_layer in one.scores("taylor").items():
+        for a, b in zip(two.scores("taylor")[block], per_layer):
+            assert _close(a, b)
+    assert not (tmp_path / "node1" / "importance").exists()  # only rank 0 writes

@@ -87,19 +87,39 @@ def cached(kind: str, key: str, compute: Callable[[], T], *, cache: bool | str |
     """
     if cache is False:
         return compute()
+    value = lookup(kind, key, cache=cache, decode=decode, version=version)
+    if value is None:
+        value = store(kind, key, compute(), cache=cache, encode=encode, version=version, write=write)
+    return value
+
+
+def lookup(kind: str, key: str, *, cache: bool | str | os.PathLike = True, decode: Callable[[Any], T] = lambda x: x,
+           version: int = 1) -> T | None:
+    """The stored result of (kind, key), from memory or disk; None when there is none (a damaged or foreign file
+    is named in a warning and counts as none)."""
+    if cache is False:
+        return None
     if (kind, key) in _MEMORY:
         return _MEMORY[(kind, key)]
     path = cache_path(kind, key, cache)
-    value = None
-    if path.exists():
-        try:
-            value = decode(read_entry(path, kind, version, key=key))
-        except Exception as e:  # a damaged or foreign file is recomputed, whatever the reader raised
-            warnings.warn(f"cache file {path} cannot be used ({type(e).__name__}: {e}); recomputing it", stacklevel=2)
-    if value is None:
-        value = compute()
-        if write:
-            write_entry(path, kind, key, version, encode(value))
+    if not path.exists():
+        return None
+    try:
+        value = decode(read_entry(path, kind, version, key=key))
+    except Exception as e:  # a damaged or foreign file is recomputed, whatever the reader raised
+        warnings.warn(f"cache file {path} cannot be used ({type(e).__name__}: {e}); recomputing it", stacklevel=3)
+        return None
+    _MEMORY[(kind, key)] = value
+    return value
+
+
+def store(kind: str, key: str, value: T, *, cache: bool | str | os.PathLike = True,
+          encode: Callable[[T], Any] = lambda x: x, version: int = 1, write: bool = True) -> T:
+    """Keep `value` as the result of (kind, key): in memory, and on disk unless `write=False`. Returns it."""
+    if cache is False:
+        return value
+    if write:
+        write_entry(cache_path(kind, key, cache), kind, key, version, encode(value))
     _MEMORY[(kind, key)] = value
     return value
 

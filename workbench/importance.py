@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from workbench.cache import cached, make_key, read_entry, write_entry
+from workbench.cache import cached, lookup, make_key, read_entry, store, write_entry
 from workbench.data import ACCUMULATIONS, FISHER_MODES
 from workbench.methods import IMPORTANCE_METHODS, Accumulators, Importance, ImportanceMethod  # noqa: F401 (re-exported)
 from workbench.models import BLOCKS, check_token_ids, checkpointed_layers, eval_mode, geometry, layer_widths
@@ -352,6 +352,16 @@ def compute_importance(
     )
 
 
+def _on_every_rank(flag: bool) -> bool:
+    """Whether `flag` holds in every process of the group (one all-reduce; NCCL reduces on the GPU)."""
+    import torch.distributed as dist  # deferred: only data-parallel calibration needs it
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
 def _rank_and_world(data_parallel: bool) -> tuple[int, int]:
     if not data_parallel:
         return 0, 1
@@ -470,5 +480,11 @@ def importance_cached(
         imp.key = key
         return imp
 
-    return cached(CACHE_KIND, key, compute, cache=cache, encode=_encode, decode=_decode, version=CACHE_FORMAT,
-                  write=rank == 0)
+    if not data_parallel:
+        return cached(CACHE_KIND, key, compute, cache=cache, encode=_encode, decode=_decode, version=CACHE_FORMAT)
+    # every rank must take the same road: with per-node caches one rank may hold the entry and another not, and
+    # a rank that returned early would leave the others waiting in the pass's all-reduce
+    found = lookup(CACHE_KIND, key, cache=cache, decode=_decode, version=CACHE_FORMAT)
+    if _on_every_rank(found is not None):
+        return found
+    return store(CACHE_KIND, key, compute(), cache=cache, encode=_encode, version=CACHE_FORMAT, write=rank == 0)
