@@ -516,3 +516,31 @@ def test_staged_checkpoints_are_readable_by_the_group(tmp_path):
     finally:
         os.umask(old)
     assert ck.stat().st_mode & 0o777 == 0o775
+
+
+@pytest.mark.parametrize("edit, match", [
+    ({"num_key_value_heads": 5, "num_attention_heads": 20}, r"is not a width of this model: KV heads in 0\.\.\d"),
+    ({"num_key_value_heads": 1, "num_attention_heads": 1}, r"query heads = \d × KV heads"),
+    ({"intermediate_size": 10}, r"the weights do not have the per-layer widths config.json records"),
+    ({"intermediate_size": "wide"}, r"needs integer"),
+])
+def test_edited_per_layer_widths_are_named(tmp_path, edit, match):
+    _, ck = _pruned_checkpoint(tmp_path)
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg["pruned_layers"][1].update(edit)
+    (ck / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="config.json does not match its checksum"):
+        load_pruned(ck)
+    (ck / "checksums.json").unlink()
+    with pytest.raises(CheckpointError, match=match):
+        load_pruned(ck, verify=False)
+
+
+def test_reconstruction_on_nan_activations_does_not_blame_the_damping():
+    from workbench.reconstruct import ReconstructConfig, solve_reconstruction
+    model = tiny_model("llama", n_layers=2)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight[0, 0] = float("nan")
+    plan = Plan.from_units(layer_widths(model), {"mlp": {1: [0, 1, 2]}})
+    with pytest.raises(FloatingPointError, match=r"layer 1 mlp: .*hold inf/NaN.*No damping fixes that"):
+        solve_reconstruction(model, plan, torch.randint(0, 256, (2, 16)), ReconstructConfig(), progress=False)

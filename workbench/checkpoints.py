@@ -457,6 +457,7 @@ def load_pruned(directory: str | os.PathLike, *, dtype: str | torch.dtype = torc
     if len(layers_cfg) != config.num_hidden_layers:
         raise CheckpointError(f"{directory}: {len(layers_cfg)} entries in {LAYERS_KEY} but num_hidden_layers="
                               f"{config.num_hidden_layers}")
+    _check_layer_entries(directory, config, layers_cfg)
     state = _read_weights(directory, files)
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -469,7 +470,12 @@ def load_pruned(directory: str | os.PathLike, *, dtype: str | torch.dtype = torc
                 add_output_bias(layer, spec, block, geo.hidden)
     # parameters in the asked dtype; buffers are left as transformers built them (rotary inv_freq in float32)
     state = {k: t.to(dtype) if t.is_floating_point() else t for k, t in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:  # shapes that disagree with the recorded widths
+        raise CheckpointError(f"{directory}: the weights do not have the per-layer widths config.json records "
+                              f"({LAYERS_KEY} edited, or weights from another model): {str(e).splitlines()[-1].strip()}"
+                              ) from None
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     lost_bias = sorted(k for k in set(missing) - tied if k.endswith(".bias"))
     if lost_bias:
@@ -485,6 +491,22 @@ def load_pruned(directory: str | os.PathLike, *, dtype: str | torch.dtype = torc
     model = place(model, device).eval()
     verify_decoding(model)  # per-layer shapes decode through transformers internals: checked once, here
     return model
+
+
+def _check_layer_entries(directory: Path, config, layers_cfg) -> None:
+    """Each `pruned_layers` entry must be a width this family can have: whole GQA groups within the dense
+    counts, an MLP width within the dense one."""
+    geo = geometry(config)
+    for i, lc in enumerate(layers_cfg):
+        try:
+            kv, heads, ff = (int(lc[k]) for k in ("num_key_value_heads", "num_attention_heads", "intermediate_size"))
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{directory}: {LAYERS_KEY}[{i}]={lc!r} needs integer num_key_value_heads, "
+                                  "num_attention_heads and intermediate_size") from None
+        if not (0 <= kv <= geo.n_kv_heads and heads == kv * geo.gqa_ratio and 0 <= ff <= geo.intermediate):
+            raise CheckpointError(
+                f"{directory}: {LAYERS_KEY}[{i}]={lc!r} is not a width of this model: KV heads in 0..{geo.n_kv_heads}, "
+                f"query heads = {geo.gqa_ratio} × KV heads, MLP width in 0..{geo.intermediate}")
 
 
 def _restore_buffer_dtypes(model: nn.Module, dtypes: dict[str, str]) -> None:

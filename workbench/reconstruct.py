@@ -133,6 +133,11 @@ class NormalEquations:
         n = self.gram.shape[0] - 1
         if self.tokens == 0:
             raise ValueError("no tokens were accumulated for this block")
+        if not bool(torch.isfinite(self.gram).all()):
+            raise FloatingPointError(
+                "the calibration activations entering this block's output projection hold inf/NaN: the model "
+                "overflows on these samples (e.g. in float16) or its weights hold NaN. No damping fixes that: "
+                "check the model, or reconstruct in float32 / bfloat16")
         w_aug = torch.cat([weight.double().T, (bias.double() if bias is not None else
                            weight.new_zeros(weight.shape[0], dtype=torch.float64))[None]], dim=0)
         kept = kept.to(self.gram.device)
@@ -196,7 +201,10 @@ def _wanted(plan: Plan, cfg: ReconstructConfig, layer: int) -> list[str]:
 def _solve(ne: NormalEquations, dense_layer: nn.Module, spec, plan: Plan, layer: int, block: str,
            cfg: ReconstructConfig) -> dict:
     proj = layer_parts(dense_layer, spec).out_proj(block)
-    return ne.solve(proj.weight, proj.bias, _kept_columns(plan, layer, block, proj.in_features), cfg)
+    try:
+        return ne.solve(proj.weight, proj.bias, _kept_columns(plan, layer, block, proj.in_features), cfg)
+    except FloatingPointError as e:
+        raise FloatingPointError(f"layer {layer} {block}: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------
