@@ -412,3 +412,23 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_sweep_runs_keep_their_figures_and_failed_runs_publish_none(tmp_path):
+    from workbench.experiments import Experiment
+    from workbench.paths import figures_root
+    from workbench import plots
+    import matplotlib.pyplot as plt
+    _, sweep_file = _files(tmp_path, grid="  calibration.num_samples: [2, 4]\n")
+    run_sweep(sweep_file, tmp_path / "s", log=lambda *_: None)
+    runs = [p for p in (tmp_path / "s" / "runs").iterdir() if not p.name.startswith(".")]
+    assert all(list((p / "figures").glob("*.png")) for p in runs)  # each run keeps its figures
+    assert not figures_root().exists() or not list(figures_root().iterdir())  # the project's figures/ untouched
+    with pytest.raises(RuntimeError, match="boom"):
+        with Experiment.staged("fails") as exp:
+            plots.export(plt.figure(), "half", exp, show=False)
+            raise RuntimeError("boom")
+    assert not figures_root().exists() or not list(figures_root().iterdir())
+    with Experiment.staged("works") as exp:
+        plots.export(plt.figure(), "whole", exp, show=False)
+    assert sorted(p.name for p in figures_root().iterdir()) == ["works_whole.pdf", "works_whole.png"]

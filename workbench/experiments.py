@@ -28,7 +28,8 @@ from pathlib import Path
 import pandas as pd
 
 from workbench.paths import (  # noqa: F401 (re-exported)
-    clean_staging, confined, experiments_root, replace_dir, staging_dir, torch_save_atomic, write_atomic,
+    clean_staging, confined, experiments_root, figures_root, replace_dir, staging_dir, torch_save_atomic,
+    write_atomic,
 )
 
 SUBDIRS = ("analysis", "evaluation", "figures", "model", "checkpoints")
@@ -60,6 +61,9 @@ class Experiment:
     def __init__(self, root: str | os.PathLike, name: str | None = None):
         self.root = Path(root)
         self.name = name or self.root.name  # a staged run is written elsewhere under its final name
+        # whether `plots.export` also copies figures into the project's figures/ now; a staged run copies them
+        # only once it is complete (a failed run leaves none there), a sweep's run never
+        self.project_figures = True
 
     @staticmethod
     def check_new(name: str, *, base: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
@@ -72,18 +76,21 @@ class Experiment:
     @classmethod
     @contextlib.contextmanager
     def staged(cls, name: str | None = None, *, base: str | os.PathLike | None = None,
-               overwrite: bool = False) -> Iterator[Experiment]:
+               overwrite: bool = False, project_figures: bool = True) -> Iterator[Experiment]:
         """A new run written into a hidden staging folder, moved into place only when the block succeeds.
 
-        A failing run leaves nothing behind (its staging folder is removed); an existing experiment of
-        the same name is refused up front unless `overwrite=True`, and then replaced only at the end.
-        So one directory never mixes two runs, and no run is left half-written under its name.
+        A failing run leaves nothing behind (its staging folder is removed, and no figure of it reaches the
+        project's figures/); an existing experiment of the same name is refused up front unless
+        `overwrite=True`, and then replaced only at the end. So one directory never mixes two runs, and no
+        run is left half-written under its name. Its figures are copied into the project's figures/ when it
+        is complete, unless `project_figures=False` (a sweep's runs keep theirs inside).
         """
         name = time.strftime("run-%Y%m%d-%H%M%S") if name is None else name
         final = cls.check_new(name, base=base, overwrite=overwrite)
         clean_staging(final.parent)  # what a killed run left here
         staging = staging_dir(final.parent, name)
         exp = cls(staging, name=name)
+        exp.project_figures = False  # deferred to the end: a failed run publishes nothing
         for sub in SUBDIRS:
             (staging / sub).mkdir()
         try:
@@ -96,6 +103,9 @@ class Experiment:
             raise FileExistsError(f"experiment {final} appeared while this run was going; its results were discarded")
         replace_dir(staging, final)
         exp.root = final
+        exp.project_figures = project_figures
+        if project_figures:
+            publish_figures(exp)
 
     @classmethod
     def create(cls, name: str | None = None, config: dict | None = None, *, base: str | os.PathLike | None = None,
@@ -150,6 +160,17 @@ class Experiment:
 
     def read_table(self, relpath: str) -> pd.DataFrame:
         return pd.read_csv(self.path(relpath))
+
+
+def publish_figures(exp: Experiment) -> list[Path]:
+    """Copy an experiment's figures into the project's figures/ as `<experiment>_<figure>` (atomically each)."""
+    out = []
+    if exp.figures.is_dir():
+        figures_root().mkdir(parents=True, exist_ok=True)
+        for f in sorted(exp.figures.iterdir()):
+            if f.is_file() and not f.name.startswith("."):
+                out.append(write_atomic(figures_root() / f"{exp.name}_{f.name}", f.read_bytes()))
+    return out
 
 
 def _root_of(name: str, base: str | os.PathLike | None) -> Path:

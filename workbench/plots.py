@@ -649,7 +649,8 @@ def export(fig, name: str, target: Experiment | str | os.PathLike | None = None,
     """Write a paper figure (matplotlib) as `<name>.<fmt>`, by one rule, and close it; returns the paths.
 
     `target` an experiment: into its `figures/` as `<name>.<fmt>` and into the project's `figures/` as
-    `<experiment name>_<name>.<fmt>` (so runs never overwrite each other). A folder: there only.
+    `<experiment name>_<name>.<fmt>` (so runs never overwrite each other); a staged run's project copies are
+    made when it completes, a sweep run's never (`Experiment.project_figures`). A folder: there only.
     None: the project's `figures/` only. `show`: in a notebook, the exported PNG is shown below the cell
     (what the paper gets, and it stays in a saved notebook).
     """
@@ -663,7 +664,9 @@ def export(fig, name: str, target: Experiment | str | os.PathLike | None = None,
     if not name or Path(name).name != name or any(ord(c) < 32 for c in name):
         raise ValueError(f"figure name {name!r} must be a plain file name (no folders, no control characters)")
     if isinstance(target, Experiment):
-        targets = [(target.figures, name), (figures_root(), f"{target.name}_{name}")]
+        targets = [(target.figures, name)]
+        if target.project_figures:
+            targets.append((figures_root(), f"{target.name}_{name}"))
     else:
         targets = [(Path(target) if target is not None else figures_root(), name)]
     paths = []

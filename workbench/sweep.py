@@ -284,7 +284,7 @@ def run_one(cfg: RunConfig, runs_dir: str | os.PathLike, *, pool: ModelPool | No
     base = dict(key=key, started=time.strftime("%Y-%m-%dT%H:%M:%S"), host=platform.node(), pid=os.getpid(),
                 versions=_versions())
     try:
-        with Experiment.staged(key, base=runs_dir, overwrite=final.exists()) as exp:
+        with Experiment.staged(key, base=runs_dir, overwrite=final.exists(), project_figures=False) as exp:
             save_config(cfg, exp.root / RUN_FILE)
             model, tok = pool.get(cfg)
             record = run_pruning(model, tok, cfg, exp, log=log, progress=progress)
