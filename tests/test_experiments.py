@@ -60,3 +60,18 @@ def test_pipeline_on_tiny_model(tmp_path, tokenizer):
     diag = exp.read_json("analysis/gradient_diagnosis.json")
     assert diag["method"] == "taylor" and len(diag["per_block"]) == 6 and diag["recommendation"]["rule"]
     assert diag["plan_settings"]["ratio"] == 0.2
+
+
+def test_a_symlink_that_leads_out_is_named_as_a_symlink(tmp_path):
+    from workbench.paths import confined
+    (tmp_path / "root").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "root" / "exp").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    with pytest.raises(ValueError, match=r"'exp' under .* is \(or lies under\) a symbolic link to .*elsewhere"):
+        confined(tmp_path / "root", "exp")
+    with pytest.raises(ValueError, match=r"leaves its folder"):
+        confined(tmp_path / "root", "../elsewhere")
+    (tmp_path / "root" / "inside").symlink_to(tmp_path / "root" / "exp", target_is_directory=True)
+    (tmp_path / "root" / "real").mkdir()
+    (tmp_path / "root" / "alias").symlink_to(tmp_path / "root" / "real", target_is_directory=True)
+    assert confined(tmp_path / "root", "alias") == tmp_path / "root" / "alias"  # links inside the root are followed

@@ -43,6 +43,10 @@ def confined(root: str | os.PathLike, relpath: str | os.PathLike) -> Path:
     base = Path(root).resolve()
     target = (base / rel).resolve()
     if target != base and base not in target.parents:
+        plain = Path(os.path.normpath(base / rel))
+        if plain == base or base in plain.parents:  # inside by name: a symbolic link leads out
+            raise ValueError(f"path {rel!r} under {base} is (or lies under) a symbolic link to {target}, outside "
+                             "that folder; links that leave it are not followed (copy or move the files there)")
         raise ValueError(f"path {rel!r} leaves its folder {base}")
     return Path(root) / rel
 
