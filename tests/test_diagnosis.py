@@ -447,3 +447,17 @@ def test_pinning_renames_the_reference_and_figures_are_named_by_the_settings():
     assert figure_name(PRESETS["blockwise"], SelectionConfig(ratio=0.2, ratio_of="prunable")) == \
         "panel_plan_taylor_minmax-block_0.2_prunable"
     assert box.figure.layout.xaxis.dtick == 1 and box.figure.layout.width is None
+
+
+def test_the_widget_state_a_reloaded_page_renders_is_what_is_shown():
+    """A reloaded browser tab draws the figure from its synced state: it must hold the plan on display and the
+    pinned reference, not the empty figure the panel started with."""
+    box, state, _, _ = _panel()
+    box.controls["ratio"].value = 0.3
+    fig = box.figure
+    kept = layer_summary(state["plan"])
+    assert list(fig._widget_data[1]["y"]) == list(kept[kept.block == "mlp"].kept_fraction)
+    assert fig._widget_layout["title"]["text"] == state["title"]
+    box.buttons["pin"].click()
+    assert fig._widget_data[3]["name"] == f"mlp (pinned: {state['title']})"
+    assert list(fig._widget_data[3]["y"]) == list(kept[kept.block == "mlp"].kept_fraction)

@@ -154,6 +154,7 @@ def panel(rescorer: Rescorer, initial: ScoringConfig = PRESETS["taylor"], ratio:
             for trace, block in zip(fig.data[2:], ("attn", "mlp")):
                 trace.y = (summary[summary.block == block].kept_fraction.to_numpy() if summary is not None
                            else [None] * len(rescorer.budget.widths))
+        _keep_state(fig)
 
     def redraw(_=None):
         if state["applying_preset"]:
@@ -169,6 +170,7 @@ def panel(rescorer: Rescorer, initial: ScoringConfig = PRESETS["taylor"], ratio:
                 for trace in fig.data[:2]:
                     trace.y = [None] * len(rescorer.budget.widths)
                 fig.layout.title.text = "refused: see below"
+            _keep_state(fig)
             table.value, result.value = "", ""
             buttons["evaluate"].disabled = buttons["save"].disabled = buttons["pin"].disabled = True
             status.value = f"<b style='color:#d62728'>refused: {e}</b>"
@@ -187,6 +189,7 @@ def panel(rescorer: Rescorer, initial: ScoringConfig = PRESETS["taylor"], ratio:
             for trace, block in zip(fig.data, ("attn", "mlp")):
                 trace.y = summary[summary.block == block].kept_fraction.to_numpy()
             fig.layout.title.text = state["title"]
+        _keep_state(fig)
         table.value = per_layer_table(plan).to_html(border=0, max_rows=None)
         result.value = ""
         achieved = plan.selected_params / plan.denominator
@@ -279,6 +282,17 @@ def per_layer_table(plan: Plan):
            "attn pruned": [f"{1 - k / u:.0%}" if u else "–" for k, u in zip(wide["kept"]["attn"], wide["units"]["attn"])],
            "MLP pruned": [f"{1 - k / u:.0%}" if u else "–" for k, u in zip(wide["kept"]["mlp"], wide["units"]["mlp"])]}
     return pd.DataFrame(out, index=wide.index)
+
+
+def _keep_state(fig) -> None:
+    """Make the figure widget's synced state what it shows now. plotly's FigureWidget syncs its traces and
+    layout as of construction and sends later changes as one-off messages, so a reloaded browser tab (which
+    renders from the synced state) showed the empty chart it started with; this writes the current figure
+    back into that state (tested in tests/test_diagnosis.py)."""
+    from copy import deepcopy
+
+    fig._widget_layout = deepcopy(fig._layout_obj._props)
+    fig._widget_data = deepcopy(fig._data)
 
 
 def _values(c: dict) -> dict:
