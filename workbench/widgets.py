@@ -6,6 +6,7 @@ test or a script passes to `Rescorer.plan`.
 from __future__ import annotations
 
 import warnings
+from copy import deepcopy
 from typing import Callable
 
 import pandas as pd
@@ -289,8 +290,6 @@ def _keep_state(fig) -> None:
     layout as of construction and sends later changes as one-off messages, so a reloaded browser tab (which
     renders from the synced state) showed the empty chart it started with; this writes the current figure
     back into that state (tested in tests/test_diagnosis.py)."""
-    from copy import deepcopy
-
     fig._widget_layout = deepcopy(fig._layout_obj._props)
     fig._widget_data = deepcopy(fig._data)
 
