@@ -66,6 +66,24 @@ MEASURE = """() => {
 }"""
 
 
+RUN_STATE = """() => {
+  const nb = window.jupyterapp.shell.currentWidget;
+  if (!nb || !nb.content || !nb.content.model) return false;
+  const cells = nb.content.model.cells;
+  let pending = 0;
+  for (let i = 0; i < cells.length; i++) {
+    const c = cells.get(i);
+    if (c.type !== 'code') continue;
+    const outs = c.outputs.toJSON();
+    const err = outs.find(o => o.output_type === 'error');
+    if (err) return `cell ${i}: ${err.ename}: ${err.evalue}`;
+    if (c.executionCount === null) pending++;
+  }
+  const k = nb.sessionContext.session && nb.sessionContext.session.kernel;
+  return pending === 0 && k && k.status === 'idle' ? 'done' : false;
+}"""
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="panel-check", help="folder for screenshots and the JSON report")
@@ -79,14 +97,18 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="panel-check-"))
     env = dict(os.environ, WORKBENCH_EXPERIMENTS=str(work / "experiments"), WORKBENCH_FIGURES=str(work / "figures"),
-               WORKBENCH_DATA_CACHE=str(work / "data_cache"))
+               WORKBENCH_DATA_CACHE=str(work / "data_cache"), JUPYTERLAB_SETTINGS_DIR=str(work / "settings"))
+    # every cell rendered (JupyterLab 4 renders only the visible ones by default), so the panel can be measured
+    tracker = work / "settings" / "@jupyterlab" / "notebook-extension" / "tracker.jupyterlab-settings"
+    tracker.parent.mkdir(parents=True)
+    tracker.write_text(json.dumps({"windowingMode": "none"}))
     nb = work / "04_smoke.ipynb"
     subprocess.run([args.python, "-m", "papermill", "--prepare-only", str(NOTEBOOK), str(nb),
                     *sum((["-p", k, json.dumps(v) if not isinstance(v, bool) else str(v)] for k, v in SMOKE.items()), [])],
                    check=True, env=env, capture_output=True)
     port = _free_port()
     lab = subprocess.Popen([args.python, "-m", "jupyterlab", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
-                            "--ServerApp.token=", "--ServerApp.password=", "--expose-app-in-browser",
+                            "--ServerApp.token=", "--ServerApp.password=", "--expose-app-in-browser", "--allow-root",
                             f"--ServerApp.root_dir={work}", "--ServerApp.disable_check_xsrf=True"],
                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     report: dict = {}
@@ -103,9 +125,11 @@ def main() -> int:
             page.wait_for_selector(".jp-Notebook", timeout=120_000)
             time.sleep(3)
             page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
-            # Run All is done when the last cell has an execution count and the kernel is idle
-            page.wait_for_function("""() => { const c = [...document.querySelectorAll('.jp-InputPrompt')];
-                return c.length && c.every(p => /\\[\\d+\\]/.test(p.textContent)); }""", timeout=args.timeout * 1000)
+            # Run All is done when every code cell has an execution count and the kernel is idle (or a cell failed)
+            state = page.wait_for_function(RUN_STATE, timeout=args.timeout * 1000).json_value()
+            report["run_all"] = state
+            if state != "done":
+                raise RuntimeError(f"Run All stopped: {state}")
             page.locator("button:has-text('Evaluate PPL')").first.scroll_into_view_if_needed()
             time.sleep(2)
             for width in WIDTHS:  # the file browser stays open on the left, as a user has it

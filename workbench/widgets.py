@@ -27,18 +27,25 @@ def settings_from_values(v: dict) -> tuple[ScoringConfig, SelectionConfig]:
     return scoring, SelectionConfig(ratio=v["ratio"], ratio_of=v["ratio_of"])
 
 
-def settings_title(scoring: ScoringConfig, selection: SelectionConfig) -> str:
-    """One line naming the settings on display (the panel's figure title, and the static figure's)."""
+def _setting_parts(scoring: ScoringConfig, file_name: bool = False) -> list[str]:
+    """The non-default scoring settings, each as a short word (for a title, or a file name)."""
+    sep, dash = ("-", "-") if file_name else ("/", "–")
     parts = [scoring.method]
     if scoring.normalization != "none":
-        parts.append(f"{scoring.normalization}/{scoring.level}")
+        parts.append(f"{scoring.normalization}{sep}{scoring.level}")
     if (scoring.clip_low, scoring.clip_high) != (0.0, 100.0):
-        parts.append(f"clip {scoring.clip_low:g}–{scoring.clip_high:g}")
+        parts.append(f"clip{'' if file_name else ' '}{scoring.clip_low:g}{dash}{scoring.clip_high:g}")
     if scoring.temperature:
-        parts.append(f"T={scoring.temperature:g}")
+        parts.append(f"T{'' if file_name else '='}{scoring.temperature:g}")
     if scoring.tau is not None:
-        parts.append(f"tau={scoring.tau:g} ({scoring.tau_over_budget})")
-    return f"{', '.join(parts)}; {selection.ratio:.0%} of {selection.ratio_of}"
+        parts.append(f"tau{scoring.tau:g}-{scoring.tau_over_budget}" if file_name
+                     else f"tau={scoring.tau:g} ({scoring.tau_over_budget})")
+    return parts
+
+
+def settings_title(scoring: ScoringConfig, selection: SelectionConfig) -> str:
+    """One line naming the settings on display (the panel's figure title, and the static figure's)."""
+    return f"{', '.join(_setting_parts(scoring))}; {selection.ratio:.0%} of {selection.ratio_of}"
 
 
 def matching_preset(scoring: ScoringConfig) -> str:
@@ -61,16 +68,8 @@ def figure_name(scoring: ScoringConfig, selection: SelectionConfig) -> str:
     >>> figure_name(PRESETS["blockwise"], SelectionConfig(ratio=0.35))
     'panel_plan_taylor_minmax-block_0.35_total'
     """
-    parts = [scoring.method]
-    if scoring.normalization != "none":
-        parts.append(f"{scoring.normalization}-{scoring.level}")
-    if (scoring.clip_low, scoring.clip_high) != (0.0, 100.0):
-        parts.append(f"clip{scoring.clip_low:g}-{scoring.clip_high:g}")
-    if scoring.temperature:
-        parts.append(f"T{scoring.temperature:g}")
-    if scoring.tau is not None:
-        parts.append(f"tau{scoring.tau:g}-{scoring.tau_over_budget}")
-    return "_".join(["panel_plan", *parts, f"{selection.ratio:g}", selection.ratio_of])
+    return "_".join(["panel_plan", *_setting_parts(scoring, file_name=True), f"{selection.ratio:g}",
+                     selection.ratio_of])
 
 
 def _check_initial(initial: ScoringConfig, ratio: float) -> None:
