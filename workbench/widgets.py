@@ -110,14 +110,16 @@ def panel(rescorer: Rescorer, initial: ScoringConfig = PRESETS["taylor"], ratio:
         normalization=W.Dropdown(options=list(NORMALIZERS), value=initial.normalization, description="normalize"),
         level=W.ToggleButtons(options=list(LEVELS), value=initial.level, description="level"),
         clip=W.FloatRangeSlider(value=(initial.clip_low, initial.clip_high), min=0, max=100, step=0.5,
-                                description="clip pct", readout_format=".1f", **slider),
+                                description="clip pct", readout_format=".3g", **slider),
         temperature=W.FloatSlider(value=initial.temperature, min=0, max=1, step=0.05, description="T",
                                   disabled=not has_loss, **slider),
-        use_tau=W.Checkbox(value=initial.tau is not None, description="tau on", disabled=not has_loss),
+        use_tau=W.Checkbox(value=initial.tau is not None, description="tau on", disabled=not has_loss, indent=False,
+                           layout=W.Layout(width="70px")),
         tau_over_budget=W.ToggleButtons(options=list(TAU_OVER_BUDGET), value=initial.tau_over_budget,
                                         description="tau > budget", disabled=not has_loss),
         tau=W.FloatLogSlider(value=1e-3 if initial.tau is None else initial.tau, base=10, min=-5, max=1,
-                             description="tau", disabled=not has_loss, readout_format=".2g"),
+                             description="tau", disabled=not has_loss, readout_format=".2g",
+                             style={"description_width": "30px"}, layout=W.Layout(width="270px")),
         ratio=W.FloatSlider(value=ratio, min=0.0, max=RATIO_MAX, step=0.01, description="ratio", **slider),
         ratio_of=W.ToggleButtons(options=list(RATIO_OF), value="total", description="of"),
     )
@@ -142,6 +144,8 @@ def panel(rescorer: Rescorer, initial: ScoringConfig = PRESETS["taylor"], ratio:
     empty = layer_summary(Plan.from_units(rescorer.budget.widths, {}))
     fig = go.FigureWidget(plots.kept_fraction_per_layer(empty))
     fig.layout.width, fig.layout.autosize = None, True  # follows its box (the controls keep their width)
+    fig.update_layout(legend=dict(orientation="h", x=0, y=-0.22, yanchor="top"),  # below: never cut at the edge
+                      margin=dict(l=50, r=20, t=50, b=90))
     for block in ("attn", "mlp"):
         fig.add_scatter(x=empty[empty.block == block].layer, y=[None] * len(rescorer.budget.widths), mode="lines",
                         line=dict(dash="dash", color=plots.COLORS[block]), name=f"{block} ({reference_name})")
