@@ -169,6 +169,8 @@ def main() -> int:
             page.screenshot(path=str(out / "panel_after_reload.png"))
             if not after["traces"] or not any(after["traces"]):
                 failures.append("after a reload the chart is empty")
+            if not any("(" in t for t in after["legend"]):  # the reference lines, named "attn (<reference>)"
+                failures.append(f"after a reload the reference lines are gone: legend {after['legend']}")
             page.locator("button:has-text('pin as reference')").first.click()
             time.sleep(2)
             pinned = page.evaluate(MEASURE)
