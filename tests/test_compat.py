@@ -5,7 +5,6 @@ import re
 import subprocess
 import sys
 import tomllib
-import warnings
 from importlib import metadata
 from pathlib import Path
 

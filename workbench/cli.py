@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except (ConfigError, ExportError, FileExistsError, FileNotFoundError, ValueError, DecodingCheckError) as e:
-        # bad input (a file, a value, an impossible request): one line naming it, exit 2; a bug keeps its traceback
+        # bad input raises ValueError (or one of these) by the project's convention: one line naming it, exit 2;
+        # any other exception keeps its traceback
         print(f"workbench {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
 

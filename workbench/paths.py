@@ -139,7 +139,8 @@ def staging_file(parent: str | os.PathLike, name: str, suffix: str = ".tmp") -> 
     return Path(tmp)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process of this host with this pid exists (one we may not signal counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -158,7 +159,7 @@ def clean_staging(parent: str | os.PathLike) -> list[Path]:
         return gone
     for item in parent.iterdir():
         m = _STAGING.match(item.name)
-        if m and m[1] == _host_tag() and int(m[2]) != os.getpid() and not _alive(int(m[2])):
+        if m and m[1] == _host_tag() and int(m[2]) != os.getpid() and not process_alive(int(m[2])):
             if item.is_dir() and not item.is_symlink():
                 shutil.rmtree(item, ignore_errors=True)
             else:

@@ -42,7 +42,7 @@ from workbench.config import (
 )
 from workbench.experiments import Experiment
 from workbench.normalize import PRESETS
-from workbench.paths import clean_staging, write_atomic
+from workbench.paths import clean_staging, process_alive, write_atomic
 from workbench.pipeline import run_pruning
 
 STATUS = "status.json"
@@ -405,15 +405,7 @@ def _worker_alive(trial) -> bool:
     if worker is None:
         started = trial.datetime_start.timestamp() if trial.datetime_start else 0.0
         return time.time() - started < CLAIM_GRACE_S
-    if worker.get("host") != platform.node():
-        return True
-    try:
-        os.kill(int(worker["pid"]), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return worker.get("host") != platform.node() or process_alive(int(worker["pid"]))
 
 
 def work(sweep: SweepConfig, sweep_dir: str | os.PathLike, *, storage: str | None = None, log=print,
