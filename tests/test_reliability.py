@@ -544,3 +544,15 @@ def test_reconstruction_on_nan_activations_does_not_blame_the_damping():
     plan = Plan.from_units(layer_widths(model), {"mlp": {1: [0, 1, 2]}})
     with pytest.raises(FloatingPointError, match=r"layer 1 mlp: .*hold inf/NaN.*No damping fixes that"):
         solve_reconstruction(model, plan, torch.randint(0, 256, (2, 16)), ReconstructConfig(), progress=False)
+
+
+def test_saving_leaves_nothing_of_ours_on_the_model_s_config(tmp_path):
+    """The buffers' dtypes go into the saved config only (the live config feeds the model's cache keys); the one
+    change a save makes is transformers' own `architectures` label."""
+    model = tiny_model("llama", n_layers=3)
+    apply_plan(model, random_plan(layer_widths(model), 0.3, seed=2))
+    before = model.config.to_dict()
+    save_pruned(model, tmp_path / "ck")
+    after = model.config.to_dict()
+    assert {k for k in set(before) | set(after) if before.get(k) != after.get(k)} <= {"architectures"}
+    assert "buffer_dtypes" in json.loads((tmp_path / "ck" / "config.json").read_text())

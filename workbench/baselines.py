@@ -104,7 +104,7 @@ def _flap(r: Rescorer, layer_scores, ratio, ratio_of):
 
 def shortgpt_plan(budget, block_influence, ratio: float, ratio_of: str = "total") -> Plan:
     """Remove the n layers of lowest Block Influence, n the whole-layer count closest to the budget (≥ 1 layer
-    kept); the achieved ratio is in `plan.selected_params / plan.denominator`."""
+    kept); the achieved ratio is `plan.achieved_ratio`."""
     bi = np.asarray(block_influence, dtype=np.float64)
     n_layers = len(budget.widths)
     if len(bi) != n_layers or not np.isfinite(bi).all():

@@ -159,12 +159,18 @@ AUTO_DEVICE = "auto"  # `device="auto"`: the model spread over every visible GPU
 DEVICE_FORMS = ("cpu", "cuda", "cuda:N", "mps", AUTO_DEVICE)
 
 
+def check_device_name(device: str | torch.device) -> re.Match:
+    """Refuse a device name that is none of `DEVICE_FORMS` (run files are checked with this, on any machine)."""
+    m = re.fullmatch(r"(cpu|mps|auto|cuda)(?::(\d+))?", str(device))
+    if m is None or (m[2] is not None and m[1] != "cuda"):
+        raise ValueError(f"device={str(device)!r} is not a device; allowed: {list(DEVICE_FORMS)}")
+    return m
+
+
 def check_device(device: str | torch.device) -> None:
     """Refuse a device this machine does not have, by name, before anything is loaded onto it."""
     name = str(device)
-    m = re.fullmatch(r"(cpu|mps|auto|cuda)(?::(\d+))?", name)
-    if m is None or (m[2] is not None and m[1] != "cuda"):
-        raise ValueError(f"device={name!r} is not a device; allowed: {list(DEVICE_FORMS)}")
+    m = check_device_name(name)
     if m[1] == "cuda":  # "auto" works anywhere: without GPUs, accelerate keeps the model on the CPU
         if not torch.cuda.is_available():
             raise ValueError(f"device={name!r} asks for a CUDA GPU, but torch sees none on this machine "
@@ -339,11 +345,15 @@ def save_pruned(model: nn.Module, directory: str | os.PathLike, *, tokenizer=Non
         raise FileExistsError(f"{target} holds files that are not a pruned checkpoint ({content}); "
                               "choose an empty or new folder, or pass overwrite=True to replace it")
     record_layer_config(model)
-    setattr(model.config, BUFFER_DTYPES_KEY, _buffer_dtypes(model))
     extra = {}
     if plan is not None:
         extra[PLAN_FILE] = json.dumps(dict(plan=plan.to_dict(), report=report.to_dict() if report else None), indent=1)
-    return _save_checked(model, tokenizer, target, extra)
+    # the buffers' dtypes go into the saved config only: the live model's config (and so its cache keys) is unchanged
+    setattr(model.config, BUFFER_DTYPES_KEY, _buffer_dtypes(model))
+    try:
+        return _save_checked(model, tokenizer, target, extra)
+    finally:
+        delattr(model.config, BUFFER_DTYPES_KEY)
 
 
 def _buffer_dtypes(model: nn.Module) -> dict[str, str]:

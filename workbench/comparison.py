@@ -90,7 +90,7 @@ def compare_plans(model: nn.Module, tokenizer, plans: dict[str, tuple[Plan, Reco
         pruned = copy.deepcopy(model)
         prune_and_reconstruct(pruned, plan, samples, compensation, progress=False)
         row = dict(method=label, ppl=ppl(pruned), params=parameter_count(pruned),
-                   achieved_ratio=plan.selected_params / plan.denominator, attn_rate=rates["attn_rate"],
+                   achieved_ratio=plan.achieved_ratio, attn_rate=rates["attn_rate"],
                    mlp_rate=rates["mlp_rate"], removed_layers=len(plan.removed_layers()),
                    emptied_blocks=len(plan.emptied_blocks()), compensation=compensation is not None)
         del pruned

@@ -15,8 +15,6 @@ a wrong type names the expected one, and each dataclass's own checks name the al
 """
 from __future__ import annotations
 
-import re
-
 import dataclasses
 import difflib
 import hashlib
@@ -27,6 +25,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from workbench.checkpoints import check_device_name
 from workbench.paths import write_atomic
 from workbench.pipeline import PruneRunConfig
 
@@ -57,8 +56,7 @@ class ModelConfig:
             raise ValueError(f"dtype={self.dtype!r} is not allowed; allowed: {list(DTYPES)}")
         if not self.name:
             raise ValueError("name is empty; use 'default', a hub id, a directory or a .gguf file")
-        if not re.fullmatch(r"cpu|mps|auto|cuda(:\d+)?", str(self.device)):
-            raise ValueError(f"device={self.device!r} is not a device; allowed: cpu, cuda, cuda:N, mps, auto")
+        check_device_name(self.device)
 
 
 DTYPES = ("float32", "bfloat16", "float16")

@@ -20,7 +20,7 @@ from workbench.config import read_yaml, to_dict
 from workbench.experiments import jsonable
 from workbench.normalize import PRESETS
 from workbench.paths import write_atomic
-from workbench.sweep import RUN_FILE, run_status
+from workbench.sweep import DIRECTIONS, RUN_FILE, run_status
 
 # The pairs the GAQ-Aware-Prune study reports (gradient scale vs accuracy, extreme layers vs accuracy), and PPL.
 CORRELATION_PAIRS = (
@@ -162,8 +162,8 @@ def best(sweep_dir: str | os.PathLike, objective: str | None = None, direction: 
     sweep_dir = Path(sweep_dir)
     file_objective, file_direction = sweep_objective(sweep_dir)
     objective, direction = objective or file_objective, direction or file_direction
-    if direction not in ("minimize", "maximize"):
-        raise ValueError(f"direction={direction!r} is not allowed; allowed: ['minimize', 'maximize']")
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction={direction!r} is not allowed; allowed: {list(DIRECTIONS)}")
     table = consolidate(sweep_dir) if table is None else table
     done = table[table.status == "complete"].copy() if len(table) else table
     if objective not in done.columns:

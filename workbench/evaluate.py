@@ -18,8 +18,8 @@ from workbench.cache import model_fingerprint
 from workbench.efficiency import measure as measure_efficiency
 from workbench.zeroshot import zero_shot as run_zero_shot
 from workbench.data import OFFLINE_SOURCE, evaluation_windows
-from workbench.models import check_token_ids, eval_mode, layer_widths, model_summary
-from workbench.prune import apply_plan
+from workbench.models import check_token_ids, eval_mode, model_summary
+from workbench.prune import apply_plan, check_plan
 
 
 @dataclass(frozen=True)
@@ -93,10 +93,7 @@ def perplexity_after(model: nn.Module, tokenizer, plan, source: str = OFFLINE_SO
 
     Used to compare plans side by side (one copy at a time, so peak memory is twice the model).
     """
-    if [tuple(w) for w in plan.widths] != layer_widths(model):
-        raise ValueError("the model no longer has the widths this plan was made for: it was pruned after the plan "
-                         "was made (e.g. by a later notebook cell). Evaluate on the dense model: load it again, "
-                         "or run the cells in order before pruning")
+    check_plan(model, plan)  # before the copy: a model pruned since the plan was made is refused at once
     pruned = copy.deepcopy(model)
     apply_plan(pruned, plan)
     return perplexity(pruned, tokenizer, source, **kwargs)

@@ -461,8 +461,7 @@ def export_gguf(
         writer.add_description(_plan_summary(plan))
         if plan is not None:
             writer.add_string("prune_workbench.method", _plan_label(plan))
-            writer.add_float32("prune_workbench.removed_share",
-                               plan.selected_params / plan.denominator if plan.denominator else 0.0)
+            writer.add_float32("prune_workbench.removed_share", plan.achieved_ratio)
             writer.add_string("prune_workbench.settings", json.dumps(plan.settings, default=str, sort_keys=True))
         writer.add_file_type(_FILE_TYPE[dtype])
         writer.add_context_length(int(config.max_position_embeddings))

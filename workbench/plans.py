@@ -150,8 +150,8 @@ ACHIEVED_TOLERANCE = 0.005
 def check_achieved(plan: Plan, maker: str, item_params: int, why_short: str = "") -> Plan:
     """The one rule every plan maker applies to what it made: refuse a plan that removes nothing when asked for a
     budget, or falls short of it by more than the tolerance; warn when it overshoots by more. Returns the plan.
-
-    >>> check_achieved(plan, "shortgpt", item_params=layer_params)   # raises / warns as stated above
+    `item_params`: the largest thing the maker removes at once (a unit, or a layer for ShortGPT);
+    `why_short`: the maker's reason when it can fall short, for the message.
     """
     if plan.target_params <= 0 or plan.denominator <= 0:
         return plan

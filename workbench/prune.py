@@ -47,12 +47,16 @@ class PruneReport:
         return dict(asdict(self), ratio_total=self.ratio_total, ratio_prunable=self.ratio_prunable)
 
 
-def _check_plan(model: nn.Module, plan: Plan) -> None:
+def check_plan(model: nn.Module, plan: Plan) -> None:
+    """Refuse a plan made for other layer widths than `model` has (another model, or this one pruned after the
+    plan was made), or one that removes every layer."""
     widths = layer_widths(model)
     if [tuple(w) for w in plan.widths] != widths:
         raise ValueError(
             f"the plan was made for layer widths {plan.widths[:4]}… ({plan.n_layers} layers) but the model has "
-            f"{widths[:4]}… ({len(widths)} layers); make the plan from this model"
+            f"{widths[:4]}… ({len(widths)} layers): make the plan from this model; if the model was pruned after "
+            "the plan was made (e.g. by a later notebook cell), use the unpruned model (load it again, or run the "
+            "cells in order)"
         )
     if len(plan.removed_layers()) == plan.n_layers:
         raise ValueError("the plan removes every layer; keep at least one unit somewhere")
@@ -148,7 +152,7 @@ def apply_plan(model: nn.Module, plan: Plan, check_decoding: bool = True) -> Pru
     removed layers), a few tokens are decoded once with the KV cache and against a full pass; a mismatch
     raises `compat.DecodingCheckError` naming the transformers version (`check_decoding=False` skips it).
     """
-    _check_plan(model, plan)
+    check_plan(model, plan)
     spec, geo = get_spec(model), geometry(model.config)
     costs = unit_costs(model)
     prunable_before = prunable_params(costs, plan.widths)
@@ -184,7 +188,7 @@ def apply_plan(model: nn.Module, plan: Plan, check_decoding: bool = True) -> Pru
 @torch.no_grad()
 def mask_plan(model: nn.Module, plan: Plan) -> None:
     """Zero the plan's units in place (shapes unchanged); an emptied block's output becomes exactly 0."""
-    _check_plan(model, plan)
+    check_plan(model, plan)
     spec, geo = get_spec(model), geometry(model.config)
     for i, layer in enumerate(decoder_layers(model, spec)):
         parts = layer_parts(layer, spec)

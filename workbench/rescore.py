@@ -75,7 +75,7 @@ class Rescorer:
             s = layer_summary(plan)
             row = dict(setting=name, **scoring.to_dict(), n_extreme=self.n_extreme(plan, threshold),
                        emptied_blocks=len(plan.emptied_blocks()), removed_layers=len(plan.removed_layers()),
-                       achieved_ratio=plan.selected_params / plan.denominator)
+                       achieved_ratio=plan.achieved_ratio)
             for block in ("attn", "mlp"):
                 frac = s[s.block == block].pruned_fraction
                 row[f"{block}_max_pruned"] = float(frac.max())

@@ -363,11 +363,11 @@ def _select_per_layer(table: pd.DataFrame, budget: Budget, cfg: SelectionConfig,
         chosen = part.iloc[:n]
         for block, g in chosen.groupby("block", observed=True):
             removed[str(block)][int(layer)] = sorted(g["unit"].tolist())
+        got = int(chosen["cost"].sum())
         target += want
-        selected += int(chosen["cost"].sum())
-        if int(chosen["cost"].sum()) < want:
-            short.append(f"layer {layer}: {cfg.layer_ratios[layer]:.3f} asked, "
-                         f"{int(chosen['cost'].sum()) / layer_params:.3f} possible")
+        selected += got
+        if got < want:
+            short.append(f"layer {layer}: {cfg.layer_ratios[layer]:.3f} asked, {got / layer_params:.3f} possible")
     plan = Plan.from_units(widths, removed, target_params=target, selected_params=selected,
                            denominator=budget.prunable_params,
                            settings=dict(asdict(cfg), score_column=score_column))

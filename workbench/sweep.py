@@ -174,21 +174,24 @@ def load_sweep(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] =
             except ConfigError as e:
                 raise ConfigError(f"search point {point}: {e}") from None
     for cfg in configs:
-        missing = sweep.objective not in objectives(cfg)
-        if missing:
+        if sweep.objective not in objectives(cfg):
             raise ConfigError(f"objective {sweep.objective!r} is not produced by the run {_short(cfg)}; its runs "
                               f"produce {sorted(objectives(cfg))} (acc_mean needs zero_shot, ppl_finetuned finetune)")
     return sweep
 
 
+# objective -> (the run-config section that must be on for a run to record it, where the run's record holds it)
+OBJECTIVES: dict[str, tuple[str | None, tuple[str, str]]] = {
+    "ppl": (None, ("pruned", "ppl")),
+    "ppl_dense": (None, ("dense", "ppl")),
+    "ppl_finetuned": ("finetune", ("finetuned", "ppl")),
+    "acc_mean": ("zero_shot", ("zero_shot", "mean_acc")),
+}
+
+
 def objectives(cfg: RunConfig) -> set[str]:
     """The objective values a run of this config records (`status.json`'s objective_values)."""
-    out = {"ppl", "ppl_dense"}
-    if cfg.finetune is not None:
-        out.add("ppl_finetuned")
-    if cfg.zero_shot is not None:
-        out.add("acc_mean")
-    return out
+    return {name for name, (section, _) in OBJECTIVES.items() if section is None or getattr(cfg, section) is not None}
 
 
 def _short(cfg: RunConfig) -> str:
@@ -307,12 +310,7 @@ def run_one(cfg: RunConfig, runs_dir: str | os.PathLike, *, pool: ModelPool | No
 
 
 def _objective_values(record: dict) -> dict:
-    out = dict(ppl=record["pruned"]["ppl"], ppl_dense=record["dense"]["ppl"])
-    if "finetuned" in record:
-        out["ppl_finetuned"] = record["finetuned"]["ppl"]
-    if "zero_shot" in record:
-        out["acc_mean"] = record["zero_shot"]["mean_acc"]
-    return out
+    return {name: record[part][key] for name, (_, (part, key)) in OBJECTIVES.items() if part in record}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -343,7 +341,7 @@ def _study(sweep: SweepConfig, sweep_dir: Path, storage: str | None, *, must_exi
                    else optuna.samplers.RandomSampler(seed=sweep.search.seed))
     try:
         if must_exist:
-            optuna.load_study(study_name="sweep", storage=_storage(sweep_dir, storage), sampler=sampler)
+            return optuna.load_study(study_name="sweep", storage=_storage(sweep_dir, storage), sampler=sampler)
         return optuna.create_study(study_name="sweep", storage=_storage(sweep_dir, storage), load_if_exists=True,
                                    direction=sweep.direction, sampler=sampler)
     except KeyError:

@@ -196,8 +196,8 @@ def panel(rescorer: Rescorer, initial: ScoringConfig = PRESETS["taylor"], ratio:
         _keep_state(fig)
         table.value = per_layer_table(plan).to_html(border=0, max_rows=None)
         result.value = ""
-        achieved = plan.selected_params / plan.denominator
-        status.value = (f"removed {plan.selected_params:,} of {plan.denominator:,} ({achieved:.2%} of {selection.ratio_of}); "
+        status.value = (f"removed {plan.selected_params:,} of {plan.denominator:,} ({plan.achieved_ratio:.2%} of "
+                        f"{selection.ratio_of}); "
                         f"extreme blocks (> {EXTREME_THRESHOLD:.0%} pruned): <b>{rescorer.n_extreme(plan)}</b>; "
                         f"emptied blocks {len(plan.emptied_blocks())}, removed layers {len(plan.removed_layers())}"
                         + "".join(f"<br><b style='color:#d62728'>warning: {w.message}</b>" for w in caught)
