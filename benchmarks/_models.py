@@ -3,10 +3,9 @@
 the device in the asked dtype (`llama3-8b` in bf16 needs a GPU with ≥ 40 GiB)."""
 import torch
 
-from workbench.testing import byte_tokenizer, tiny_model
-from workbench.checkpoints import load_model
-from workbench.data import CalibrationConfig
-
+from workbench.core.testing import byte_tokenizer, tiny_model
+from workbench.data.text import CalibrationConfig
+from workbench.surgery.checkpoints import load_model
 
 # name -> (layers, hidden, query heads, KV heads, head size, MLP channels, vocabulary, tied embeddings)
 SHAPES = {
@@ -76,7 +75,7 @@ def measured(fn, device):
     process RSS on a CPU)."""
     import time
 
-    from workbench.efficiency import PeakMemory
+    from workbench.evaluation.efficiency import PeakMemory
 
     device = torch.device(device)
     with PeakMemory(device) as mem:

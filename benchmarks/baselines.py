@@ -12,15 +12,15 @@ import argparse
 import pandas as pd
 from _models import add_model_args, bench_model
 
-from workbench.comparison import baseline_plans, compare_plans, study_variants
-from workbench.data import CalibrationConfig, held_out_samples
-from workbench.distribution import best_split, xy_search
-from workbench.layer_importance import LAYER_IMPORTANCE, layer_importance
-from workbench.normalize import ScoringConfig
-from workbench.pipeline import calibrate
-from workbench.reconstruct import ReconstructConfig
-from workbench.rescore import Rescorer
-from workbench.selection import Budget, SelectionConfig
+from workbench.analysis.comparison import baseline_plans, compare_plans, study_variants
+from workbench.analysis.distribution import best_split, xy_search
+from workbench.data.text import CalibrationConfig, held_out_samples
+from workbench.plans.normalize import ScoringConfig
+from workbench.plans.rescore import Rescorer
+from workbench.plans.selection import Budget, SelectionConfig
+from workbench.runs.pipeline import calibrate
+from workbench.scoring.layer_importance import LAYER_IMPORTANCE, layer_importance
+from workbench.surgery.reconstruct import ReconstructConfig
 
 
 def main() -> None:

@@ -6,12 +6,12 @@ import statistics
 import time
 
 import torch
-
 from _models import add_model_args, bench_model
-from workbench.compat import check_cached_decoding
-from workbench.models import layer_widths
-from workbench.plans import Plan
-from workbench.prune import apply_plan
+
+from workbench.core.compat import check_cached_decoding
+from workbench.core.models import layer_widths
+from workbench.plans.plan import Plan
+from workbench.surgery.prune import apply_plan
 
 
 def main() -> None:

@@ -14,11 +14,11 @@ import pandas as pd
 import torch
 from _models import add_model_args, bench_model
 
-from workbench.data import CalibrationConfig, calibration_samples
-from workbench.efficiency import EfficiencyConfig, compare
-from workbench.importance import importance_cached
-from workbench.prune import apply_plan
-from workbench.selection import SelectionConfig, build_table, select, unit_costs
+from workbench.data.text import CalibrationConfig, calibration_samples
+from workbench.evaluation.efficiency import EfficiencyConfig, compare
+from workbench.plans.selection import SelectionConfig, build_table, select, unit_costs
+from workbench.scoring.importance import importance_cached
+from workbench.surgery.prune import apply_plan
 
 
 def main():

@@ -18,14 +18,14 @@ from pathlib import Path
 
 from _models import add_calibration_args, add_model_args, bench_model, calibration
 
-from workbench import llamacpp
-from workbench.checkpoints import default_model_dir
-from workbench.data import evaluation_windows
-from workbench.evaluate import perplexity
-from workbench.gguf_export import GGUF_DTYPES, export_gguf
-from workbench.pipeline import calibrate, select_plan
-from workbench.prune import apply_plan
-from workbench.selection import SelectionConfig
+from workbench.data.text import evaluation_windows
+from workbench.deploy import llamacpp
+from workbench.deploy.gguf import GGUF_DTYPES, export_gguf
+from workbench.evaluation.evaluate import perplexity
+from workbench.plans.selection import SelectionConfig
+from workbench.runs.pipeline import calibrate, select_plan
+from workbench.surgery.checkpoints import default_model_dir
+from workbench.surgery.prune import apply_plan
 
 
 def main() -> None:

@@ -11,8 +11,8 @@ import argparse
 
 from _models import add_calibration_args, add_model_args, bare_pass, bench_model, calibration, measured
 
-from workbench.data import calibration_samples
-from workbench.importance import compute_importance, only_prunable_grads
+from workbench.data.text import calibration_samples
+from workbench.scoring.importance import compute_importance, only_prunable_grads
 
 
 def main():

@@ -16,12 +16,12 @@ import time
 
 from _models import add_calibration_args, add_model_args, bench_model, calibration
 
-from workbench.data import calibration_samples
-from workbench.evaluate import perplexity
-from workbench.pipeline import calibrate, select_plan
-from workbench.prune import apply_plan
-from workbench.reconstruct import MODES, ReconstructConfig, reconstruct
-from workbench.selection import SelectionConfig
+from workbench.data.text import calibration_samples
+from workbench.evaluation.evaluate import perplexity
+from workbench.plans.selection import SelectionConfig
+from workbench.runs.pipeline import calibrate, select_plan
+from workbench.surgery.prune import apply_plan
+from workbench.surgery.reconstruct import MODES, ReconstructConfig, reconstruct
 
 
 def main() -> None:

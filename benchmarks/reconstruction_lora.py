@@ -15,12 +15,12 @@ import tempfile
 
 from _models import add_calibration_args, add_model_args, bench_model, calibration
 
-from workbench.data import calibration_samples
-from workbench.evaluate import perplexity
-from workbench.finetune import FinetuneConfig, finetune
-from workbench.pipeline import calibrate, prune_and_reconstruct, select_plan
-from workbench.reconstruct import ReconstructConfig
-from workbench.selection import SelectionConfig
+from workbench.data.text import calibration_samples
+from workbench.evaluation.evaluate import perplexity
+from workbench.plans.selection import SelectionConfig
+from workbench.recovery.finetune import FinetuneConfig, finetune
+from workbench.runs.pipeline import calibrate, select_plan
+from workbench.surgery.reconstruct import ReconstructConfig, prune_and_reconstruct
 
 
 def main() -> None:

@@ -11,10 +11,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from workbench.methods import Accumulators, Importance
-from workbench.normalize import PRESETS, ScoringConfig
-from workbench.rescore import Rescorer
-from workbench.selection import Budget, SelectionConfig
+from workbench.plans.normalize import PRESETS, ScoringConfig
+from workbench.plans.rescore import Rescorer
+from workbench.plans.selection import Budget, SelectionConfig
+from workbench.scoring.methods import Accumulators, Importance
 
 L, G, C, HIDDEN, HD, R = 32, 8, 14_336, 4096, 128, 4
 

@@ -29,17 +29,17 @@ import torch
 from _models import add_calibration_args, add_model_args, bare_pass, bench_model, calibration, measured
 from rescore_speed import plan_ms, settings
 
-from workbench.cache import model_fingerprint
-from workbench.checkpoints import load_pruned, save_pruned
-from workbench.data import calibration_samples
-from workbench.diagnosis import block_removal_loss
-from workbench.efficiency import EfficiencyConfig, directory_bytes, measure
-from workbench.finetune import FinetuneConfig, finetune, training_data
-from workbench.importance import compute_importance, only_prunable_grads
-from workbench.normalize import ScoringConfig
-from workbench.prune import apply_plan
-from workbench.rescore import Rescorer
-from workbench.selection import Budget, SelectionConfig
+from workbench.core.cache import model_fingerprint
+from workbench.data.text import calibration_samples
+from workbench.evaluation.efficiency import EfficiencyConfig, directory_bytes, measure
+from workbench.plans.normalize import ScoringConfig
+from workbench.plans.rescore import Rescorer
+from workbench.plans.selection import Budget, SelectionConfig
+from workbench.recovery.finetune import FinetuneConfig, finetune, training_data
+from workbench.scoring.importance import compute_importance, only_prunable_grads
+from workbench.scoring.removal import block_removal_loss
+from workbench.surgery.checkpoints import load_pruned, save_pruned
+from workbench.surgery.prune import apply_plan
 
 # Peak memory bandwidth of known GPUs in GB/s (their data sheets), for the decode floor.
 BANDWIDTH_GBS = {"H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H100 NVL": 3900, "H200": 4800, "A100-SXM4-80GB": 2039,

@@ -17,14 +17,14 @@ import time
 import pandas as pd
 from _models import add_calibration_args, add_model_args, bench_model, calibration
 
-from workbench.data import calibration_samples
-from workbench.diagnosis import taylor_terms
-from workbench.evaluate import perplexity
-from workbench.importance import compute_importance
-from workbench.normalize import ScoringConfig
-from workbench.prune import apply_plan
-from workbench.rescore import Rescorer
-from workbench.selection import Budget, SelectionConfig
+from workbench.analysis.diagnosis import taylor_terms
+from workbench.data.text import calibration_samples
+from workbench.evaluation.evaluate import perplexity
+from workbench.plans.normalize import ScoringConfig
+from workbench.plans.rescore import Rescorer
+from workbench.plans.selection import Budget, SelectionConfig
+from workbench.scoring.importance import compute_importance
+from workbench.surgery.prune import apply_plan
 
 
 def removed_units(plan) -> set[tuple[str, int, int]]:

@@ -11,12 +11,12 @@ import argparse
 import pandas as pd
 from _models import add_model_args, bench_model
 
-from workbench.allocation import kind_rates, uniform_plan
-from workbench.data import CalibrationConfig
-from workbench.normalize import ScoringConfig
-from workbench.pipeline import calibrate
-from workbench.rescore import Rescorer
-from workbench.selection import Budget, SelectionConfig
+from workbench.data.text import CalibrationConfig
+from workbench.plans.allocation import kind_rates, uniform_plan
+from workbench.plans.normalize import ScoringConfig
+from workbench.plans.rescore import Rescorer
+from workbench.plans.selection import Budget, SelectionConfig
+from workbench.runs.pipeline import calibrate
 
 
 def main() -> None:

@@ -30,14 +30,10 @@ EVAL_WINDOWS = 50
 EXPERIMENT = "nb00-quickstart"
 
 # %%
-from workbench import notebook, plots
-from workbench.evaluate import perplexity
-from workbench.experiments import Experiment
-from workbench.efficiency import parameter_breakdown
-from workbench.models import anatomy, model_summary
+from workbench import Experiment, anatomy, load, model_summary, parameter_breakdown, perplexity, plots
 
 # %%
-model, tokenizer = notebook.load(MODEL, SMOKE)  # SMOKE: a tiny random model (seconds; what the tests run)
+model, tokenizer = load(MODEL, SMOKE)  # SMOKE: a tiny random model (seconds; what the tests run)
 
 # %%
 exp = Experiment.create(EXPERIMENT, exist_ok=True)

@@ -44,24 +44,31 @@ EXPERIMENT = "nb01-gradient-diagnosis"
 
 # %%
 import pandas as pd
-from workbench import notebook, plots
-from workbench.data import CalibrationConfig
-from workbench.diagnosis import diagnose, taylor_terms
-from workbench.experiments import Experiment
-from workbench.methods import available_methods
-from workbench.pipeline import calibrate
-from workbench.normalize import ScoringConfig
-from workbench.rescore import Rescorer
-from workbench.selection import Budget, SelectionConfig
-from workbench.plans import layer_summary
+
+from workbench import (
+    Budget,
+    CalibrationConfig,
+    Experiment,
+    Rescorer,
+    ScoringConfig,
+    SelectionConfig,
+    available_methods,
+    calibrate,
+    diagnose,
+    layer_summary,
+    load,
+    plots,
+    taylor_terms,
+    timed,
+)
 
 # %%
-model, tokenizer = notebook.load(MODEL, SMOKE)  # SMOKE: a tiny random model (seconds; what the tests run)
+model, tokenizer = load(MODEL, SMOKE)  # SMOKE: a tiny random model (seconds; what the tests run)
 
 # %%
 exp = Experiment.create(EXPERIMENT, exist_ok=True)
 calib = CalibrationConfig(num_samples=NUM_SAMPLES, seq_len=SEQ_LEN, fisher=FISHER)
-with notebook.timed("importance pass (cached after the first run)"):
+with timed("importance pass (cached after the first run)"):
     _, imp = calibrate(model, tokenizer, calib)
 rescorer = Rescorer(imp, Budget.of(model))
 _, naive = rescorer.plan(ScoringConfig(method=METHOD), SelectionConfig(ratio=RATIO))

@@ -46,19 +46,33 @@ EVAL_WINDOWS = 50
 EXPERIMENT = "nb02-outliers"
 
 # %%
-from workbench import notebook, plots
-from workbench.data import CalibrationConfig, calibration_samples
-from workbench.evaluate import perplexity_of_plans
-from workbench.experiments import Experiment
-from workbench.activations import activation_stats
-from workbench.allocation import compare_allocation, layer_outlier_ratio, owl_ratios
-from workbench.importance import importance_cached
-from workbench.outliers import plan_outliers, unit_outliers, warn_removed_outliers, weight_histograms, weight_stats
-from workbench.selection import Budget, SelectionConfig, build_table, select
-from workbench.plans import layer_summary
+from workbench import (
+    Budget,
+    CalibrationConfig,
+    Experiment,
+    SelectionConfig,
+    activation_stats,
+    build_table,
+    calibration_samples,
+    compare_allocation,
+    importance_cached,
+    layer_outlier_ratio,
+    layer_summary,
+    load,
+    owl_ratios,
+    perplexity_of_plans,
+    plan_outliers,
+    plots,
+    select,
+    timed,
+    unit_outliers,
+    warn_removed_outliers,
+    weight_histograms,
+    weight_stats,
+)
 
 # %%
-model, tokenizer = notebook.load(MODEL, SMOKE)  # SMOKE: a tiny random model (seconds; what the tests run)
+model, tokenizer = load(MODEL, SMOKE)  # SMOKE: a tiny random model (seconds; what the tests run)
 
 # %% [markdown]
 # ### Weights
@@ -84,7 +98,7 @@ plots.weight_distribution(whist)
 # %%
 calib = CalibrationConfig(num_samples=NUM_SAMPLES, seq_len=SEQ_LEN)
 samples = calibration_samples(tokenizer, calib)
-with notebook.timed("activation statistics"):
+with timed("activation statistics"):
     acts = activation_stats(model, samples, batch_size=calib.batch_size, threshold=THRESHOLD)
 acts.massive("residual")  # every layer: the largest values sit in the later layers
 

@@ -18,7 +18,7 @@
 #
 # All corrections work on the cached importance of one calibration pass; none needs a new forward or
 # backward pass except the block-removal loss, measured once and cached. With score s = importance / cost,
-# `workbench.normalize.score_table` applies in order:
+# `workbench.plans.normalize.score_table` applies in order:
 #
 # 1. **normalization** (`NORMALIZERS`: none, log, minmax, zscore, sqrt) within a **level**: `layer` (all
 #    units of a layer together) or `block` (a layer's attention and its MLP separately). Every map is
@@ -53,27 +53,34 @@ BLOCK_LOSS_SAMPLES = 32 # calibration samples for the block-removal loss (one pa
 EXPERIMENT = "nb03-normalization"
 
 # %%
-from workbench import notebook, plots
-from workbench.data import CalibrationConfig
-from workbench.diagnosis import block_removal_loss
-from workbench.evaluate import perplexity, perplexity_of_plans
-from workbench.experiments import Experiment
-from workbench.normalize import PRESETS, standard_settings
-from workbench.pipeline import calibrate
-from workbench.rescore import Rescorer
-from workbench.selection import Budget, SelectionConfig
-from workbench.plans import layer_summary
-from workbench.widgets import panel
+from workbench import (
+    PRESETS,
+    Budget,
+    CalibrationConfig,
+    Experiment,
+    Rescorer,
+    SelectionConfig,
+    block_removal_loss,
+    calibrate,
+    layer_summary,
+    load,
+    panel,
+    perplexity,
+    perplexity_of_plans,
+    plots,
+    standard_settings,
+    timed,
+)
 
 # %%
-model, tokenizer = notebook.load(MODEL, SMOKE)  # SMOKE: a tiny random model (seconds; what the tests run)
+model, tokenizer = load(MODEL, SMOKE)  # SMOKE: a tiny random model (seconds; what the tests run)
 
 # %%
 exp = Experiment.create(EXPERIMENT, exist_ok=True)
 calib = CalibrationConfig(num_samples=NUM_SAMPLES, seq_len=SEQ_LEN)
-with notebook.timed("importance pass"):
+with timed("importance pass"):
     samples, imp = calibrate(model, tokenizer, calib)
-with notebook.timed("block-removal loss"):
+with timed("block-removal loss"):
     block_loss = block_removal_loss(model, samples[:BLOCK_LOSS_SAMPLES], batch_size=calib.batch_size)  # cached
 rescorer = Rescorer(imp, Budget.of(model), block_loss)
 print(f"base calibration loss {block_loss.base_loss.iloc[0]:.3f}; blocks whose removal lowers the loss: "

@@ -43,26 +43,37 @@ EXPERIMENT = "nb04-global-pruning"
 
 # %%
 import pandas as pd
-from workbench import notebook, plots
-from workbench.data import CalibrationConfig
-from workbench.evaluate import perplexity, perplexity_after
-from workbench.models import anatomy
-from workbench.normalize import ScoringConfig
-from workbench.plans import layer_summary
-from workbench.rescore import Rescorer
-from workbench.selection import Budget
-from workbench.widgets import panel
-from workbench.experiments import Experiment
-from workbench.importance import IMPORTANCE_METHODS
-from workbench.data import calibration_samples
-from workbench.diagnosis import block_removal_loss
-from workbench.pipeline import calibrate, prune_and_reconstruct, record_plan, save_and_check, select_plan
-from workbench.reconstruct import ReconstructConfig
-from workbench.selection import SelectionConfig
+
+from workbench import (
+    IMPORTANCE_METHODS,
+    Budget,
+    CalibrationConfig,
+    Experiment,
+    ReconstructConfig,
+    Rescorer,
+    ScoringConfig,
+    SelectionConfig,
+    anatomy,
+    block_removal_loss,
+    calibrate,
+    calibration_samples,
+    layer_summary,
+    load,
+    panel,
+    perplexity,
+    perplexity_after,
+    plots,
+    prune_and_reconstruct,
+    record_plan,
+    save_and_check,
+    select_plan,
+    timed,
+)
+
 pd.DataFrame([(m.name, m.description) for m in IMPORTANCE_METHODS.values()], columns=["method", "what"])
 
 # %%
-model, tokenizer = notebook.load(MODEL, SMOKE)  # SMOKE: a tiny random model (seconds; what the tests run)
+model, tokenizer = load(MODEL, SMOKE)  # SMOKE: a tiny random model (seconds; what the tests run)
 
 # %%
 exp = Experiment.create(EXPERIMENT, exist_ok=True)
@@ -74,7 +85,7 @@ dense_ppl
 # ### One calibration pass (cached on disk under `data_cache/importance/`)
 
 # %%
-with notebook.timed("importance pass"):
+with timed("importance pass"):
     samples, imp = calibrate(model, tokenizer, CalibrationConfig(num_samples=NUM_SAMPLES, seq_len=SEQ_LEN))
 print(f"{imp.acc.batches} batches, {imp.acc.tokens} tokens; the pass took {imp.seconds:.1f} s (cached since)")
 
@@ -125,7 +136,7 @@ plan = state["plan"] if USE_PANEL_PLAN else plan
 #
 # Pruning removes the units' columns from `o_proj` / `down_proj`. Reconstruction re-fits the kept columns
 # (and an output bias) so each pruned block's output matches the dense block's output on calibration tokens:
-# ridge least squares in closed form, from one dense pass, no training (`workbench.reconstruct`). Its
+# ridge least squares in closed form, from one dense pass, no training (`workbench.surgery.reconstruct`). Its
 # statistics are taken before the model is pruned in place, and cached. Set `RECONSTRUCT = False` to compare.
 
 # %%

@@ -50,17 +50,25 @@ EXPERIMENT = "nb05-finetuning"
 # %%
 import pandas as pd
 import torch
-from workbench import notebook, plots
-from workbench.data import CalibrationConfig
-from workbench.evaluate import perplexity, recovery_table
-from workbench.experiments import Experiment
-from workbench.finetune import FinetuneConfig, finetune
-from workbench.pipeline import pruned_model, save_and_check
-from workbench.reconstruct import ReconstructConfig
-from workbench.selection import SelectionConfig
+
+from workbench import (
+    CalibrationConfig,
+    Experiment,
+    FinetuneConfig,
+    ReconstructConfig,
+    SelectionConfig,
+    finetune,
+    load,
+    perplexity,
+    plots,
+    pruned_model,
+    recovery_table,
+    save_and_check,
+    timed,
+)
 
 # %%
-model, tokenizer = notebook.load(MODEL, SMOKE)  # SMOKE: a tiny random model (seconds; what the tests run)
+model, tokenizer = load(MODEL, SMOKE)  # SMOKE: a tiny random model (seconds; what the tests run)
 
 # %%
 exp = Experiment.create(EXPERIMENT, exist_ok=True)
@@ -80,7 +88,7 @@ print(f"dense PPL {dense_ppl.ppl:.2f} → pruned {pruned_ppl.ppl:.2f}")
 cfg = FinetuneConfig(method=METHOD, data=DATA, max_steps=MAX_STEPS, seq_len=SEQ_LEN, batch_size=BATCH_SIZE,
                      grad_accum=GRAD_ACCUM, lr=LR, lora_r=LORA_R, lora_alpha=2 * LORA_R,
                      eval_every=EVAL_EVERY, save_every=EVAL_EVERY, warmup_steps=max(1, MAX_STEPS // 10))
-with notebook.timed("fine-tuning"):
+with timed("fine-tuning"):
     result = finetune(model, tokenizer, cfg, exp.checkpoints)
 model = result.model
 pd.Series(result.summary()).drop("config")

@@ -42,17 +42,25 @@ GGUF_DTYPE = "f16"                          # GGUF export for llama.cpp: "f16", 
 EXPERIMENT = "nb06-evaluation"
 
 # %%
-from workbench import llamacpp, notebook, plots
-from workbench.data import evaluation_windows
-from workbench.gguf_export import export_models
-from workbench.efficiency import EfficiencyConfig
-from workbench.evaluate import accuracy_table, efficiency_ratios, evaluate_models, results_table
-from workbench.experiments import Experiment
-from workbench.pipeline import experiment_models
-from workbench.zeroshot import STUDY_TASKS, ZeroShotConfig  # noqa: F401 (STUDY_TASKS: for TASKS with internet)
+from workbench import (
+    EfficiencyConfig,
+    Experiment,
+    ZeroShotConfig,
+    accuracy_table,
+    efficiency_ratios,
+    evaluate_models,
+    evaluation_windows,
+    experiment_models,
+    export_models,
+    llamacpp,
+    load,
+    plots,
+    results_table,
+    timed,
+)
 
 # %%
-model, tokenizer = notebook.load(MODEL, SMOKE)  # SMOKE: a tiny random model (seconds; what the tests run)
+model, tokenizer = load(MODEL, SMOKE)  # SMOKE: a tiny random model (seconds; what the tests run)
 
 # %%
 exp = Experiment.create(EXPERIMENT, exist_ok=True)
@@ -90,11 +98,11 @@ plots.export(plots.ppl_bars(table.loc["ppl"].drop("dense"), backend="paper", den
 
 # %%
 if GGUF_DTYPE:
-    with notebook.timed("GGUF export"):
+    with timed("GGUF export"):
         gguf_files = export_models(models, tokenizer, exp.path("evaluation/gguf"), dtype=GGUF_DTYPE,
                                    checkpoints=checkpoints)
     windows = evaluation_windows(tokenizer, seq_len=128, max_windows=EVAL_WINDOWS).tolist()
-    with notebook.timed("llama.cpp runs"):
+    with timed("llama.cpp runs"):
         in_llamacpp = llamacpp.compare(gguf_files, windows, prompt_len=PROMPT_LEN, n_new=NEW_TOKENS)
     exp.write_table("evaluation/llamacpp.csv", in_llamacpp.reset_index())
     display(in_llamacpp.style.format({"size_mib": "{:,.1f}", "ppl": "{:,.2f}", "prompt_tok_s": "{:,.0f}",

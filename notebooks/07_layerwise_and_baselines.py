@@ -36,26 +36,41 @@ EXPERIMENT = "nb07-layerwise-and-baselines"
 
 # %%
 import pandas as pd
-from workbench import notebook, plots
-from workbench.allocation import ALLOCATIONS, LayerwiseConfig, allocate
-from workbench.baselines import BASELINES
-from workbench.comparison import baseline_plans, compare_plans, study_variants
-from workbench.data import CalibrationConfig, held_out_samples
-from workbench.distribution import best_split, xy_search
-from workbench.experiments import Experiment
-from workbench.layer_importance import LAYER_IMPORTANCE, layer_importance
-from workbench.pipeline import calibrate
-from workbench.reconstruct import ReconstructConfig
-from workbench.rescore import Rescorer
-from workbench.selection import Budget, SelectionConfig
-from workbench.normalize import NORMALIZERS, ScoringConfig
+
+from workbench import (
+    ALLOCATIONS,
+    BASELINES,
+    LAYER_IMPORTANCE,
+    NORMALIZERS,
+    Budget,
+    CalibrationConfig,
+    Experiment,
+    LayerwiseConfig,
+    ReconstructConfig,
+    Rescorer,
+    ScoringConfig,
+    SelectionConfig,
+    allocate,
+    baseline_plans,
+    best_split,
+    calibrate,
+    compare_plans,
+    held_out_samples,
+    layer_importance,
+    load,
+    plots,
+    study_variants,
+    timed,
+    xy_search,
+)
+
 pd.DataFrame([(b.name, b.source, b.description) for b in BASELINES.values()], columns=["plan", "source", "what"])
 
 # %%
-model, tokenizer = notebook.load(MODEL, SMOKE)  # SMOKE: a tiny random model (seconds; what the tests run)
+model, tokenizer = load(MODEL, SMOKE)  # SMOKE: a tiny random model (seconds; what the tests run)
 exp = Experiment.create(EXPERIMENT, exist_ok=True)
 calibration = CalibrationConfig(num_samples=NUM_SAMPLES, seq_len=SEQ_LEN)
-with notebook.timed("importance pass"):
+with timed("importance pass"):
     samples, imp = calibrate(model, tokenizer, calibration)
 rescorer = Rescorer(imp, Budget.of(model))
 
@@ -63,7 +78,7 @@ rescorer = Rescorer(imp, Budget.of(model))
 # ### Layer importance: removal loss and Block Influence (both cached)
 
 # %%
-with notebook.timed("layer importance"):
+with timed("layer importance"):
     layer_scores = {m: layer_importance(model, samples[:LAYER_SAMPLES], m).to_numpy() for m in LAYER_IMPORTANCE}
 importance_frame = pd.DataFrame({m: NORMALIZERS["minmax"].fn(v) for m, v in layer_scores.items()})
 plots.grouped_bars(importance_frame, ylabel="normalized layer importance", title="Layer importance per layer")
@@ -84,7 +99,7 @@ plots.grouped_bars(ratios, ylabel="share of the layer's attention + MLP removed"
 # %%
 held_out = held_out_samples(tokenizer, calibration, HELD_OUT)
 make_global = lambda split: rescorer.plan(ScoringConfig(), SelectionConfig(ratio=RATIO, attn_mlp=split))[1]
-with notebook.timed("x:y search"):
+with timed("x:y search"):
     search = xy_search(model, make_global, held_out, settings=dict(method="taylor", ratio=RATIO), start=XY_START)
 best = best_split(search)
 print("best x:y", best)
@@ -95,7 +110,7 @@ plots.xy_curve(search)
 
 # %%
 plans = baseline_plans(rescorer, RATIO, layer_scores=layer_scores, variants=study_variants(best))
-with notebook.timed("comparison table"):
+with timed("comparison table"):
     table = compare_plans(model, tokenizer, plans, samples, reconstruction=ReconstructConfig() if RECONSTRUCT else None,
                           seq_len=SEQ_LEN, max_windows=EVAL_WINDOWS)
 plots.styled(table.sort_values("ppl"))

@@ -35,11 +35,8 @@ FACET_BY = "method"
 
 # %%
 from pathlib import Path
-import pandas as pd
-from workbench import plots
-from workbench.consolidate import best, consolidate, correlations
-from workbench.paths import experiments_root
-from workbench.sweep import run_sweep
+
+from workbench import best, consolidate, correlations, experiments_root, plots, run_sweep
 
 SWEEP = "../configs/smoke-sweep.yaml" if SMOKE else SWEEP
 RUN = RUN or SMOKE

@@ -8,7 +8,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
-from workbench.testing import TINY_FAMILIES, byte_tokenizer, tiny_model  # noqa: E402
+from workbench.core.testing import TINY_FAMILIES, byte_tokenizer, tiny_model  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -32,7 +32,7 @@ def tokenizer():
 @pytest.fixture(autouse=True)
 def _isolated_paths(tmp_path, monkeypatch):
     """Caches, figures and experiments of a test go to its own temporary folder (resolved at call time)."""
-    import workbench.cache as cache
+    import workbench.core.cache as cache
 
     monkeypatch.setenv("WORKBENCH_FIGURES", str(tmp_path / "figures"))
     monkeypatch.setenv("WORKBENCH_EXPERIMENTS", str(tmp_path / "experiments"))
@@ -42,7 +42,7 @@ def _isolated_paths(tmp_path, monkeypatch):
 
 def _repo_outputs():
     """Every file under the repository's own output folders (the tests must not write there)."""
-    from workbench.paths import REPO_ROOT
+    from workbench.core.paths import REPO_ROOT
 
     return {str(p.relative_to(REPO_ROOT)) for d in ("data_cache", "figures", "experiments")
             for p in (REPO_ROOT / d).rglob("*") if (REPO_ROOT / d).exists()}

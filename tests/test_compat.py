@@ -4,23 +4,23 @@ import os
 import re
 import subprocess
 import sys
-import tomllib
 from importlib import metadata
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 from packaging.requirements import Requirement
 from packaging.version import Version
 from transformers.cache_utils import DynamicCache
 
-from workbench import compat, models
-from workbench.checkpoints import load_pruned, save_pruned
-from workbench.compat import DecodingCheckError, cache_keyword, check_cached_decoding, find_cache, output_cache
-from workbench.models import PositionsOnlyCacheLayer, layer_widths
-from workbench.plans import Plan
-from workbench.prune import apply_plan
-from workbench.testing import tiny_model
+from workbench.core import compat, models
+from workbench.core.compat import DecodingCheckError, cache_keyword, check_cached_decoding, find_cache, output_cache
+from workbench.core.models import PositionsOnlyCacheLayer, layer_widths
+from workbench.core.testing import tiny_model
+from workbench.plans.plan import Plan
+from workbench.surgery.checkpoints import load_pruned, save_pruned
+from workbench.surgery.prune import apply_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,7 +115,7 @@ def test_import_warns_once_when_a_version_is_outside_the_tested_range():
     code = ("import importlib.metadata as m, warnings; real = m.version\n"
             "m.version = lambda p: '9.9.9' if p == 'peft' else real(p)\n"
             "warnings.simplefilter('always')\n"
-            "import workbench, workbench.compat as c\n"
+            "import workbench, workbench.core.compat as c\n"
             "c.warn_untested_versions()\n")  # a second call says nothing
     err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
     low, high = compat.TESTED["peft"]

@@ -3,8 +3,13 @@ import pandas as pd
 import pytest
 import torch
 
-from workbench.data import (
-    CalibrationConfig, HUB_SOURCES, calibration_samples, evaluation_windows, load_text, token_stream,
+from workbench.data.text import (
+    HUB_SOURCES,
+    CalibrationConfig,
+    calibration_samples,
+    evaluation_windows,
+    load_text,
+    token_stream,
 )
 
 

@@ -3,17 +3,16 @@ import pandas as pd
 import pytest
 import torch
 
-from workbench.diagnosis import (
-    block_removal_loss, bypassed, diagnose, extreme_blocks, gradient_stats, recommend, scale_ratios,
-)
-from workbench.importance import compute_importance
-from workbench.models import decoder_layers
-from workbench.prune import apply_plan
-from workbench.testing import tiny_model
-from workbench.normalize import NORMALIZERS, PRESETS, ScoringConfig, clip_percentiles, score_table
-from workbench.rescore import Rescorer
-from workbench.selection import Budget, SelectionConfig, build_table, select
-from workbench.plans import Plan, layer_summary
+from workbench.analysis.diagnosis import diagnose, gradient_stats, recommend, scale_ratios
+from workbench.core.models import decoder_layers
+from workbench.core.testing import tiny_model
+from workbench.plans.normalize import NORMALIZERS, PRESETS, ScoringConfig, clip_percentiles, score_table
+from workbench.plans.plan import Plan, extreme_blocks, layer_summary
+from workbench.plans.rescore import Rescorer
+from workbench.plans.selection import Budget, SelectionConfig, build_table, select
+from workbench.scoring.importance import compute_importance
+from workbench.scoring.removal import block_removal_loss, bypassed
+from workbench.surgery.prune import apply_plan
 
 
 def _constructed_table(n_layers=4, groups=2, channels=10, seed=0):
@@ -133,7 +132,7 @@ def test_diagnosis_on_real_pass():
 
 def test_widget_callback_gives_the_function_plan():
     pytest.importorskip("ipywidgets")
-    from workbench.widgets import panel
+    from workbench.lab.widgets import panel
 
     model = tiny_model("llama", n_layers=3)
     imp = compute_importance(model, torch.randint(0, 256, (4, 16)), batch_size=2, progress=False)
@@ -160,7 +159,7 @@ def test_widget_callback_gives_the_function_plan():
 
 def test_panel_title_preset_table_reference_and_buttons(tmp_path):
     pytest.importorskip("ipywidgets")
-    from workbench.widgets import panel
+    from workbench.lab.widgets import panel
 
     model = tiny_model("llama", n_layers=3)
     imp = compute_importance(model, torch.randint(0, 256, (4, 16)), batch_size=2, progress=False)
@@ -274,7 +273,7 @@ def test_clipping_that_changes_nothing_says_why():
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 def test_removal_losses_from_kept_layer_inputs_equal_full_passes(family, monkeypatch):
     """Running only the layers from the first bypassed one (fed its kept input) gives the full-pass numbers."""
-    import workbench.diagnosis as diagnosis
+    import workbench.scoring.removal as diagnosis
 
     model = tiny_model(family, n_layers=4)
     samples = torch.randint(0, 256, (6, 16), generator=torch.Generator().manual_seed(0))
@@ -345,7 +344,7 @@ def test_tau_with_protected_units_is_refused():
 
 
 def test_shortgpt_refuses_a_ratio_below_half_a_layer():
-    from workbench.baselines import shortgpt_plan
+    from workbench.baselines.registry import shortgpt_plan
     _, budget = _constructed_table()
     with pytest.raises(ValueError, match=r"ShortGPT: asked to remove 0.0500 .* removes 0.0000 .*: nothing; whole "
                                          r"layers only: the nearest layer count .* is 0"):
@@ -355,7 +354,7 @@ def test_shortgpt_refuses_a_ratio_below_half_a_layer():
 
 
 def test_a_plan_far_over_its_budget_is_warned_of():
-    from workbench.allocation import plan_from_counts
+    from workbench.plans.allocation import plan_from_counts
     table, budget = _constructed_table()
     counts = np.array([[2, 10], [2, 10], [0, 0], [0, 0]])  # two whole layers for a budget of ~5 %
     target, denominator = budget.target(0.05, "prunable")
@@ -366,7 +365,7 @@ def test_a_plan_far_over_its_budget_is_warned_of():
 
 def _panel(**kw):
     pytest.importorskip("ipywidgets")
-    from workbench.widgets import panel
+    from workbench.lab.widgets import panel
 
     model = tiny_model("llama", n_layers=3)
     imp = compute_importance(model, torch.randint(0, 256, (4, 16)), batch_size=2, progress=False)
@@ -414,8 +413,8 @@ def test_a_failing_button_shows_its_error_in_the_panel():
 
 
 def test_evaluating_a_plan_on_an_already_pruned_model_says_what_happened():
-    from workbench.evaluate import perplexity_after
-    from workbench.testing import byte_tokenizer
+    from workbench.core.testing import byte_tokenizer
+    from workbench.evaluation.evaluate import perplexity_after
     model = tiny_model("llama", n_layers=3)
     plan = Plan.from_units([(2, 96)] * 3, {"mlp": {0: [1]}})
     apply_plan(model, Plan.from_units([(2, 96)] * 3, {"mlp": {1: [0, 1]}}))
@@ -438,7 +437,7 @@ def test_without_the_block_loss_the_panel_says_why_t_and_tau_are_off_and_can_mea
 
 
 def test_pinning_renames_the_reference_and_figures_are_named_by_the_settings():
-    from workbench.widgets import figure_name
+    from workbench.lab.widgets import figure_name
     box, state, _, _ = _panel()
     box.controls["ratio"].value = 0.35
     assert state["figure_name"] == "panel_plan_taylor_0.35_total"

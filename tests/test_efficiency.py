@@ -1,13 +1,18 @@
 import pytest
 import torch
 
-from workbench.efficiency import (
-    EfficiencyConfig, compare, kv_cache_bytes_per_token, kv_heads_per_layer, measure, parameter_breakdown,
+from workbench.core.models import layer_widths, parameter_count
+from workbench.evaluation.efficiency import (
+    EfficiencyConfig,
+    compare,
+    kv_cache_bytes_per_token,
+    kv_heads_per_layer,
+    measure,
+    parameter_breakdown,
 )
-from workbench.models import layer_widths, parameter_count
-from workbench.prune import apply_plan
-from workbench.checkpoints import save_pruned
-from workbench.plans import Plan
+from workbench.plans.plan import Plan
+from workbench.surgery.checkpoints import save_pruned
+from workbench.surgery.prune import apply_plan
 
 SMALL = EfficiencyConfig(prompt_len=12, new_tokens=3, warmup=1, repeats=2)
 
@@ -52,7 +57,7 @@ def test_bad_settings_are_errors(kw):
 def test_static_cache_decoding_gives_the_loop_s_tokens_on_pruned_models(make_model, family):
     """transformers' static-cache `generate` (compiled by transformers on CUDA) on per-layer KV heads, emptied
     blocks (layer 0's attention included) and a removed layer: the same greedy tokens as our loop (float32)."""
-    from workbench.efficiency import greedy_tokens
+    from workbench.evaluation.efficiency import greedy_tokens
 
     model = make_model(family, n_layers=5)
     plan = Plan.from_units(layer_widths(model), {"attn": {0: [0, 1], 2: [1], 3: [0, 1]},

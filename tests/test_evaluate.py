@@ -1,12 +1,12 @@
 import math
-import pytest
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from workbench.data import evaluation_windows
-from workbench.evaluate import perplexity
-from workbench.testing import tiny_model
+from workbench.core.testing import tiny_model
+from workbench.data.text import evaluation_windows
+from workbench.evaluation.evaluate import perplexity
 
 
 def test_perplexity_equals_exp_mean_token_nll(tokenizer):
@@ -25,11 +25,11 @@ def test_perplexity_equals_exp_mean_token_nll(tokenizer):
 
 
 def test_perplexity_after_prunes_a_copy(tokenizer):
-    from workbench.evaluate import perplexity_after
-    from workbench.models import layer_widths, parameter_count
-    from workbench.testing import tiny_model
-    from workbench.prune import apply_plan
-    from workbench.plans import random_plan
+    from workbench.core.models import layer_widths, parameter_count
+    from workbench.core.testing import tiny_model
+    from workbench.evaluation.evaluate import perplexity_after
+    from workbench.plans.plan import random_plan
+    from workbench.surgery.prune import apply_plan
 
     model = tiny_model("qwen2", n_layers=3)
     plan = random_plan(layer_widths(model), 0.4, seed=1, empty_blocks=1)
@@ -45,7 +45,7 @@ def test_perplexity_after_prunes_a_copy(tokenizer):
 def test_lm_eval_accuracy_matches_the_models_loglikelihoods(tokenizer):
     import json
 
-    from workbench.zeroshot import LOCAL_TASKS, ZeroShotConfig, zero_shot
+    from workbench.evaluation.zeroshot import LOCAL_TASKS, ZeroShotConfig, zero_shot
 
     model = tiny_model("mistral", n_layers=2, seed=3)
     n = 16
@@ -69,7 +69,7 @@ def test_lm_eval_accuracy_matches_the_models_loglikelihoods(tokenizer):
 
 
 def test_zero_shot_settings_are_checked(tmp_path):
-    from workbench.zeroshot import ZeroShotConfig, resolve_task
+    from workbench.evaluation.zeroshot import ZeroShotConfig, resolve_task
 
     with pytest.raises(ValueError, match="limit=0"):
         ZeroShotConfig(limit=0)
@@ -82,9 +82,9 @@ def test_zero_shot_settings_are_checked(tmp_path):
 
 
 def test_results_record_and_table(tokenizer, tmp_path):
-    from workbench.efficiency import EfficiencyConfig, measure
-    from workbench.evaluate import model_entry, results_record, results_table
-    from workbench.experiments import Experiment
+    from workbench.core.experiments import Experiment
+    from workbench.evaluation.efficiency import EfficiencyConfig, measure
+    from workbench.evaluation.evaluate import model_entry, results_record, results_table
 
     model = tiny_model("llama", n_layers=2)
     ppl = perplexity(model, tokenizer, seq_len=32, max_windows=2, progress=False)

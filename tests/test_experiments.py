@@ -4,7 +4,8 @@ import math
 import pandas as pd
 import pytest
 
-from workbench.experiments import Experiment, write_atomic
+from workbench.core.experiments import Experiment
+from workbench.core.paths import write_atomic
 
 
 def test_layout_and_round_trip(tmp_path):
@@ -41,10 +42,10 @@ def test_interrupted_write_leaves_old_file_intact(tmp_path, monkeypatch):
 
 
 def test_pipeline_on_tiny_model(tmp_path, tokenizer):
-    from workbench.data import CalibrationConfig
-    from workbench.testing import tiny_model
-    from workbench.pipeline import PruneRunConfig, run_pruning
-    from workbench.selection import SelectionConfig
+    from workbench.core.testing import tiny_model
+    from workbench.data.text import CalibrationConfig
+    from workbench.plans.selection import SelectionConfig
+    from workbench.runs.pipeline import PruneRunConfig, run_pruning
 
     model = tiny_model("llama", n_layers=3)
     exp = Experiment.create("tiny", base=tmp_path)
@@ -63,7 +64,7 @@ def test_pipeline_on_tiny_model(tmp_path, tokenizer):
 
 
 def test_a_symlink_that_leads_out_is_named_as_a_symlink(tmp_path):
-    from workbench.paths import confined
+    from workbench.core.paths import confined
     (tmp_path / "root").mkdir()
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "root" / "exp").symlink_to(tmp_path / "elsewhere", target_is_directory=True)

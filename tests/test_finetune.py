@@ -3,14 +3,12 @@ import json
 import pytest
 import torch
 
-from workbench.finetune import (
-    FinetuneConfig, finetune, instruction_examples, load_instructions, text_examples,
-)
-from workbench.models import layer_widths
-from workbench.testing import tiny_model
-from workbench.prune import apply_plan
-from workbench.checkpoints import load_pruned, save_pruned
-from workbench.plans import Plan
+from workbench.core.models import layer_widths
+from workbench.core.testing import tiny_model
+from workbench.plans.plan import Plan
+from workbench.recovery.finetune import FinetuneConfig, finetune, instruction_examples, load_instructions, text_examples
+from workbench.surgery.checkpoints import load_pruned, save_pruned
+from workbench.surgery.prune import apply_plan
 
 
 def _pruned_model(seed=0):
@@ -92,7 +90,7 @@ def test_instruction_data_masks_the_prompt(tmp_path, tokenizer):
 
 
 def test_text_data_uses_the_calibration_part_only(tokenizer):
-    from workbench.data import token_stream
+    from workbench.data.text import token_stream
 
     data = text_examples(tokenizer, "pydoc", 64)
     cal = token_stream(tokenizer, "pydoc", "calibration")

@@ -1,18 +1,20 @@
 """GGUF export, proven in llama.cpp itself: its logits and greedy tokens equal the workbench model's."""
 import json
+
 import gguf
 import numpy as np
 import pytest
 import torch
 
-from workbench import gguf_export, llamacpp
-from workbench.checkpoints import save_pruned
-from workbench.cli import main
-from workbench.gguf_export import ExportError, export_gguf, gguf_layout
-from workbench.models import decoder_layers, get_spec, layer_widths
-from workbench.plans import Plan
-from workbench.prune import add_output_bias, apply_plan
-from workbench.testing import byte_tokenizer, tiny_model
+from workbench.core.models import decoder_layers, get_spec, layer_widths
+from workbench.core.testing import byte_tokenizer, tiny_model
+from workbench.deploy import gguf as gguf_export
+from workbench.deploy import llamacpp
+from workbench.deploy.gguf import ExportError, export_gguf, gguf_layout
+from workbench.plans.plan import Plan
+from workbench.runs.cli import main
+from workbench.surgery.checkpoints import save_pruned
+from workbench.surgery.prune import add_output_bias, apply_plan
 
 needs_llamacpp = pytest.mark.skipif(not llamacpp.available(), reason="llama.cpp binding not installed (make setup)")
 PROMPT = list(range(3, 60))
@@ -210,8 +212,8 @@ def test_checkpoint_folder_exports_from_the_cli_with_plan_and_carried_tokenizer(
 
 def test_a_gguf_model_is_converted_once_then_read_from_the_cache(tok, tmp_path):
     """GGUF in → de-quantized once into data_cache/converted/ (keyed by the file's SHA-256) → later loads read it."""
-    from workbench.checkpoints import load_model
-    from workbench.paths import data_cache
+    from workbench.core.paths import data_cache
+    from workbench.surgery.checkpoints import load_model
 
     m = tiny_model("llama", n_layers=2)
     path = export_gguf(m, tmp_path / "tiny.gguf", dtype="f32", tokenizer=tok).path
@@ -238,8 +240,8 @@ def test_a_gguf_model_is_converted_once_then_read_from_the_cache(tok, tmp_path):
 @pytest.mark.parametrize("damage", ["config.json", "tokenizer.json", "checksums.json"])
 def test_a_damaged_conversion_cache_is_converted_again(tok, tmp_path, damage):
     """The README promises a re-conversion for any damaged file of the cache, not a raw OSError / JSONDecodeError."""
-    from workbench.checkpoints import load_model
-    from workbench.paths import data_cache
+    from workbench.core.paths import data_cache
+    from workbench.surgery.checkpoints import load_model
 
     path = export_gguf(tiny_model("llama", n_layers=2), tmp_path / "tiny.gguf", dtype="f32", tokenizer=tok).path
     first, _ = load_model(path)
@@ -273,7 +275,10 @@ def test_a_llama_with_qkv_biases_and_fewer_query_heads_is_refused(tok, tmp_path)
 
 
 def test_metadata_names_a_global_plan_s_method_and_its_denominator():
-    from workbench.gguf_export import _plan_label, _plan_summary
+    from workbench.deploy.gguf import _plan_summary
+
+    def _plan_label(plan):  # the one label of a plan, as GGUF metadata writes it
+        return plan.provenance.description
     plan = Plan.from_units([(2, 8)], {}, selected_params=25, denominator=100,
                            settings=dict(ratio=0.25, ratio_of="total", score_column="final_score",
                                          scoring=dict(method="taylor", normalization="minmax", level="block")))

@@ -1,11 +1,14 @@
 import pytest
 import torch
 
-from workbench.importance import (
-    IMPORTANCE_METHODS, compute_importance, importance_cached, load_importance, save_importance,
+from workbench.core.testing import tiny_model
+from workbench.scoring.importance import (
+    compute_importance,
+    importance_cached,
+    load_importance,
+    save_importance,
 )
-from workbench.methods import available_methods
-from workbench.testing import tiny_model
+from workbench.scoring.methods import IMPORTANCE_METHODS, available_methods
 
 HD, RATIO = 16, 3
 
@@ -100,7 +103,7 @@ def test_nonfinite_gradients_name_the_module():
 
 
 def test_nonfinite_gradient_stats_name_the_modules():
-    from workbench.importance import _check_finite
+    from workbench.scoring.importance import _check_finite
 
     stats = torch.ones(3, 4, dtype=torch.float64)
     stats[2, 1] = float("inf")
@@ -127,10 +130,10 @@ def test_cache_round_trip_and_memo(tmp_path, monkeypatch):
         for blk in ("attn", "mlp"):
             for x, y in zip(a.scores(m)[blk], b.scores(m)[blk]):
                 assert torch.equal(x, y)
-    monkeypatch.setattr("workbench.importance.compute_importance",
+    monkeypatch.setattr("workbench.scoring.importance.compute_importance",
                         lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
     assert importance_cached(model, samples, cache=tmp_path, progress=False) is a
-    monkeypatch.setattr("workbench.cache._MEMORY", {})
+    monkeypatch.setattr("workbench.core.cache._MEMORY", {})
     c = importance_cached(model, samples, cache=tmp_path, progress=False)  # from disk, no pass
     assert c.key == a.key
     save_importance(c, tmp_path / "x.pt")
@@ -182,7 +185,7 @@ def test_sequence_methods_need_the_sequence_pass():
     assert "taylor2_seq" not in available_methods(imp) and "taylor" in available_methods(imp)
     with pytest.raises(ValueError, match="fisher='per_token'.*batch.*sequence"):
         compute_importance(tiny_model("llama", n_layers=1), torch.randint(0, 256, (2, 8)), fisher="per_token")
-    from workbench.data import CalibrationConfig
+    from workbench.data.text import CalibrationConfig
     with pytest.raises(ValueError, match="fisher='x'"):
         CalibrationConfig(fisher="x")
 
@@ -199,7 +202,7 @@ def test_sequence_pass_is_cached_apart_and_round_trips(tmp_path):
 
 
 def test_taylor_terms_show_both_terms_per_block():
-    from workbench.diagnosis import taylor_terms
+    from workbench.analysis.diagnosis import taylor_terms
     samples = torch.randint(0, 256, (4, 10))
     batch = taylor_terms(compute_importance(tiny_model("mistral", n_layers=2), samples, progress=False))
     seq = taylor_terms(compute_importance(tiny_model("mistral", n_layers=2), samples, batch_size=2, fisher="sequence",
@@ -216,10 +219,11 @@ def test_taylor_terms_show_both_terms_per_block():
 
 def test_global_plan_from_wanda_warns_and_wanda_sp_does_not():
     import warnings
-    from workbench.baselines import make_plan
-    from workbench.normalize import ScoringConfig
-    from workbench.rescore import Rescorer
-    from workbench.selection import Budget, SelectionConfig
+
+    from workbench.baselines.registry import make_plan
+    from workbench.plans.normalize import ScoringConfig
+    from workbench.plans.rescore import Rescorer
+    from workbench.plans.selection import Budget, SelectionConfig
     model = tiny_model("qwen3", n_layers=3)
     imp = compute_importance(model, torch.randint(0, 256, (2, 8)), progress=False)
     r = Rescorer(imp, Budget.of(model))
@@ -250,7 +254,7 @@ def _same_importance(a, b, rtol=1e-6):
 @pytest.mark.parametrize("shape,axis", [((96, 40), 0), ((40, 96), 1), ((96,), 0)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_param_terms_match_a_float64_reduction(shape, axis, dtype):
-    from workbench.importance import param_terms
+    from workbench.scoring.importance import param_terms
 
     torch.manual_seed(0)
     w, g = torch.randn(shape).to(dtype), (torch.randn(shape) * 1e-3).to(dtype)
@@ -270,7 +274,7 @@ def test_param_terms_match_a_float64_reduction(shape, axis, dtype):
 def test_each_gradient_is_reduced_and_freed_during_backward():
     """When layer 0's query weight gets its gradient (one of the last in backward), the later layers' gradients
     are already reduced and gone: the gradients of the prunable weights never all live at once."""
-    from workbench.units import block_params, iter_blocks
+    from workbench.core.units import block_params, iter_blocks
 
     model = tiny_model("llama", n_layers=4)
     params = [up.param for _, b, parts in iter_blocks(model) for up in block_params(parts, b)]
@@ -336,7 +340,7 @@ def test_compiled_accumulation_matches_eager():
 
 
 def test_bad_accumulation_and_checkpointing_settings_are_refused():
-    from workbench.data import CalibrationConfig
+    from workbench.data.text import CalibrationConfig
     with pytest.raises(ValueError, match="accumulation='fused'.*eager.*compiled"):
         compute_importance(tiny_model("llama", n_layers=1), torch.randint(0, 256, (2, 8)), accumulation="fused")
     with pytest.raises(ValueError, match="accumulation='triton'"):
@@ -348,9 +352,9 @@ def test_bad_accumulation_and_checkpointing_settings_are_refused():
 def test_device_auto_loads_dispatched_models_that_score_the_same(tmp_path, tokenizer):
     """`device="auto"` (accelerate's device_map) for a model folder and a pruned checkpoint; on a machine without
     GPUs everything lands on the CPU, and the importance pass gives what it gives on the undispatched model."""
-    from workbench.checkpoints import load_model, load_pruned, save_pruned
-    from workbench.plans import Plan
-    from workbench.prune import apply_plan
+    from workbench.plans.plan import Plan
+    from workbench.surgery.checkpoints import load_model, load_pruned, save_pruned
+    from workbench.surgery.prune import apply_plan
 
     model = tiny_model("mistral", n_layers=2)
     model.save_pretrained(tmp_path / "dense")
@@ -370,8 +374,8 @@ def test_device_auto_loads_dispatched_models_that_score_the_same(tmp_path, token
 
 def test_checkpointing_and_accumulation_share_the_plain_cache_entry(tmp_path, tokenizer):
     """They do not change the scores, so a run file that turns them on reads the plain pass's cache entry."""
-    from workbench.data import CalibrationConfig
-    from workbench.pipeline import calibrate
+    from workbench.data.text import CalibrationConfig
+    from workbench.runs.pipeline import calibrate
 
     model = tiny_model("llama", n_layers=2)
     plain = CalibrationConfig(num_samples=4, seq_len=16, batch_size=2)

@@ -9,21 +9,20 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from workbench.allocation import ALLOCATIONS, LayerwiseConfig, allocate, kind_rates, layerwise_plan
-from workbench.baselines import BASELINES, default_llm_pruner_range, make_plan, shortgpt_plan
-from workbench.checkpoints import CheckpointError, load_pruned, loads_with_plain_transformers, save_pruned
-from workbench.comparison import baseline_plans, compare_plans
-from workbench.distribution import best_split, xy_search
-from workbench.importance import compute_importance
-from workbench.layer_importance import LAYER_IMPORTANCE, block_influence, layer_importance, layer_removal_loss
-from workbench.normalize import ScoringConfig
-from workbench.models import BLOCKS, decoder_layers, get_spec, layer_parts
-from workbench.pipeline import prune_and_reconstruct
-from workbench.prune import apply_plan, mask_plan
-from workbench.reconstruct import solve_reconstruction
-from workbench.rescore import Rescorer
-from workbench.selection import Budget, SelectionConfig
-from workbench.testing import TINY_FAMILIES, byte_tokenizer, tiny_model
+from workbench.analysis.comparison import baseline_plans, compare_plans
+from workbench.analysis.distribution import best_split, xy_search
+from workbench.baselines.registry import BASELINES, default_llm_pruner_range, make_plan, shortgpt_plan
+from workbench.core.models import BLOCKS, decoder_layers, get_spec, layer_parts
+from workbench.core.testing import TINY_FAMILIES, byte_tokenizer, tiny_model
+from workbench.plans.allocation import ALLOCATIONS, LayerwiseConfig, allocate, kind_rates, layerwise_plan
+from workbench.plans.normalize import ScoringConfig
+from workbench.plans.rescore import Rescorer
+from workbench.plans.selection import Budget, SelectionConfig
+from workbench.scoring.importance import compute_importance
+from workbench.scoring.layer_importance import LAYER_IMPORTANCE, block_influence, layer_importance, layer_removal_loss
+from workbench.surgery.checkpoints import CheckpointError, load_pruned, loads_with_plain_transformers, save_pruned
+from workbench.surgery.prune import apply_plan, mask_plan
+from workbench.surgery.reconstruct import prune_and_reconstruct, solve_reconstruction
 
 N_LAYERS = 6
 

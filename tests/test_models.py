@@ -2,10 +2,17 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, MixtralConfig
 
-from workbench.models import (
-    ARCH_SPECS, UnsupportedModelError, anatomy, geometry, get_spec, layer_widths, parameter_count, spec_for_config,
+from workbench.core.models import (
+    ARCH_SPECS,
+    UnsupportedModelError,
+    anatomy,
+    geometry,
+    get_spec,
+    layer_widths,
+    parameter_count,
+    spec_for_config,
 )
-from workbench.testing import byte_tokenizer, tiny_config, tiny_model
+from workbench.core.testing import byte_tokenizer, tiny_config, tiny_model
 
 
 def test_spec_and_geometry_per_family(family):

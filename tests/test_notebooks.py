@@ -23,12 +23,12 @@ SMOKE_PARAMS = {
 
 def _prepare_06(experiments):
     """06 evaluates the models of 04 and 05: put tiny ones (of the SMOKE model) where they would be."""
-    from workbench.experiments import Experiment
-    from workbench.testing import byte_tokenizer, tiny_model
-    from workbench.models import layer_widths
-    from workbench.prune import apply_plan
-    from workbench.checkpoints import save_pruned
-    from workbench.plans import random_plan
+    from workbench.core.experiments import Experiment
+    from workbench.core.models import layer_widths
+    from workbench.core.testing import byte_tokenizer, tiny_model
+    from workbench.plans.plan import random_plan
+    from workbench.surgery.checkpoints import save_pruned
+    from workbench.surgery.prune import apply_plan
 
     for name, seed in [("nb04-global-pruning", 0), ("nb05-finetuning", 1)]:
         model = tiny_model("llama", n_layers=4)
@@ -101,7 +101,7 @@ def test_notebook_executes(path, tmp_path, monkeypatch):
 
 
 def test_timed_prints_one_line_per_step(capsys):
-    from workbench import notebook
+    from workbench.lab import notebook
     with notebook.timed("importance pass"):
         pass
     model, _ = notebook.load(smoke=True)

@@ -2,15 +2,20 @@ import numpy as np
 import pytest
 import torch
 
-from workbench.models import layer_widths
-from workbench.testing import tiny_model
-from workbench.activations import activation_stats
-from workbench.allocation import compare_allocation, layer_outlier_ratio, owl_ratios
-from workbench.outliers import (
-    plan_outliers, tensor_stats, unit_outliers, warn_removed_outliers, weight_histograms, weight_stats,
+from workbench.analysis.outliers import (
+    plan_outliers,
+    tensor_stats,
+    unit_outliers,
+    warn_removed_outliers,
+    weight_histograms,
+    weight_stats,
 )
-from workbench.selection import Budget, SelectionConfig, build_table, select
-from workbench.plans import Plan
+from workbench.core.models import layer_widths
+from workbench.core.testing import tiny_model
+from workbench.plans.allocation import compare_allocation, layer_outlier_ratio, owl_ratios
+from workbench.plans.plan import Plan
+from workbench.plans.selection import Budget, SelectionConfig, build_table, select
+from workbench.scoring.activations import activation_stats
 
 
 def _samples(n=6, length=16, seed=0):

@@ -4,10 +4,10 @@ import functools
 import pytest
 import torch
 
-from workbench.importance import compute_importance
-from workbench.methods import IMPORTANCE_METHODS
-from workbench.parallel import importance_data_parallel
-from workbench.testing import tiny_model
+from workbench.core.testing import tiny_model
+from workbench.scoring.importance import compute_importance
+from workbench.scoring.methods import IMPORTANCE_METHODS
+from workbench.scoring.parallel import importance_data_parallel
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-6) -> bool:
@@ -47,8 +47,8 @@ def test_calibrate_command_under_torchrun_caches_what_one_process_computes(tmp_p
     import subprocess
     import sys
 
-    from workbench.cli import main
-    from workbench.importance import load_importance
+    from workbench.runs.cli import main
+    from workbench.scoring.importance import load_importance
 
     (tmp_path / "run.yaml").write_text("model: {name: tiny}\ncalibration: {num_samples: 8, seq_len: 16, batch_size: 2}\n")
     env = dict(os.environ, WORKBENCH_THREADS_PER_PROCESS="1", OMP_NUM_THREADS="1")
@@ -62,8 +62,8 @@ def test_calibrate_command_under_torchrun_caches_what_one_process_computes(tmp_p
     shared = load_importance(files[0])
     assert main(["calibrate", str(tmp_path / "run.yaml"), "--quiet"]) == 0
     assert f"cache key {shared.key[:12]}" in capsys.readouterr().out
-    from workbench.data import CalibrationConfig, calibration_samples
-    from workbench.testing import byte_tokenizer
+    from workbench.core.testing import byte_tokenizer
+    from workbench.data.text import CalibrationConfig, calibration_samples
 
     samples = calibration_samples(byte_tokenizer(), CalibrationConfig(num_samples=8, seq_len=16, batch_size=2))
     one = compute_importance(tiny_model("llama", n_layers=4), samples, batch_size=2, progress=False)
@@ -85,7 +85,7 @@ def _model_with_a_cache_per_node(root: str):
 def test_ranks_agree_on_a_cache_hit_before_the_pass(tmp_path):
     """Rank 0's node holds the entry, rank 1's does not: both compute (rank 0 alone returning early would leave
     rank 1 waiting in the all-reduce forever, or dying)."""
-    from workbench.importance import importance_cached
+    from workbench.scoring.importance import importance_cached
     samples = torch.randint(0, 256, (8, 16), generator=torch.Generator().manual_seed(2))
     one = importance_cached(tiny_model("llama", n_layers=3, seed=5), samples, batch_size=4, progress=False,
                             cache=tmp_path / "node0")

@@ -1,9 +1,9 @@
 import pytest
 
 from workbench import plots
-from workbench.models import anatomy, layer_widths
-from workbench.testing import tiny_model
-from workbench.plans import layer_summary, random_plan
+from workbench.core.models import anatomy, layer_widths
+from workbench.core.testing import tiny_model
+from workbench.plans.plan import layer_summary, random_plan
 
 
 @pytest.fixture
@@ -84,9 +84,8 @@ def test_loss_curve(tmp_path):
 def test_outlier_figures(tmp_path):
     import torch
 
-    from workbench.activations import activation_stats
-
-    from workbench.outliers import weight_histograms, weight_stats
+    from workbench.analysis.outliers import weight_histograms, weight_stats
+    from workbench.scoring.activations import activation_stats
 
     model = tiny_model("llama", n_layers=2)
     hist = weight_histograms(model, bins=21)
@@ -136,9 +135,9 @@ def test_setting_heatmap_rows_are_settings_and_columns_layers(tmp_path, summary)
 
 
 def test_params_figure_dense_vs_pruned_with_embeddings(tmp_path):
-    from workbench.efficiency import parameter_breakdown
-    from workbench.plans import Plan
-    from workbench.prune import apply_plan
+    from workbench.evaluation.efficiency import parameter_breakdown
+    from workbench.plans.plan import Plan
+    from workbench.surgery.prune import apply_plan
 
     model = tiny_model("llama", n_layers=4)
     dense = anatomy(model)

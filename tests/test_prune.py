@@ -7,14 +7,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from workbench.models import anatomy, layer_widths, parameter_count
-from workbench.checkpoints import load_model
-from workbench.testing import tiny_model
-from workbench.models import EmptyBlock
-from workbench.prune import apply_plan, mask_plan
-from workbench.checkpoints import load_plan, load_pruned, loads_with_plain_transformers, save_pruned
-from workbench.plans import Plan, random_plan
-from workbench.selection import unit_costs
+from workbench.core.models import EmptyBlock, anatomy, layer_widths, parameter_count
+from workbench.core.testing import tiny_model
+from workbench.plans.plan import Plan, random_plan
+from workbench.plans.selection import unit_costs
+from workbench.surgery.checkpoints import load_model, load_plan, load_pruned, loads_with_plain_transformers, save_pruned
+from workbench.surgery.prune import apply_plan, mask_plan
 
 PLANS = {
     "partial": dict(fraction=0.4),

@@ -5,14 +5,19 @@ import copy
 import pytest
 import torch
 
-from workbench.checkpoints import load_pruned, loads_with_plain_transformers, save_pruned
-from workbench.models import BLOCKS, decoder_layers, get_spec, layer_parts, layer_widths
-from workbench.plans import Plan, random_plan
-from workbench.prune import apply_plan
-from workbench.reconstruct import (
-    MODES, NormalEquations, ReconstructConfig, apply_reconstruction, reconstruct, solve_ridge,
+from workbench.core.models import BLOCKS, decoder_layers, get_spec, layer_parts, layer_widths
+from workbench.core.testing import TINY_FAMILIES, tiny_model
+from workbench.plans.plan import Plan, random_plan
+from workbench.surgery.checkpoints import load_pruned, loads_with_plain_transformers, save_pruned
+from workbench.surgery.prune import apply_plan
+from workbench.surgery.reconstruct import (
+    MODES,
+    NormalEquations,
+    ReconstructConfig,
+    apply_reconstruction,
+    reconstruct,
+    solve_ridge,
 )
-from workbench.testing import TINY_FAMILIES, tiny_model
 
 
 def _samples(n=8, seq=24, seed=0):
@@ -202,11 +207,12 @@ def test_reconstructed_model_reloads_exactly(tmp_path, family, dtype):
 def test_pipeline_prunes_in_place_and_reconstructs(tmp_path):
     """`prune_and_reconstruct` on the dense model itself equals reconstructing a pruned copy; run_pruning saves
     the reconstructed model and it reloads exactly."""
-    from workbench.data import CalibrationConfig
-    from workbench.experiments import Experiment
-    from workbench.pipeline import PruneRunConfig, prune_and_reconstruct, run_pruning
-    from workbench.selection import SelectionConfig
-    from workbench.testing import byte_tokenizer
+    from workbench.core.experiments import Experiment
+    from workbench.core.testing import byte_tokenizer
+    from workbench.data.text import CalibrationConfig
+    from workbench.plans.selection import SelectionConfig
+    from workbench.runs.pipeline import PruneRunConfig, run_pruning
+    from workbench.surgery.reconstruct import prune_and_reconstruct
 
     dense = tiny_model("qwen3", n_layers=3, seed=3)
     plan = random_plan(layer_widths(dense), 0.3, seed=1, empty_blocks=1)

@@ -5,22 +5,23 @@ import json
 import math
 import os
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
-from workbench.cache import make_key, model_fingerprint
-from workbench.checkpoints import CheckpointError, load_model, load_pruned, save_pruned
-from workbench.data import CalibrationConfig
-from workbench.experiments import Experiment
-from workbench.importance import compute_importance, importance_cached
-from workbench.models import layer_widths
-from workbench.normalize import ScoringConfig
-from workbench.pipeline import save_and_check
-from workbench.plans import Plan, random_plan
-from workbench.prune import apply_plan, mask_plan
-from workbench.selection import SelectionConfig, build_table, select, unit_costs
-from workbench.testing import byte_tokenizer, tiny_model
+from workbench.core.cache import make_key, model_fingerprint
+from workbench.core.experiments import Experiment
+from workbench.core.models import layer_widths
+from workbench.core.testing import byte_tokenizer, tiny_model
+from workbench.data.text import CalibrationConfig
+from workbench.plans.normalize import ScoringConfig
+from workbench.plans.plan import Plan, random_plan
+from workbench.plans.selection import SelectionConfig, build_table, select, unit_costs
+from workbench.runs.pipeline import save_and_check
+from workbench.scoring.importance import compute_importance, importance_cached
+from workbench.surgery.checkpoints import CheckpointError, load_model, load_pruned, save_pruned
+from workbench.surgery.prune import apply_plan, mask_plan
 
 
 def _hf_folder(tmp_path, family="llama", **kw):
@@ -115,7 +116,7 @@ def test_left_padded_batched_generation_matches_the_zeroed_dense_model(family, k
 
 
 def _ft_cfg(**kw):
-    from workbench.finetune import FinetuneConfig
+    from workbench.recovery.finetune import FinetuneConfig
 
     return FinetuneConfig(**dict(dict(max_steps=4, seq_len=32, batch_size=2, eval_every=2, save_every=1,
                                       warmup_steps=0, lr=1e-3), **kw))
@@ -126,7 +127,7 @@ def _lora_modules(model):
 
 
 def test_resume_refuses_another_model_and_leaves_it_untouched(tmp_path, tokenizer):
-    from workbench.finetune import finetune
+    from workbench.recovery.finetune import finetune
 
     ckpt = tmp_path / "ckpt"
     finetune(tiny_model("llama", n_layers=2, seed=0), tokenizer, _ft_cfg(), ckpt, stop_after=2, progress=False,
@@ -140,8 +141,8 @@ def test_resume_refuses_another_model_and_leaves_it_untouched(tmp_path, tokenize
 
 
 def test_resume_refuses_other_data(tmp_path, tokenizer):
-    from workbench.finetune import finetune
-    from workbench.train_data import text_examples
+    from workbench.data.recovery import text_examples
+    from workbench.recovery.finetune import finetune
 
     ckpt = tmp_path / "ckpt"
     finetune(tiny_model("llama", n_layers=2), tokenizer, _ft_cfg(), ckpt, stop_after=1, progress=False,
@@ -153,7 +154,7 @@ def test_resume_refuses_other_data(tmp_path, tokenizer):
 
 
 def test_a_stopped_runs_model_can_be_passed_back(tmp_path, tokenizer):
-    from workbench.finetune import finetune
+    from workbench.recovery.finetune import finetune
 
     ckpt = tmp_path / "ckpt"
     first = finetune(tiny_model("llama", n_layers=2), tokenizer, _ft_cfg(), ckpt, stop_after=2, progress=False,
@@ -168,7 +169,7 @@ def test_a_stopped_runs_model_can_be_passed_back(tmp_path, tokenizer):
 
 
 def test_a_damaged_state_file_is_named(tmp_path, tokenizer):
-    from workbench.finetune import STATE_FILE, finetune
+    from workbench.recovery.finetune import STATE_FILE, finetune
 
     ckpt = tmp_path / "ckpt"
     finetune(tiny_model("llama", n_layers=2), tokenizer, _ft_cfg(), ckpt, stop_after=1, progress=False,
@@ -230,7 +231,7 @@ def test_a_damaged_cache_file_is_named_and_recomputed(tmp_path):
     first = importance_cached(model, samples, cache=tmp_path, progress=False)
     (path,) = tmp_path.rglob("*.pt")
     path.write_bytes(path.read_bytes()[:50])
-    import workbench.cache as cache
+    import workbench.core.cache as cache
 
     cache.clear_memory()
     with pytest.warns(UserWarning, match=path.name):
@@ -296,7 +297,7 @@ def test_an_interrupted_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
         assert torch.equal(load_pruned(tmp_path / "ck")(ids).logits, old(ids).logits)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no temporary folder left behind
 
-    import workbench.paths as paths
+    import workbench.core.paths as paths
 
     real_replace = os.replace
     calls = []
@@ -339,12 +340,28 @@ def test_experiment_files_are_confined(tmp_path, rel):
 # ---------------------------------------------------------------------------------------------- 9. the CLI
 
 
-def test_cli_checks_arguments_before_loading(monkeypatch, capsys):
-    from workbench import demo
+class _Demo:
+    """`make demo` is `workbench run configs/demo.yaml`: its exit status raised as SystemExit, else its record."""
 
-    monkeypatch.setattr(demo, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
-    for argv in (["--samples", "0"], ["--seq-len", "1"], ["--eval-windows", "0"], ["--ratio", "1.5"],
-                 ["--name", "../x"]):
+    @staticmethod
+    def main(argv):
+        from workbench.core.paths import experiments_root
+        from workbench.runs import cli
+
+        code = cli.main(["run", str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"), "--quiet", *argv])
+        if code:
+            raise SystemExit(code)
+        name = argv[argv.index("--name") + 1]
+        return json.loads((experiments_root() / name / "evaluation" / "perplexity.json").read_text())
+
+
+def test_cli_checks_arguments_before_loading(monkeypatch, capsys):
+    from workbench.runs import sweep
+    demo = _Demo
+
+    monkeypatch.setattr(sweep, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    for argv in (["calibration.num_samples=0"], ["calibration.seq_len=1"], ["eval_windows=0"],
+                 ["selection.ratio=1.5"], ["--name", "../x"]):
         with pytest.raises(SystemExit) as e:
             demo.main(argv)
         assert e.value.code == 2
@@ -352,11 +369,13 @@ def test_cli_checks_arguments_before_loading(monkeypatch, capsys):
 
 
 def test_cli_never_mixes_two_runs_in_one_directory(tmp_path, monkeypatch):
-    from workbench import demo
-    from workbench.paths import experiments_root
+    from workbench.core.paths import experiments_root
+    from workbench.runs import cli
+    demo = _Demo
 
     folder = _hf_folder(tmp_path, n_layers=2)
-    argv = ["--model", str(folder), "--samples", "4", "--seq-len", "32", "--eval-windows", "2", "--name", "r"]
+    argv = [f"model.name={folder}", "calibration.num_samples=4", "calibration.seq_len=32", "eval_seq_len=32",
+            "eval_windows=2", "--name", "r"]
     rec = demo.main(argv)
     config = (experiments_root() / "r" / "config.json").read_text()
     with pytest.raises(SystemExit):  # the same name again: refused before anything runs
@@ -365,9 +384,9 @@ def test_cli_never_mixes_two_runs_in_one_directory(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("failed half-way")
 
-    monkeypatch.setattr(demo, "run_pruning", boom)
+    monkeypatch.setattr(cli, "run_pruning", boom)
     with pytest.raises(RuntimeError):
-        demo.main([*argv, "--overwrite", "--ratio", "0.3"])
+        demo.main([*argv, "--overwrite", "selection.ratio=0.3"])
     assert (experiments_root() / "r" / "config.json").read_text() == config  # the first run, whole
     assert sorted(p.name for p in experiments_root().iterdir()) == ["r"]  # no staging folder left
     with pytest.raises(RuntimeError):
@@ -380,7 +399,7 @@ def test_cli_never_mixes_two_runs_in_one_directory(tmp_path, monkeypatch):
 
 
 def test_token_ids_outside_the_vocabulary_are_named():
-    from workbench.evaluate import window_nll
+    from workbench.evaluation.evaluate import window_nll
 
     model = tiny_model("llama", n_layers=2)
     for ids in (torch.full((1, 8), 400), torch.full((1, 8), -1)):
@@ -537,7 +556,7 @@ def test_edited_per_layer_widths_are_named(tmp_path, edit, match):
 
 
 def test_reconstruction_on_nan_activations_does_not_blame_the_damping():
-    from workbench.reconstruct import ReconstructConfig, solve_reconstruction
+    from workbench.surgery.reconstruct import ReconstructConfig, solve_reconstruction
     model = tiny_model("llama", n_layers=2)
     with torch.no_grad():
         model.model.layers[0].self_attn.q_proj.weight[0, 0] = float("nan")

@@ -2,12 +2,12 @@ import numpy as np
 import pytest
 import torch
 
-from workbench.importance import compute_importance
-from workbench.models import layer_widths, parameter_count
-from workbench.testing import tiny_model
-from workbench.prune import apply_plan
-from workbench.plans import Plan, layer_summary
-from workbench.selection import Budget, SelectionConfig, build_table, prunable_params, select, unit_costs
+from workbench.core.models import layer_widths, parameter_count
+from workbench.core.testing import tiny_model
+from workbench.plans.plan import Plan, layer_summary
+from workbench.plans.selection import Budget, SelectionConfig, build_table, prunable_params, select, unit_costs
+from workbench.scoring.importance import compute_importance
+from workbench.surgery.prune import apply_plan
 
 
 def _scores(widths, seed=0):
@@ -80,8 +80,8 @@ def test_zero_ratio_removes_nothing():
 
 
 def test_end_to_end_with_real_importance(tokenizer):
-    from workbench.data import CalibrationConfig, calibration_samples
-    from workbench.evaluate import perplexity
+    from workbench.data.text import CalibrationConfig, calibration_samples
+    from workbench.evaluation.evaluate import perplexity
 
     model = tiny_model("qwen2", n_layers=3)
     samples = calibration_samples(tokenizer, CalibrationConfig(num_samples=4, seq_len=32))
@@ -102,7 +102,7 @@ def test_plan_round_trips_through_dict():
 
 @pytest.mark.parametrize("n,distinct", [(0, 3), (1, 3), (7, 2), (5000, 5), (5000, 10**9)])
 def test_fast_argsort_is_stable_on_ties(n, distinct):
-    from workbench.selection import stable_argsort
+    from workbench.plans.selection import stable_argsort
 
     x = np.random.default_rng(n).integers(0, distinct, n).astype(np.float64)
     assert (stable_argsort(x) == np.argsort(x, kind="stable")).all()
@@ -125,7 +125,7 @@ def test_a_table_in_another_row_order_selects_the_same_plan(make_model):
 def test_partial_selection_equals_a_full_stable_sort(make_model, seed, monkeypatch):
     """select sorts only the units whose score is at most the k-th smallest that reaches the budget; with many
     ties and mixed costs it must give exactly the plan of a full stable sort."""
-    import workbench.selection as selection
+    import workbench.plans.selection as selection
 
     model = make_model("llama", n_layers=4)
     budget = Budget.of(model)

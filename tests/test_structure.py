@@ -28,8 +28,17 @@ def _imports(path: Path) -> list[tuple[str, ast.AST, bool]]:
     return out
 
 
+def _module(path: Path) -> str:
+    rel = path.relative_to(PACKAGE.parent).with_suffix("")
+    return ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+
+
+def _files() -> list[Path]:
+    return sorted(PACKAGE.rglob("*.py"))
+
+
 def _graph() -> dict[str, set[str]]:
-    return {f"workbench.{p.stem}": {m for m, _, _ in _imports(p)} for p in PACKAGE.glob("*.py")}
+    return {_module(p): {m for m, _, _ in _imports(p)} for p in _files() if p.name != "__init__.py"}
 
 
 def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -66,13 +75,13 @@ def test_cycle_finder_finds_a_cycle():
 
 def test_no_workbench_import_inside_functions():
     """Imports inside functions only defer heavy third-party libraries, never our own modules (no cycle hiding)."""
-    inner = [(p.name, node.lineno) for p in PACKAGE.glob("*.py") for _, node, in_fn in _imports(p) if in_fn]
+    inner = [(p.name, node.lineno) for p in _files() for _, node, in_fn in _imports(p) if in_fn]
     assert inner == []
 
 
 def test_every_deferred_import_says_why():
     lines = []
-    for p in PACKAGE.glob("*.py"):
+    for p in _files():
         src = p.read_text().splitlines()
         tree = ast.parse("\n".join(src))
         for fn in ast.walk(tree):
@@ -83,11 +92,68 @@ def test_every_deferred_import_says_why():
     assert lines == []
 
 
+def test_stages_import_only_earlier_stages():
+    """Stage packages follow the data flow: a module imports only its own stage and the stages before it."""
+    from workbench import STAGES
+
+    assert sorted(p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()) == sorted(STAGES)
+    wrong = []
+    for p in _files():
+        stage = p.relative_to(PACKAGE).parts[0]
+        if stage not in STAGES:
+            continue
+        for module, node, _ in _imports(p):
+            other = module.split(".")[1] if module.count(".") else None
+            if other in STAGES and STAGES.index(other) > STAGES.index(stage):
+                wrong.append(f"{_module(p)} imports {module} (line {node.lineno})")
+    assert wrong == []
+
+
+def test_flat_modules_are_only_the_front_door():
+    assert sorted(p.name for p in PACKAGE.glob("*.py")) == ["__init__.py", "__main__.py"]
+
+
+def test_every_stage_package_exports_what_its_modules_define():
+    """Each stage's `__all__` names resolve, and every public name a stage module defines is exported."""
+    import importlib
+
+    from workbench import STAGES
+
+    for stage in STAGES:
+        pkg = importlib.import_module(f"workbench.{stage}")
+        assert all(hasattr(pkg, n) for n in pkg.__all__), stage
+        assert len(set(pkg.__all__)) == len(pkg.__all__), stage
+
+
+def test_front_door_names_resolve_and_come_from_stages():
+    """The front door re-exports what the stages export (no name of its own but the stage list)."""
+    import importlib
+
+    import workbench
+
+    assert len(set(workbench.__all__)) == len(workbench.__all__)
+    exported = {n for stage in workbench.STAGES for n in importlib.import_module(f"workbench.{stage}").__all__}
+    namespaces = {"plots", "llamacpp"}  # figure and llama.cpp modules, used as plots.export(...), llamacpp.compare(...)
+    assert set(workbench.__all__) - exported - namespaces == {"STAGES"}
+
+
+def test_notebooks_import_only_the_front_door():
+    """Notebooks are glue over the front door: `import workbench as wb` or `from workbench import ...`."""
+    bad = []
+    for nb in sorted((PACKAGE.parent / "notebooks").glob("*.py")):
+        for node in ast.walk(ast.parse(nb.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("workbench."):
+                bad.append(f"{nb.name}:{node.lineno} from {node.module}")
+            if isinstance(node, ast.Import):
+                bad += [f"{nb.name}:{node.lineno} import {a.name}" for a in node.names if a.name.startswith("workbench.")]
+    assert bad == []
+
+
 def test_caches_and_figures_go_where_the_environment_says(tmp_path, monkeypatch):
     """Folders are resolved when used, so redirecting them after import works (no import-time binding)."""
-    from workbench.importance import importance_cached
-    from workbench.paths import REPO_ROOT, data_cache
-    from workbench.testing import tiny_model
+    from workbench.core.paths import REPO_ROOT, data_cache
+    from workbench.core.testing import tiny_model
+    from workbench.scoring.importance import importance_cached
 
     monkeypatch.setenv("WORKBENCH_DATA_CACHE", str(tmp_path / "elsewhere"))
     before = sorted(p.name for p in (REPO_ROOT / "data_cache").iterdir())
@@ -95,3 +161,53 @@ def test_caches_and_figures_go_where_the_environment_says(tmp_path, monkeypatch)
     assert len(list((tmp_path / "elsewhere" / "importance").glob("*.pt"))) == 1
     assert data_cache("x") == tmp_path / "elsewhere" / "x"
     assert sorted(p.name for p in (REPO_ROOT / "data_cache").iterdir()) == before
+
+
+def test_the_architecture_page_maps_every_stage_module_cache_kind_and_command():
+    """docs/ARCHITECTURE.md is the only module map: it fails here when a stage package, a module, a cache
+    kind or a CLI command is missing from it."""
+    import re
+
+    from workbench import STAGES
+    from workbench.core.cache import CACHE_KINDS
+    from workbench.runs import cli
+
+    page = (PACKAGE.parent / "docs" / "ARCHITECTURE.md").read_text()
+    rows = {}
+    stage = None
+    for line in page.splitlines():
+        cells = [c.strip() for c in line.split("|")[1:-1]] if line.startswith("| ") else []
+        if len(cells) == 3 and cells[1].startswith("`"):
+            stage = cells[0].strip("`") or stage
+            rows.setdefault(stage, set()).update(re.findall(r"`(\w+)`", cells[1]))
+    for s in STAGES:
+        modules = {p.stem for p in (PACKAGE / s).glob("*.py") if p.stem != "__init__"}
+        assert modules <= rows.get(s, set()), f"{s}: {sorted(modules - rows.get(s, set()))} not in the map"
+    assert set(rows) == set(STAGES)
+    cache_section = page.split("### Cache kinds")[1].split("###")[0]
+    assert all(f"`{k}`" in cache_section for k in CACHE_KINDS), [k for k in CACHE_KINDS if f"`{k}`" not in cache_section]
+    commands = re.findall(r"^    workbench ([a-z-]+)", cli.__doc__, re.M)
+    assert commands and all(f"`workbench {c}`" in page for c in commands), commands
+
+
+def test_modules_the_docs_name_exist():
+    """Every `workbench.x.y` the README and the architecture page name is a module or an attribute of one."""
+    import importlib
+    import re
+
+    missing = []
+    for doc in ("README.md", "docs/ARCHITECTURE.md"):
+        text = (PACKAGE.parent / doc).read_text()
+        for dotted in sorted(set(re.findall(r"`(workbench(?:\.\w+)+)", text))):
+            parts = dotted.split(".")
+            for cut in range(len(parts), 0, -1):
+                try:
+                    obj = importlib.import_module(".".join(parts[:cut]))
+                except ImportError:
+                    continue
+                for attr in parts[cut:]:
+                    obj = getattr(obj, attr, None)
+                if obj is None:
+                    missing.append(f"{doc}: {dotted}")
+                break
+    assert missing == []

@@ -11,15 +11,15 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from workbench.cli import main
-from workbench.config import ConfigError, RunConfig, config_hash, from_dict, load_run_config, save_config, to_dict
-from workbench.consolidate import best, consolidate, correlations
-from workbench.data import CalibrationConfig
-from workbench.finetune import FinetuneConfig
-from workbench.normalize import PRESETS, ScoringConfig
-from workbench.reconstruct import ReconstructConfig
-from workbench.selection import SelectionConfig
-from workbench.sweep import expand, load_sweep, prepare, run_status, run_sweep, work
+from workbench.data.text import CalibrationConfig
+from workbench.plans.normalize import PRESETS, ScoringConfig
+from workbench.plans.selection import SelectionConfig
+from workbench.recovery.finetune import FinetuneConfig
+from workbench.runs.cli import main
+from workbench.runs.config import ConfigError, RunConfig, config_hash, from_dict, load_run_config, save_config, to_dict
+from workbench.runs.consolidate import best, consolidate, correlations
+from workbench.runs.sweep import expand, load_sweep, prepare, run_status, run_sweep, work
+from workbench.surgery.reconstruct import ReconstructConfig
 
 RUN = """\
 model: {name: tiny}
@@ -121,7 +121,8 @@ def test_cli_run_writes_one_experiment_with_its_resolved_config(tmp_path):
 
 def test_sweep_resumes_only_what_is_left_after_a_kill(tmp_path):
     import optuna
-    from workbench.sweep import _storage
+
+    from workbench.runs.sweep import _storage
     _, sweep_file = _files(tmp_path)
     sweep_dir = tmp_path / "s"
     sweep = load_sweep(sweep_file)
@@ -145,7 +146,8 @@ def test_sweep_resumes_only_what_is_left_after_a_kill(tmp_path):
 
 def test_two_worker_processes_run_every_run_exactly_once(tmp_path):
     import optuna
-    from workbench.sweep import _storage
+
+    from workbench.runs.sweep import _storage
     _, sweep_file = _files(tmp_path)
     sweep_dir = tmp_path / "s"
     run_sweep(sweep_file, sweep_dir, workers=2, log=lambda *_: None)
@@ -212,7 +214,7 @@ def test_run_from_dict_defaults_and_unknown_section():
 
 
 def test_shipped_configs_are_valid():
-    from workbench.paths import REPO_ROOT
+    from workbench.core.paths import REPO_ROOT
     configs = REPO_ROOT / "configs"
     assert load_run_config(configs / "demo.yaml") == RunConfig(save_model=True, calibration=CalibrationConfig(
         num_samples=64, seq_len=128))
@@ -225,9 +227,9 @@ def test_shipped_configs_are_valid():
 
 
 def test_a_run_with_a_baseline_uses_its_plan_and_compensation(tmp_path):
-    from workbench.experiments import Experiment
-    from workbench.pipeline import PruneRunConfig, run_pruning
-    from workbench.testing import byte_tokenizer, tiny_model
+    from workbench.core.experiments import Experiment
+    from workbench.core.testing import byte_tokenizer, tiny_model
+    from workbench.runs.pipeline import PruneRunConfig, run_pruning
     cfg = PruneRunConfig(baseline="flap", calibration=CalibrationConfig(num_samples=4, seq_len=32, batch_size=2),
                          selection=SelectionConfig(ratio=0.25), eval_windows=2, eval_seq_len=32)
     with pytest.raises(ValueError, match="baseline='flapp' is not registered"):
@@ -258,7 +260,8 @@ def test_a_preset_axis_after_its_sub_keys_keeps_them(tmp_path):
 
 def test_a_second_sweep_leaves_a_live_worker_s_run_alone(tmp_path):
     import optuna
-    from workbench.sweep import _storage
+
+    from workbench.runs.sweep import _storage
     _, sweep_file = _files(tmp_path, grid="  calibration.num_samples: [2, 4]\n")
     sweep_dir = tmp_path / "s"
     assert run_sweep(sweep_file, sweep_dir, log=lambda *_: None)["enqueued"] == 2
@@ -277,7 +280,8 @@ def test_a_second_sweep_leaves_a_live_worker_s_run_alone(tmp_path):
 
 def test_a_reclaimed_trial_does_not_crash_its_worker_nor_overwrite_a_record(tmp_path):
     import optuna
-    from workbench.sweep import _storage, _tell
+
+    from workbench.runs.sweep import _storage, _tell
     _, sweep_file = _files(tmp_path, grid="  calibration.num_samples: [2]\n")
     sweep_dir = tmp_path / "s"
     run_sweep(sweep_file, sweep_dir, log=lambda *_: None)
@@ -288,7 +292,7 @@ def test_a_reclaimed_trial_does_not_crash_its_worker_nor_overwrite_a_record(tmp_
     _tell(study, trial, dict(status="complete", objective_values=dict(ppl=3.0)), "ppl")  # no "Cannot tell"
     (key,) = [p.name for p in (sweep_dir / "runs").iterdir() if not p.name.startswith(".")]
     before = (sweep_dir / "runs" / key / "status.json").read_text()
-    from workbench.sweep import run_one
+    from workbench.runs.sweep import run_one
     cfg = expand(load_sweep(sweep_file))[0]
     assert run_one(cfg, sweep_dir / "runs", log=lambda *_: None)["status"] == "complete"
     assert (sweep_dir / "runs" / key / "status.json").read_text() == before
@@ -337,7 +341,7 @@ def test_best_reads_the_sweep_file_s_objective_and_direction(tmp_path, capsys):
 
 
 def test_a_tiny_run_in_bfloat16_runs_in_bfloat16(tmp_path):
-    from workbench.sweep import ModelPool
+    from workbench.runs.sweep import ModelPool
     cfg = from_dict(RunConfig, dict(model=dict(name="tiny", dtype="bfloat16")))
     model, _ = ModelPool().get(cfg)
     assert next(model.parameters()).dtype == __import__("torch").bfloat16
@@ -392,7 +396,7 @@ def test_joining_an_unprepared_folder_and_a_damaged_queue_are_named(tmp_path, ca
 
 
 def test_a_killed_run_s_staging_folder_is_removed_by_the_next_start(tmp_path):
-    from workbench.paths import clean_staging, staging_dir
+    from workbench.core.paths import clean_staging, staging_dir
     _, sweep_file = _files(tmp_path, grid="  calibration.num_samples: [2]\n")
     runs = tmp_path / "s" / "runs"
     dead = staging_dir(runs, "abc")
@@ -415,10 +419,11 @@ def _umask() -> int:
 
 
 def test_sweep_runs_keep_their_figures_and_failed_runs_publish_none(tmp_path):
-    from workbench.experiments import Experiment
-    from workbench.paths import figures_root
-    from workbench import plots
     import matplotlib.pyplot as plt
+
+    from workbench import plots
+    from workbench.core.experiments import Experiment
+    from workbench.core.paths import figures_root
     _, sweep_file = _files(tmp_path, grid="  calibration.num_samples: [2, 4]\n")
     run_sweep(sweep_file, tmp_path / "s", log=lambda *_: None)
     runs = [p for p in (tmp_path / "s" / "runs").iterdir() if not p.name.startswith(".")]

@@ -8,8 +8,9 @@ and any other release is a CUDA build of several GB.
 import os
 import re
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 UPPER = re.compile(r"^\s*(<=|<|~=|==)")

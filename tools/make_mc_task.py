@@ -10,7 +10,7 @@ import random
 import re
 from pathlib import Path
 
-from workbench.data import load_text
+from workbench.data.text import load_text
 
 OUT = Path(__file__).resolve().parents[1] / "workbench" / "tasks"
 N_ITEMS = 240

@@ -1,6 +1,6 @@
 """`python -m workbench ...` is the `workbench` command line."""
 import sys
 
-from workbench.cli import main
+from workbench.runs.cli import main
 
 sys.exit(main())

@@ -1,0 +1,168 @@
+"""The methods the global knapsack is compared with, each a way to make a `Plan` from the same calibration pass.
+
+Every entry of `BASELINES` takes the cached importance (through a `Rescorer`), per-layer importance where it
+needs one, and the budget (`ratio` of `ratio_of`), and returns a `Plan`; pruning, checkpoints, evaluation,
+figures and widgets then treat it like any other plan. A baseline with `compensation` is followed by that
+closed-form correction (`workbench.surgery.reconstruct`) when it is applied.
+
+Sources:
+- `global_taylor`, `global_taylor2`: this workbench's global fractional knapsack (score = importance / cost).
+- `uniform`: every layer keeps the same widths (the deployable shape; plain transformers loads it).
+- `layerwise`: the GAQ-Aware-Prune study's v1.0 per-layer strategies (`allocation.LayerwiseConfig`).
+- `llm_pruner`: LLM-Pruner (Ma et al., 2023), block-wise: first-order Taylor importance, the same ratio in
+  every layer of a middle range (its Llama-7B setting prunes layers 4–29 of 32; here the range scales with
+  depth and is a parameter).
+- `wanda_sp`: Wanda-sp, the structured Wanda of An et al. (2024) (Wanda: Sun et al., 2024): |W|·‖x‖ summed
+  per group / channel, the same ratio in every layer.
+- `flap`: FLAP (An et al., 2024): the fluctuation metric (input variance × squared output-weight column norm),
+  standardized per layer and block, one global ranking (adaptive structure), and bias compensation.
+- `shortgpt`: ShortGPT (Men et al., 2024): remove the whole layers of lowest Block Influence.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from workbench.core.models import BLOCKS
+from workbench.plans.allocation import LayerwiseConfig, layerwise_plan, uniform_plan
+from workbench.plans.normalize import ScoringConfig, score_table
+from workbench.plans.plan import Plan, PlanProvenance, check_achieved
+from workbench.plans.rescore import Rescorer
+from workbench.plans.selection import SelectionConfig, select
+from workbench.surgery.reconstruct import ReconstructConfig
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """One way to make a plan.
+
+    Args:
+        name: registry key.
+        source: the paper or study it follows, in words.
+        description: what it does, one line.
+        layer_measures: per-layer importance measures it reads (keys of `layer_importance.LAYER_IMPORTANCE`).
+        compensation: the closed-form correction applied after pruning (None: none).
+        make: (rescorer, layer_scores, ratio, ratio_of, **params) -> Plan.
+    """
+
+    name: str
+    source: str
+    description: str
+    layer_measures: tuple[str, ...]
+    compensation: ReconstructConfig | None
+    make: Callable[..., Plan]
+
+
+def _global(method: str):
+    def make(r: Rescorer, layer_scores, ratio, ratio_of, attn_mlp=None, min_units_per_block=0):
+        return r.plan(ScoringConfig(method=method), SelectionConfig(ratio=ratio, ratio_of=ratio_of, attn_mlp=attn_mlp,
+                                                                    min_units_per_block=min_units_per_block))[1]
+    return make
+
+
+def _uniform(r: Rescorer, layer_scores, ratio, ratio_of, method="taylor", attn_mlp=(5, 5)):
+    return uniform_plan(r.table(method), r.budget, ratio, ratio_of, attn_mlp=attn_mlp,
+                        provenance=PlanProvenance("baseline", method=method, baseline="uniform"))
+
+
+def _layerwise(r: Rescorer, layer_scores, ratio, ratio_of, **params):
+    cfg = LayerwiseConfig(ratio=ratio, ratio_of=ratio_of, **params)
+    plan = layerwise_plan(r.table(cfg.method), r.budget, _scores(layer_scores, cfg.measure), cfg)
+    return plan.made_by(source="baseline", baseline="layerwise")
+
+
+def default_llm_pruner_range(n_layers: int) -> tuple[int, int]:
+    """LLM-Pruner's Llama-7B range (layers 4 ..< 30 of 32), scaled to the depth: (first, end) pruned layers."""
+    first, end = round(n_layers * 4 / 32), n_layers - round(n_layers * 2 / 32)
+    return (first, end) if end > first else (0, n_layers)
+
+
+def _llm_pruner(r: Rescorer, layer_scores, ratio, ratio_of, first: int | None = None, end: int | None = None):
+    n = len(r.budget.widths)
+    d_first, d_end = default_llm_pruner_range(n)
+    first, end = d_first if first is None else first, d_end if end is None else end
+    if not 0 <= first < end <= n:
+        raise ValueError(f"first={first}, end={end}: need 0 <= first < end <= {n} (layers first..end-1 are pruned)")
+    return uniform_plan(r.table("taylor"), r.budget, ratio, ratio_of, layers=list(range(first, end)),
+                        provenance=PlanProvenance("baseline", method="taylor", baseline="llm_pruner",
+                                                  params=dict(first=first, end=end)))
+
+
+def _wanda_sp(r: Rescorer, layer_scores, ratio, ratio_of):
+    return uniform_plan(r.table("wanda"), r.budget, ratio, ratio_of,
+                        provenance=PlanProvenance("baseline", method="wanda", baseline="wanda_sp"))
+
+
+def _flap(r: Rescorer, layer_scores, ratio, ratio_of):
+    scoring = ScoringConfig(method="fluctuation", normalization="zscore", level="block")
+    scored = score_table(r.table("fluctuation"), scoring, None)
+    plan = select(scored, r.budget, SelectionConfig(ratio=ratio, ratio_of=ratio_of), score_column="final_score")
+    return plan.made_by(source="baseline", baseline="flap", method="fluctuation", scoring=scoring.to_dict())
+
+
+def shortgpt_plan(budget, block_influence, ratio: float, ratio_of: str = "total") -> Plan:
+    """Remove the n layers of lowest Block Influence, n the whole-layer count closest to the budget (≥ 1 layer
+    kept); the achieved ratio is `plan.achieved_ratio`."""
+    bi = np.asarray(block_influence, dtype=np.float64)
+    n_layers = len(budget.widths)
+    if len(bi) != n_layers or not np.isfinite(bi).all():
+        raise ValueError(f"block influence must be {n_layers} finite values (one per layer), got {len(bi)}")
+    target, denominator = budget.target(ratio, ratio_of)
+    order = np.argsort(bi, kind="stable")
+    per_layer = budget.layer_params()
+    cum = np.r_[0, np.cumsum(per_layer[order])][:n_layers]  # removing 0 .. n_layers - 1 layers
+    n = int(np.argmin(np.abs(cum - target)))
+    gone = sorted(order[:n].tolist())
+    removed = {b: {i: list(range(budget.widths[i][k])) for i in gone} for k, b in enumerate(BLOCKS)}
+    plan = Plan.from_units(budget.widths, removed, target_params=target, selected_params=int(round(cum[n])),
+                           denominator=denominator,
+                           provenance=PlanProvenance("baseline", method="block_influence", baseline="shortgpt",
+                                                     selection=dict(ratio=ratio, ratio_of=ratio_of),
+                                                     params=dict(layers_removed=gone)))
+    return check_achieved(plan, "ShortGPT", int(per_layer.max()),
+                          f"whole layers only: the nearest layer count to {target:,} parameters is {n} "
+                          f"(the smallest layer owns {int(per_layer.min()):,})")
+
+
+def _shortgpt(r: Rescorer, layer_scores, ratio, ratio_of):
+    return shortgpt_plan(r.budget, _scores(layer_scores, "activation"), ratio, ratio_of)
+
+
+def _scores(layer_scores: dict, measure: str) -> np.ndarray:
+    if measure not in layer_scores:
+        raise ValueError(f"this plan needs the per-layer importance {measure!r}; give layer_scores[{measure!r}] "
+                         f"(workbench.scoring.layer_importance.layer_importance(model, samples, {measure!r}))")
+    return np.asarray(layer_scores[measure], dtype=np.float64)
+
+
+BASELINES: dict[str, Baseline] = {b.name: b for b in [
+    Baseline("global_taylor", "this workbench", "global fractional knapsack on first-order Taylor", (), None,
+             _global("taylor")),
+    Baseline("global_taylor2", "this workbench", "global fractional knapsack on second-order Taylor", (), None,
+             _global("taylor2")),
+    Baseline("uniform", "the GAQ-Aware-Prune study", "every layer keeps the same widths (x:y split, Taylor)", (),
+             None, _uniform),
+    Baseline("layerwise", "the GAQ-Aware-Prune study (v1.0)", "per-layer ratios from layer importance",
+             ("removal", "activation"), None, _layerwise),
+    Baseline("llm_pruner", "LLM-Pruner (Ma et al., 2023)", "Taylor, same ratio in every layer of a middle range",
+             (), None, _llm_pruner),
+    Baseline("wanda_sp", "Wanda-sp (An et al., 2024; Wanda: Sun et al., 2024)",
+             "structured Wanda |W|·‖x‖, same ratio in every layer", (), None, _wanda_sp),
+    Baseline("flap", "FLAP (An et al., 2024)", "fluctuation metric, standardized, global, bias compensation", (),
+             ReconstructConfig(weights=False, bias=True), _flap),
+    Baseline("shortgpt", "ShortGPT (Men et al., 2024)", "remove the layers of lowest Block Influence",
+             ("activation",), None, _shortgpt),
+]}
+
+
+def make_plan(name: str, rescorer: Rescorer, ratio: float, ratio_of: str = "total", *,
+              layer_scores: dict | None = None, **params) -> Plan:
+    """The plan of one registered baseline at this budget (params: the baseline's own options)."""
+    if name not in BASELINES:
+        raise ValueError(f"baseline {name!r} is not registered; allowed: {list(BASELINES)}")
+    plan = BASELINES[name].make(rescorer, layer_scores or {}, ratio, ratio_of, **params)
+    if plan.provenance.baseline != name:  # a baseline made by another's maker (e.g. the global ones) is named
+        plan.made_by(source="baseline", baseline=name)
+    return plan

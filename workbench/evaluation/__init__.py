@@ -1,0 +1,40 @@
+"""The evaluation stage."""
+from workbench.evaluation.efficiency import DECODE_MODES, EfficiencyConfig, PeakMemory, parameter_breakdown, kv_heads_per_layer, kv_cache_bytes_per_token, measured_cache_bytes, directory_bytes, greedy_tokens, measure, compare
+from workbench.evaluation.zeroshot import STUDY_TASKS, TASKS_DIR, LOCAL_TASKS, ZeroShotConfig, ZeroShotResult, resolve_task, zero_shot
+from workbench.evaluation.evaluate import PerplexityResult, window_nll, perplexity, perplexity_after, RESULT_LIBRARIES, library_versions, model_entry, results_record, results_table, evaluate_models, recovery_table, perplexity_of_plans, EFFICIENCY_ROWS, accuracy_table, efficiency_ratios
+
+__all__ = [
+    "DECODE_MODES",
+    "EfficiencyConfig",
+    "PeakMemory",
+    "parameter_breakdown",
+    "kv_heads_per_layer",
+    "kv_cache_bytes_per_token",
+    "measured_cache_bytes",
+    "directory_bytes",
+    "greedy_tokens",
+    "measure",
+    "compare",
+    "STUDY_TASKS",
+    "TASKS_DIR",
+    "LOCAL_TASKS",
+    "ZeroShotConfig",
+    "ZeroShotResult",
+    "resolve_task",
+    "zero_shot",
+    "PerplexityResult",
+    "window_nll",
+    "perplexity",
+    "perplexity_after",
+    "RESULT_LIBRARIES",
+    "library_versions",
+    "model_entry",
+    "results_record",
+    "results_table",
+    "evaluate_models",
+    "recovery_table",
+    "perplexity_of_plans",
+    "EFFICIENCY_ROWS",
+    "accuracy_table",
+    "efficiency_ratios",
+]

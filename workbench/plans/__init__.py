@@ -1,0 +1,53 @@
+"""The plans stage."""
+from workbench.plans.plan import SOURCES, PlanProvenance, Plan, layer_summary, random_plan, ACHIEVED_TOLERANCE, check_achieved, EXTREME_THRESHOLD, extreme_blocks
+from workbench.plans.selection import RATIO_OF, block_codes, unit_costs, build_table, check_table_widths, SelectionConfig, check_attn_mlp, prunable_params, Budget, stable_argsort, select
+from workbench.plans.normalize import LEVELS, Normalizer, NORMALIZERS, ScoringConfig, TAU_OVER_BUDGET, PRESETS, normalize, clip_percentiles, block_corrected, score_table, standard_settings
+from workbench.plans.allocation import layer_outlier_ratio, owl_ratios, compare_allocation, Allocation, ALLOCATIONS, LayerwiseConfig, allocate, counts_for_targets, plan_from_counts, layerwise_plan, uniform_plan, kind_rates
+from workbench.plans.rescore import Rescorer
+
+__all__ = [
+    "SOURCES",
+    "PlanProvenance",
+    "Plan",
+    "layer_summary",
+    "random_plan",
+    "ACHIEVED_TOLERANCE",
+    "check_achieved",
+    "EXTREME_THRESHOLD",
+    "extreme_blocks",
+    "RATIO_OF",
+    "block_codes",
+    "unit_costs",
+    "build_table",
+    "check_table_widths",
+    "SelectionConfig",
+    "check_attn_mlp",
+    "prunable_params",
+    "Budget",
+    "stable_argsort",
+    "select",
+    "LEVELS",
+    "Normalizer",
+    "NORMALIZERS",
+    "ScoringConfig",
+    "TAU_OVER_BUDGET",
+    "PRESETS",
+    "normalize",
+    "clip_percentiles",
+    "block_corrected",
+    "score_table",
+    "standard_settings",
+    "layer_outlier_ratio",
+    "owl_ratios",
+    "compare_allocation",
+    "Allocation",
+    "ALLOCATIONS",
+    "LayerwiseConfig",
+    "allocate",
+    "counts_for_targets",
+    "plan_from_counts",
+    "layerwise_plan",
+    "uniform_plan",
+    "kind_rates",
+    "Rescorer",
+]
