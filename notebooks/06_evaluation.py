@@ -36,6 +36,7 @@ RECOVERED_EXPERIMENT = "nb05-finetuning"    # its model/ is the fine-tuned model
 TASKS = ["pydoc_cloze"]                     # or list(STUDY_TASKS) with internet
 LIMIT = None                                # examples per task (None = all)
 EVAL_WINDOWS = 50
+EVAL_SEQ_LEN = 128                          # perplexity windows: the same protocol as notebooks 04 and 05
 PROMPT_LEN = 128
 NEW_TOKENS = 32
 GGUF_DTYPE = "f16"                          # GGUF export for llama.cpp: "f16", "q8_0" or "f32" (None to skip)
@@ -68,7 +69,7 @@ models, checkpoints = experiment_models({"pruned": PRUNED_EXPERIMENT, "recovered
 models = {"dense": model, **models}
 
 # %%
-record = evaluate_models(models, tokenizer, checkpoints=checkpoints, seq_len=128, max_windows=EVAL_WINDOWS,
+record = evaluate_models(models, tokenizer, checkpoints=checkpoints, seq_len=EVAL_SEQ_LEN, max_windows=EVAL_WINDOWS,
                          zero_shot_cfg=ZeroShotConfig(tasks=tuple(TASKS), limit=LIMIT),
                          efficiency_cfg=EfficiencyConfig(prompt_len=PROMPT_LEN, new_tokens=NEW_TOKENS))
 exp.write_json("evaluation/evaluation_results.json", record)
@@ -101,7 +102,7 @@ if GGUF_DTYPE:
     with timed("GGUF export"):
         gguf_files = export_models(models, tokenizer, exp.path("evaluation/gguf"), dtype=GGUF_DTYPE,
                                    checkpoints=checkpoints)
-    windows = evaluation_windows(tokenizer, seq_len=128, max_windows=EVAL_WINDOWS).tolist()
+    windows = evaluation_windows(tokenizer, seq_len=EVAL_SEQ_LEN, max_windows=EVAL_WINDOWS).tolist()
     with timed("llama.cpp runs"):
         in_llamacpp = llamacpp.compare(gguf_files, windows, prompt_len=PROMPT_LEN, n_new=NEW_TOKENS)
     exp.write_table("evaluation/llamacpp.csv", in_llamacpp.reset_index())

@@ -87,7 +87,7 @@ plots.grouped_bars(importance_frame, ylabel="normalized layer importance", title
 # ### Per-layer ratios of each strategy (importance: removal loss), with and without freezing the top 3
 
 # %%
-target = int(RATIO * rescorer.budget.total_params)
+target, _ = rescorer.budget.target(RATIO, "total")  # the budget every plan maker uses (rounded up)
 ratios = pd.DataFrame({f"{s} α={a}" + (" freeze 3" if f else ""): allocate(
     layer_scores["removal"], rescorer.budget.layer_params(), target, LayerwiseConfig(strategy=s, alpha=a, freeze_top_n=f))
     for s in ALLOCATIONS for a in (1.0, 2.0) for f in (0, 3) if not (s == "uniform" and (a, f) != (1.0, 0))})

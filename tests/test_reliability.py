@@ -126,6 +126,7 @@ def _lora_modules(model):
     return [n for n, _ in model.named_modules() if "lora_" in n]
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_model_and_leaves_it_untouched(tmp_path, tokenizer):
     from workbench.recovery.finetune import finetune
 
@@ -153,6 +154,7 @@ def test_resume_refuses_other_data(tmp_path, tokenizer):
                  log=lambda *_: None)
 
 
+@pytest.mark.slow
 def test_a_stopped_runs_model_can_be_passed_back(tmp_path, tokenizer):
     from workbench.recovery.finetune import finetune
 
@@ -368,6 +370,7 @@ def test_cli_checks_arguments_before_loading(monkeypatch, capsys):
     assert "eval_windows" not in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_cli_never_mixes_two_runs_in_one_directory(tmp_path, monkeypatch):
     from workbench.core.paths import experiments_root
     from workbench.runs import cli

@@ -211,3 +211,10 @@ def test_modules_the_docs_name_exist():
                     missing.append(f"{doc}: {dotted}")
                 break
     assert missing == []
+
+
+def test_test_folders_mirror_the_stage_packages():
+    from workbench import STAGES
+
+    folders = {p.name for p in (PACKAGE.parent / "tests").iterdir() if p.is_dir() and not p.name.startswith((".", "_"))}
+    assert folders <= set(STAGES), sorted(folders - set(STAGES))

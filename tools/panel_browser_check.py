@@ -58,7 +58,8 @@ MEASURE = """() => {
       .filter(l => ['T', 'tau', 'ratio', 'clip pct'].includes(l.textContent.trim()))
       .map(l => { const r = l.getBoundingClientRect(); return r.width > 0 && r.height > 0; });
   const traces = [...document.querySelectorAll('.js-plotly-plot .scatterlayer .trace')];
-  const drawn = traces.map(t => { const p = t.querySelector('path.js-line'); return p ? (p.getAttribute('d') || '').length : 0; });
+  const drawn = traces.map(t => {
+    const p = t.querySelector('path.js-line'); return p ? (p.getAttribute('d') || '').length : 0; });
   const legend = [...document.querySelectorAll('.js-plotly-plot .legendtext')].map(t => t.textContent);
   const result = [...document.querySelectorAll('.widget-html-content')].map(h => h.textContent).join(' | ');
   return {buttons: buttons.map(b => b.textContent.trim()), cut, readouts_cut: readouts,

@@ -8,8 +8,8 @@ Notebooks and scripts import from here; `docs/ARCHITECTURE.md` maps the stage pa
 >>> samples = wb.calibration_samples(tokenizer, wb.CalibrationConfig(num_samples=2, seq_len=16))
 >>> imp = wb.importance_cached(model, samples, cache=False, progress=False)
 >>> table, plan = wb.select_plan(model, imp, "taylor", wb.SelectionConfig(ratio=0.2))
->>> plan.provenance.label
-'global taylor'
+>>> plan.provenance.label, plan.provenance.description
+('taylor', 'global taylor')
 """
 from workbench.core.compat import warn_untested_versions
 
@@ -52,6 +52,7 @@ from workbench.evaluation.evaluate import (  # noqa: E402
     perplexity,
     perplexity_after,
     perplexity_of_plans,
+    plans_record,
     recovery_table,
     results_table,
 )
@@ -63,7 +64,7 @@ from workbench.plans.allocation import (  # noqa: E402
     LayerwiseConfig,
     allocate,
     compare_allocation,
-    layer_outlier_ratio,
+    owl_plan,
     owl_ratios,
 )
 from workbench.plans.normalize import NORMALIZERS, PRESETS, ScoringConfig, standard_settings  # noqa: E402
@@ -85,7 +86,7 @@ from workbench.runs.pipeline import (  # noqa: E402
 from workbench.runs.sweep import run_sweep  # noqa: E402
 from workbench.scoring.activations import activation_stats  # noqa: E402
 from workbench.scoring.importance import importance_cached  # noqa: E402
-from workbench.scoring.layer_importance import LAYER_IMPORTANCE, layer_importance  # noqa: E402
+from workbench.scoring.layer_importance import LAYER_IMPORTANCE, layer_importance, layer_outlier_ratio  # noqa: E402
 from workbench.scoring.methods import IMPORTANCE_METHODS, available_methods  # noqa: E402
 from workbench.scoring.removal import block_removal_loss  # noqa: E402
 from workbench.surgery.checkpoints import load_model, load_plan, load_pruned, save_pruned  # noqa: E402
@@ -106,12 +107,12 @@ __all__ = [
     # plans
     "ALLOCATIONS", "BASELINES", "NORMALIZERS", "PRESETS", "Budget", "LayerwiseConfig", "Plan", "PlanProvenance",
     "Rescorer", "ScoringConfig", "SelectionConfig", "allocate", "build_table", "compare_allocation",
-    "layer_outlier_ratio", "layer_summary", "make_plan", "owl_ratios", "select", "standard_settings",
+    "layer_outlier_ratio", "layer_summary", "make_plan", "owl_plan", "owl_ratios", "select", "standard_settings",
     # surgery
     "ReconstructConfig", "apply_plan", "mask_plan", "prune_and_reconstruct",
     # evaluation and recovery
     "EfficiencyConfig", "FinetuneConfig", "STUDY_TASKS", "ZeroShotConfig", "accuracy_table", "efficiency_ratios",
-    "evaluate_models", "finetune", "parameter_breakdown", "perplexity", "perplexity_after", "perplexity_of_plans",
+    "evaluate_models", "finetune", "parameter_breakdown", "perplexity", "perplexity_after", "perplexity_of_plans", "plans_record",
     "recovery_table", "results_table",
     # deploy
     "export_gguf", "export_models", "llamacpp",

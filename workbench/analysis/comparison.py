@@ -60,6 +60,7 @@ def study_variants(best_xy: tuple[float, float] | None = None) -> dict[str, tupl
         "wanda_sp": ("wanda_sp", {}),
         "flap": ("flap", {}),
         "shortgpt": ("shortgpt", {}),
+        "owl": ("owl", {}),
     }
     if best_xy is not None:
         variants[f"global_taylor {best_xy[0]:g}:{best_xy[1]:g} (x:y search)"] = ("global_taylor", dict(attn_mlp=best_xy))

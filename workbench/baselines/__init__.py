@@ -1,5 +1,5 @@
 """The baselines stage."""
-from workbench.baselines.registry import Baseline, default_llm_pruner_range, shortgpt_plan, BASELINES, make_plan
+from workbench.baselines.registry import BASELINES, Baseline, default_llm_pruner_range, make_plan, shortgpt_plan
 
 __all__ = [
     "Baseline",

@@ -17,6 +17,9 @@ Sources:
 - `flap`: FLAP (An et al., 2024): the fluctuation metric (input variance × squared output-weight column norm),
   standardized per layer and block, one global ranking (adaptive structure), and bias compensation.
 - `shortgpt`: ShortGPT (Men et al., 2024): remove the whole layers of lowest Block Influence.
+- `owl`: OWL (Yin et al., 2024), structured: each layer's ratio falls with its outlier ratio (the share of Wanda
+  scores |w|·‖x‖ above m × the layer mean), within ±λ of the budget's share, mean equal to it; each layer's
+  lowest-Wanda units (one best unit of each block kept by default).
 """
 from __future__ import annotations
 
@@ -26,7 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from workbench.core.models import BLOCKS
-from workbench.plans.allocation import LayerwiseConfig, layerwise_plan, uniform_plan
+from workbench.core.registry import Registry
+from workbench.plans.allocation import LayerwiseConfig, layerwise_plan, owl_plan, uniform_plan
 from workbench.plans.normalize import ScoringConfig, score_table
 from workbench.plans.plan import Plan, PlanProvenance, check_achieved
 from workbench.plans.rescore import Rescorer
@@ -71,6 +75,12 @@ def _layerwise(r: Rescorer, layer_scores, ratio, ratio_of, **params):
     cfg = LayerwiseConfig(ratio=ratio, ratio_of=ratio_of, **params)
     plan = layerwise_plan(r.table(cfg.method), r.budget, _scores(layer_scores, cfg.measure), cfg)
     return plan.made_by(source="baseline", baseline="layerwise")
+
+
+def _owl(r: Rescorer, layer_scores, ratio, ratio_of, method="wanda", lam=0.08, min_units_per_block=1):
+    plan = owl_plan(r.table(method), r.budget, _scores(layer_scores, "outlier_ratio"), ratio, ratio_of, lam=lam,
+                    min_units_per_block=min_units_per_block)
+    return plan.made_by(source="baseline", baseline="owl")
 
 
 def default_llm_pruner_range(n_layers: int) -> tuple[int, int]:
@@ -137,7 +147,7 @@ def _scores(layer_scores: dict, measure: str) -> np.ndarray:
     return np.asarray(layer_scores[measure], dtype=np.float64)
 
 
-BASELINES: dict[str, Baseline] = {b.name: b for b in [
+BASELINES: Registry[Baseline] = Registry.of("baseline", [
     Baseline("global_taylor", "this workbench", "global fractional knapsack on first-order Taylor", (), None,
              _global("taylor")),
     Baseline("global_taylor2", "this workbench", "global fractional knapsack on second-order Taylor", (), None,
@@ -154,14 +164,23 @@ BASELINES: dict[str, Baseline] = {b.name: b for b in [
              ReconstructConfig(weights=False, bias=True), _flap),
     Baseline("shortgpt", "ShortGPT (Men et al., 2024)", "remove the layers of lowest Block Influence",
              ("activation",), None, _shortgpt),
-]}
+    Baseline("owl", "OWL (Yin et al., 2024)", "per-layer ratios from outlier ratios, Wanda units within layers",
+             ("outlier_ratio",), None, _owl),
+])
 
 
 def make_plan(name: str, rescorer: Rescorer, ratio: float, ratio_of: str = "total", *,
               layer_scores: dict | None = None, **params) -> Plan:
-    """The plan of one registered baseline at this budget (params: the baseline's own options)."""
-    if name not in BASELINES:
-        raise ValueError(f"baseline {name!r} is not registered; allowed: {list(BASELINES)}")
+    """The plan of one registered baseline at this budget (params: the baseline's own options).
+
+    >>> from workbench import Budget, Rescorer, calibration_samples, CalibrationConfig, importance_cached, load_model
+    >>> model, tok = load_model("tiny")
+    >>> imp = importance_cached(model, calibration_samples(tok, CalibrationConfig(num_samples=2, seq_len=16)),
+    ...                         cache=False, progress=False)
+    >>> plan = make_plan("wanda_sp", Rescorer(imp, Budget.of(model)), 0.2)
+    >>> plan.provenance.label, round(plan.achieved_ratio, 2)
+    ('wanda_sp', 0.2)
+    """
     plan = BASELINES[name].make(rescorer, layer_scores or {}, ratio, ratio_of, **params)
     if plan.provenance.baseline != name:  # a baseline made by another's maker (e.g. the global ones) is named
         plan.made_by(source="baseline", baseline=name)

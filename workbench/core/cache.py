@@ -21,8 +21,8 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from workbench.core.registry import Registry
 from workbench.core.paths import data_cache, torch_save_atomic
+from workbench.core.registry import Registry
 
 T = TypeVar("T")
 _MEMORY: dict[tuple[str, str], Any] = {}

@@ -5,8 +5,8 @@ transformers internals (listed in docs/ARCHITECTURE.md, "Where we depend on tran
 module keeps those contacts in one place and never relies on a keyword's name where the object can be found
 by its type:
 
->>> cache = find_cache(args, kwargs)          # the KV cache an attention module was handed, whatever its keyword
->>> check_cached_decoding(model)              # a few tokens, cached steps against one full pass; raises if wrong
+    cache = find_cache(args, kwargs)          # the KV cache an attention module was handed, whatever its keyword
+    check_cached_decoding(model)              # a few tokens, cached steps against one full pass; raises if wrong
 
 `TESTED` is the range of versions the test suite has passed on; importing `workbench` warns once when
 torch, transformers or peft is outside it.
@@ -24,7 +24,7 @@ from transformers.cache_utils import Cache
 
 # The oldest and newest release of each package that the whole suite has passed on (`make test` on the lock,
 # `make test-latest` on the newest releases). pyproject.toml's upper bounds and the lock agree with these
-# (tests/test_compat.py checks it).
+# (tests/core/test_compat.py checks it).
 TESTED: dict[str, tuple[str, str]] = {
     "torch": ("2.13.0", "2.13.0"),
     "transformers": ("5.23.0", "5.24.0"),

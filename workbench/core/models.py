@@ -17,6 +17,7 @@ from torch import nn
 from transformers.cache_utils import DynamicLayer
 
 from workbench.core.compat import check_cached_decoding, find_cache
+from workbench.core.registry import Registry, check_choice
 
 BLOCKS = ("attn", "mlp")  # the two prunable blocks of a decoder layer, in this order everywhere
 
@@ -61,7 +62,7 @@ class ArchSpec:
     mlp_bias_attr: str | None = "mlp_bias"
 
 
-ARCH_SPECS: dict[str, ArchSpec] = {
+ARCH_SPECS: Registry[ArchSpec] = Registry("family", {
     "llama": ArchSpec(family="llama", model_types=("llama",)),
     "mistral": ArchSpec(family="mistral", model_types=("mistral",), qkv_bias_attr=None, mlp_bias_attr=None),
     "qwen2": ArchSpec(
@@ -69,7 +70,7 @@ ARCH_SPECS: dict[str, ArchSpec] = {
         o_bias_follows_qkv=False, mlp_bias_attr=None,
     ),
     "qwen3": ArchSpec(family="qwen3", model_types=("qwen3",), head_norms=("q_norm", "k_norm"), mlp_bias_attr=None),
-}
+})
 
 # Config attributes that describe structure the pruner cannot honour, with the reason.
 _REFUSED_CONFIG_FEATURES = {
@@ -193,8 +194,7 @@ class EmptyBlock(nn.Module):
 
     def __init__(self, kind: str, layer_idx: int | None = None, head_dim: int | None = None):
         super().__init__()
-        if kind not in BLOCKS:
-            raise ValueError(f"kind={kind!r} is not allowed; allowed: {list(BLOCKS)}")
+        check_choice("kind", kind, BLOCKS)
         self.kind, self.layer_idx, self.head_dim = kind, layer_idx, head_dim
         self.bias: nn.Parameter | None = None
 
@@ -398,8 +398,7 @@ def as_dtype(dtype: str | torch.dtype) -> torch.dtype:
         if not dtype.is_floating_point:
             raise ValueError(f"dtype={dtype} is not a floating-point dtype; allowed: {sorted(_DTYPES)} or torch.float64")
         return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not supported; allowed: {sorted(_DTYPES)}")
+    check_choice("dtype", dtype, sorted(_DTYPES))
     return _DTYPES[dtype]
 
 

@@ -5,13 +5,19 @@ measures, plan makers, ...) is a `Registry`: a read-only mapping whose unknown k
 `KeyError`) that names the bad value, the allowed ones and the closest match. Every other "one of these"
 setting is checked by `check_choice`, which writes the same message.
 
->>> check_choice("mode", "sequentail", ("one_shot", "sequential"))
-Traceback (most recent call last):
-...
-ValueError: mode='sequentail' is not allowed; allowed: ['one_shot', 'sequential']; did you mean 'sequential'?
->>> methods = Registry("method", {"taylor": 1, "wanda": 2})
+>>> try:
+...     check_choice("mode", "sequentail", ("one_shot", "sequential"))
+... except ValueError as e:
+...     print(e)
+mode='sequentail' is not allowed; allowed: ['one_shot', 'sequential']; did you mean 'sequential'?
+>>> methods = Registry("importance method", {"taylor": 1, "wanda": 2})
 >>> methods["taylor"]
 1
+>>> try:
+...     methods["taylr"]
+... except KeyError as e:
+...     print(e)
+importance method 'taylr' is not registered; allowed: ['taylor', 'wanda']; did you mean 'taylor'?
 """
 from __future__ import annotations
 
@@ -29,18 +35,26 @@ class UnknownChoiceError(ValueError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+def closest(value: object, allowed: Iterable[object], n: int = 1, cutoff: float = 0.6) -> list[str]:
+    """The allowed names closest to `value` (difflib's ratio at least `cutoff`), best first."""
+    return difflib.get_close_matches(str(value), [str(a) for a in allowed], n=n, cutoff=cutoff)
+
+
 def did_you_mean(value: object, allowed: Iterable[object]) -> str:
     """'; did you mean 'x'?' for the closest allowed value, or '' when none is close."""
-    names = [str(a) for a in allowed]
-    close = difflib.get_close_matches(str(value), names, n=1, cutoff=0.6)
+    close = closest(value, allowed)
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def choice_error(what: str, value: object, allowed: Iterable[object],
-                 error: Callable[[str], Exception] = UnknownChoiceError) -> Exception:
-    """The one message for a value outside its set: `what=value is not allowed; allowed: [...]`."""
+                 error: Callable[[str], Exception] = UnknownChoiceError, *, verb: str = "allowed",
+                 setting: bool = True, also: str = "") -> Exception:
+    """The one message for a value outside its set: `what=value is not allowed; allowed: [...]` (a setting) or
+    `what 'value' is not registered; allowed: [...]` (a registry lookup), with the closest allowed value."""
     allowed = list(allowed)
-    return error(f"{what}={value!r} is not allowed; allowed: {allowed}{did_you_mean(value, allowed)}")
+    named = f"{what}={value!r}" if setting else f"{what} {value!r}"
+    return error(f"{named} is not {verb}; allowed: {allowed}{' or ' + also if also else ''}"
+                 f"{did_you_mean(value, allowed)}")
 
 
 def check_choice(what: str, value: T, allowed: Iterable[object],
@@ -72,19 +86,21 @@ class Registry(Mapping[str, T]):
         self._items[name] = item
 
     @classmethod
-    def of(cls, what: str, items: Iterable[T], name: Callable[[T], str] = lambda x: x.name) -> Registry[T]:
+    def of(cls, what: str, items: Iterable[T], name: Callable[[T], str] | None = None) -> Registry[T]:
         """A registry of items that carry their own name (`item.name` by default)."""
-        return cls(what, [(name(i), i) for i in items])
+        return cls(what, [(name(i) if name else str(getattr(i, "name")), i) for i in items])
 
     def __getitem__(self, name: str) -> T:
         try:
             return self._items[name]
         except (KeyError, TypeError):
-            raise choice_error(self.what, name, self._items) from None
+            raise choice_error(self.what, name, self._items, verb="registered", setting=False) from None
 
-    def check(self, name: str) -> str:
-        """`name` if it is registered, else the error."""
-        self[name]
+    def check(self, name: str, also: str = "") -> str:
+        """`name` if it is registered, else the error, worded for a setting (`what=name is not registered`);
+        `also`: other values the setting accepts, named in the message."""
+        if not isinstance(name, str) or name not in self._items:
+            raise choice_error(self.what, name, self._items, verb="registered", also=also)
         return name
 
     def __iter__(self) -> Iterator[str]:

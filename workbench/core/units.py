@@ -22,6 +22,7 @@ from workbench.core.models import (
     layer_parts,
     mlp_channels,
 )
+from workbench.core.registry import choice_error
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ def block_params(parts: LayerParts, block: str) -> list[UnitParam]:
     elif block == "mlp":
         mods = [("gate", parts.gate, 0), ("up", parts.up, 0), ("down", parts.down, 1)]
     else:
-        raise ValueError(f"block={block!r} is not allowed; allowed: {list(BLOCKS)}")
+        raise choice_error("block", block, BLOCKS)
     out = []
     for short, mod, axis in mods:
         if mod is None:

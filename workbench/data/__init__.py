@@ -1,6 +1,29 @@
 """The data stage."""
-from workbench.data.text import SPLITS, FISHER_MODES, ACCUMULATIONS, HubSource, HUB_SOURCES, OFFLINE_SOURCE, SOURCES, load_text, token_stream, CalibrationConfig, calibration_samples, held_out_samples, evaluation_windows, fingerprint
-from workbench.data.recovery import ALPACA, ALPACA_PROMPT, TrainData, text_examples, load_instructions, format_prompt, instruction_examples
+from workbench.data.recovery import (
+    ALPACA,
+    ALPACA_PROMPT,
+    TrainData,
+    format_prompt,
+    instruction_examples,
+    load_instructions,
+    text_examples,
+)
+from workbench.data.text import (
+    ACCUMULATIONS,
+    FISHER_MODES,
+    HUB_SOURCES,
+    OFFLINE_SOURCE,
+    SOURCES,
+    SPLITS,
+    CalibrationConfig,
+    HubSource,
+    calibration_samples,
+    evaluation_windows,
+    fingerprint,
+    held_out_samples,
+    load_text,
+    token_stream,
+)
 
 __all__ = [
     "SPLITS",

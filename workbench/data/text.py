@@ -10,10 +10,12 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from workbench.core.paths import data_cache
+from workbench.core.registry import Registry, check_choice
 
 SPLITS = ("calibration", "evaluation")
 FISHER_MODES = ("batch", "sequence")  # how the importance pass estimates the Fisher diagonal
@@ -42,7 +44,7 @@ class HubSource:
     joiner: str = "\n\n"
 
 
-HUB_SOURCES: dict[str, HubSource] = {
+HUB_SOURCES: Registry[HubSource] = Registry("source", {
     "wikitext2": HubSource("Salesforce/wikitext", "wikitext-2-raw-v1", "train", "test", "text", joiner=""),
     "c4": HubSource(
         "allenai/c4", None, "train", "validation", "text",
@@ -52,7 +54,7 @@ HUB_SOURCES: dict[str, HubSource] = {
         },
     ),
     "ptb": HubSource("ptb-text-only/ptb_text_only", "penn_treebank", "train", "test", "sentence", joiner="\n"),
-}
+})
 
 OFFLINE_SOURCE = "pydoc"
 SOURCES = (OFFLINE_SOURCE, *HUB_SOURCES)
@@ -85,7 +87,7 @@ def _hub_text(src: HubSource, split: str, hub_root: str | os.PathLike | None) ->
     if root:  # a local folder laid out the way the hub serves the repository
         path = str(Path(root) / src.path)
     hub_split = src.calibration_split if split == "calibration" else src.evaluation_split
-    kwargs = {"cache_dir": str(data_cache("datasets"))}
+    kwargs: dict[str, Any] = {"cache_dir": str(data_cache("datasets"))}
     if src.data_files:
         kwargs["data_files"] = {hub_split: src.data_files[hub_split]}
     ds = load_dataset(path, src.name, split=hub_split, **kwargs)
@@ -108,8 +110,7 @@ def _local_text(path: Path, split: str) -> str:
 
 def load_text(source: str = OFFLINE_SOURCE, split: str = "calibration", *, hub_root=None) -> str:
     """Raw text of one part (`calibration` or `evaluation`) of a named source or local path."""
-    if split not in SPLITS:
-        raise ValueError(f"split={split!r} is not allowed; allowed: {list(SPLITS)}")
+    check_choice("split", split, SPLITS)
     if source == OFFLINE_SOURCE:
         return _pydoc_text(split)
     if source in HUB_SOURCES:
@@ -174,16 +175,20 @@ class CalibrationConfig:
         if self.seq_len < 2:
             raise ValueError(f"seq_len={self.seq_len} must be at least 2: the loss predicts each token from the "
                              "ones before it, so a single token has no target")
-        if self.fisher not in FISHER_MODES:
-            raise ValueError(f"fisher={self.fisher!r} is not allowed; allowed: {list(FISHER_MODES)}")
+        check_choice("fisher", self.fisher, FISHER_MODES)
         if not isinstance(self.gradient_checkpointing, bool):
             raise TypeError(f"gradient_checkpointing={self.gradient_checkpointing!r} must be True or False")
-        if self.accumulation not in ACCUMULATIONS:
-            raise ValueError(f"accumulation={self.accumulation!r} is not allowed; allowed: {list(ACCUMULATIONS)}")
+        check_choice("accumulation", self.accumulation, ACCUMULATIONS)
 
 
 def calibration_samples(tokenizer, cfg: CalibrationConfig, *, hub_root=None) -> torch.Tensor:
-    """`num_samples × seq_len` token ids: disjoint windows of the calibration part, chosen by seed."""
+    """`num_samples × seq_len` token ids: disjoint windows of the calibration part, chosen by seed.
+
+    >>> from workbench import load_model
+    >>> _, tokenizer = load_model("tiny")
+    >>> calibration_samples(tokenizer, CalibrationConfig(num_samples=2, seq_len=16)).shape
+    torch.Size([2, 16])
+    """
     tokens = token_stream(tokenizer, cfg.source, "calibration", hub_root=hub_root)
     n_windows = tokens.numel() // cfg.seq_len
     if cfg.num_samples > n_windows:

@@ -1,6 +1,28 @@
 """The deploy stage."""
-from workbench.deploy.gguf import GGUF_DTYPES, UNIFORM_ARCH, PER_LAYER_ARCH, ExportError, GGUFLayout, ExportReport, active_sliding_window, gguf_layout, export_gguf, export_models
-from workbench.deploy.llamacpp import LlamaCppUnavailable, available, LlamaCppModel, KV_TYPES, load, perplexity, Throughput, throughput, loaded, compare
+from workbench.deploy.gguf import (
+    GGUF_DTYPES,
+    PER_LAYER_ARCH,
+    UNIFORM_ARCH,
+    ExportError,
+    ExportReport,
+    GGUFLayout,
+    active_sliding_window,
+    export_gguf,
+    export_models,
+    gguf_layout,
+)
+from workbench.deploy.llamacpp import (
+    KV_TYPES,
+    LlamaCppModel,
+    LlamaCppUnavailable,
+    Throughput,
+    available,
+    compare,
+    load,
+    loaded,
+    perplexity,
+    throughput,
+)
 
 __all__ = [
     "GGUF_DTYPES",

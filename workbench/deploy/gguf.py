@@ -31,6 +31,7 @@ from torch import nn
 
 from workbench.core.models import BLOCKS, decoder_layers, geometry, get_spec, layer_parts, layer_widths
 from workbench.core.paths import clean_staging, confined, staging_file
+from workbench.core.registry import check_choice
 from workbench.plans.plan import Plan
 from workbench.surgery.checkpoints import PLAN_FILE, is_pruned_checkpoint, load_model, load_plan, load_pruned
 from workbench.surgery.prune import output_bias
@@ -42,8 +43,8 @@ PER_LAYER_ARCH = "deci"
 _FILE_TYPE = {"f32": 0, "f16": 1, "q8_0": 7}  # llama.cpp's LLAMA_FTYPE_ALL_F32 / MOSTLY_F16 / MOSTLY_Q8_0
 _ROTARY_PERMUTED = {"llama", "deci"}  # architectures whose rotary embedding pairs adjacent values
 # Pre-tokenizer names llama.cpp knows, recognised from the HF tokenizer's pre-tokenizer (see _pre_name).
-_LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-_QWEN2_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"  # noqa: E501
+_QWEN2_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"  # noqa: E501
 
 
 class ExportError(ValueError):
@@ -380,8 +381,7 @@ def export_gguf(
     """
     import gguf  # deferred: only exports need the GGUF writer
 
-    if dtype not in GGUF_DTYPES:
-        raise ExportError(f"dtype={dtype!r} is not allowed; allowed: {list(GGUF_DTYPES)}")
+    check_choice("dtype", dtype, GGUF_DTYPES, ExportError)
     target = Path(path)
     if target.suffix != ".gguf":
         raise ExportError(f"path {target} must end in .gguf")

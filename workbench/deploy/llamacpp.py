@@ -21,6 +21,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import pandas as pd
 
+from workbench.core.registry import check_choice
+
 _LIB = None
 _LOG: list[str] = []
 _LOCK = threading.Lock()
@@ -181,8 +183,7 @@ def load(path: str | os.PathLike, *, n_ctx: int = 512, n_threads: int | None = N
     kv_type: llama.cpp's KV cache precision; "f16" is its default (what users run), "f32" compares
     exactly against a float32 reference.
     """
-    if kv_type not in KV_TYPES:
-        raise ValueError(f"kv_type={kv_type!r} is not allowed; allowed: {list(KV_TYPES)}")
+    check_choice("kv_type", kv_type, KV_TYPES)
     ffi, lib = _binding()
     path = Path(path)
     if not path.is_file():

@@ -1,7 +1,44 @@
 """The evaluation stage."""
-from workbench.evaluation.efficiency import DECODE_MODES, EfficiencyConfig, PeakMemory, parameter_breakdown, kv_heads_per_layer, kv_cache_bytes_per_token, measured_cache_bytes, directory_bytes, greedy_tokens, measure, compare
-from workbench.evaluation.zeroshot import STUDY_TASKS, TASKS_DIR, LOCAL_TASKS, ZeroShotConfig, ZeroShotResult, resolve_task, zero_shot
-from workbench.evaluation.evaluate import PerplexityResult, window_nll, perplexity, perplexity_after, RESULT_LIBRARIES, library_versions, model_entry, results_record, results_table, evaluate_models, recovery_table, perplexity_of_plans, EFFICIENCY_ROWS, accuracy_table, efficiency_ratios
+from workbench.evaluation.efficiency import (
+    DECODE_MODES,
+    EfficiencyConfig,
+    PeakMemory,
+    compare,
+    directory_bytes,
+    greedy_tokens,
+    kv_cache_bytes_per_token,
+    kv_heads_per_layer,
+    measure,
+    measured_cache_bytes,
+    parameter_breakdown,
+)
+from workbench.evaluation.evaluate import (
+    EFFICIENCY_ROWS,
+    RESULT_LIBRARIES,
+    PerplexityResult,
+    accuracy_table,
+    efficiency_ratios,
+    evaluate_models,
+    library_versions,
+    model_entry,
+    perplexity,
+    perplexity_after,
+    perplexity_of_plans,
+    plans_record,
+    recovery_table,
+    results_record,
+    results_table,
+    window_nll,
+)
+from workbench.evaluation.zeroshot import (
+    LOCAL_TASKS,
+    STUDY_TASKS,
+    TASKS_DIR,
+    ZeroShotConfig,
+    ZeroShotResult,
+    resolve_task,
+    zero_shot,
+)
 
 __all__ = [
     "DECODE_MODES",
@@ -33,6 +70,7 @@ __all__ = [
     "results_table",
     "evaluate_models",
     "recovery_table",
+    "plans_record",
     "perplexity_of_plans",
     "EFFICIENCY_ROWS",
     "accuracy_table",

@@ -30,6 +30,7 @@ from workbench.core.models import (
     layer_widths,
     parameter_count,
 )
+from workbench.core.registry import check_choice
 
 DECODE_MODES = ("loop", "static")
 
@@ -59,8 +60,7 @@ class EfficiencyConfig:
     decode: str = "loop"
 
     def __post_init__(self):
-        if self.decode not in DECODE_MODES:
-            raise ValueError(f"decode={self.decode!r} is not allowed; allowed: {list(DECODE_MODES)}")
+        check_choice("decode", self.decode, DECODE_MODES)
         for name in ("prompt_len", "new_tokens", "batch_size", "repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be a positive integer")
@@ -126,7 +126,7 @@ def parameter_breakdown(model: nn.Module) -> dict[str, int]:
         parts = layer_parts(layer, spec)  # an emptied block is an EmptyBlock without parameters
         attn += count(parts.attn)
         mlp += count(parts.mlp)
-    embeddings = count(model.get_input_embeddings()) + count(model.get_output_embeddings())
+    embeddings = count(model.get_input_embeddings()) + count(model.get_output_embeddings())  # type: ignore[operator]  # an HF model's dynamic attributes
     total = parameter_count(model)
     return dict(total=total, embeddings=embeddings, attn=attn, mlp=mlp, norms=total - embeddings - attn - mlp)
 
@@ -159,9 +159,9 @@ def _sync(device: torch.device) -> None:
 
 
 def _generate(model: nn.Module, prompt: torch.Tensor, new_tokens: int):
-    return model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+    return model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,  # type: ignore[operator]  # an HF model's dynamic attributes
                           cache_implementation="static", return_dict_in_generate=True,
-                          pad_token_id=model.config.eos_token_id or 0)
+                          pad_token_id=model.config.eos_token_id or 0)  # type: ignore[union-attr]  # an HF model's dynamic attributes
 
 
 def _run_static(model: nn.Module, prompt: torch.Tensor, new_tokens: int):
@@ -204,8 +204,7 @@ _RUNS = {"loop": _run_loop, "static": _run_static}
 
 def greedy_tokens(model: nn.Module, prompt: torch.Tensor, new_tokens: int, decode: str = "loop") -> torch.Tensor:
     """The `new_tokens` greedy tokens a decode mode feeds back while it is timed (the modes agree; tested)."""
-    if decode not in DECODE_MODES:
-        raise ValueError(f"decode={decode!r} is not allowed; allowed: {list(DECODE_MODES)}")
+    check_choice("decode", decode, DECODE_MODES)
     with torch.no_grad(), eval_mode(model):
         return _RUNS[decode](model, prompt, new_tokens)[3]
 
@@ -214,7 +213,7 @@ def measure(model: nn.Module, cfg: EfficiencyConfig = EfficiencyConfig(), *,
             checkpoint_dir: str | os.PathLike | None = None) -> dict:
     """One model's efficiency record (see the module docstring for the protocol)."""
     device = next(model.parameters()).device
-    vocab = model.get_input_embeddings().weight.shape[0]
+    vocab = model.get_input_embeddings().weight.shape[0]  # type: ignore[operator]  # an HF model's dynamic attributes
     prompt = torch.randint(0, vocab, (cfg.batch_size, cfg.prompt_len),
                            generator=torch.Generator().manual_seed(cfg.seed)).to(device)
     run = _RUNS[cfg.decode]

@@ -5,8 +5,10 @@ import copy
 import math
 import platform
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 import pandas as pd
 import torch
@@ -19,6 +21,7 @@ from workbench.core.models import check_token_ids, eval_mode, model_summary
 from workbench.data.text import OFFLINE_SOURCE, evaluation_windows
 from workbench.evaluation.efficiency import measure as measure_efficiency
 from workbench.evaluation.zeroshot import zero_shot as run_zero_shot
+from workbench.plans.plan import Plan
 from workbench.surgery.prune import apply_plan, check_plan
 
 
@@ -174,6 +177,30 @@ def recovery_table(dense: PerplexityResult, pruned: PerplexityResult, recovered:
     gap = pruned.mean_nll - dense.mean_nll  # 0 when nothing was pruned (LoRA on the dense model)
     table["recovered share of the loss"] = [None, None, (pruned.mean_nll - recovered.mean_nll) / gap if gap else None]
     return table
+
+
+def plans_record(dense: PerplexityResult | None, results: Mapping[str, float | PerplexityResult],
+                 plans: Mapping[str, Plan], **settings: Any) -> dict:
+    """The one shape of a notebook's `evaluation/perplexity.json`: the dense perplexity, then per plan (by the
+    label it was shown under) its perplexity, how it was made (provenance and its label) and what it removes;
+    `settings`: what the notebook was asked (ratio, method, ...).
+
+    >>> plan = Plan.from_units([(2, 8)], {"mlp": {0: [0]}}, selected_params=10, denominator=100)
+    >>> plans_record(None, {"mine": 12.5}, {"mine": plan}, ratio=0.1)["plans"]["mine"]["ppl"]
+    12.5
+    """
+    missing = sorted(set(results) - set(plans))
+    if missing:
+        raise ValueError(f"plans_record: results for {missing} without their plans; give every plan it scores")
+    out: dict[str, Any] = dict(dense=dense.to_dict() if dense is not None else None, settings=settings, plans={})
+    for label, result in results.items():
+        plan = plans[label]
+        entry = result.to_dict() if isinstance(result, PerplexityResult) else dict(ppl=float(result))
+        out["plans"][label] = dict(entry, label=plan.provenance.label, provenance=plan.provenance.to_dict(),
+                                   asked_ratio=plan.asked_ratio, achieved_ratio=plan.achieved_ratio,
+                                   selected_params=plan.selected_params, denominator=plan.denominator,
+                                   emptied_blocks=plan.emptied_blocks(), removed_layers=plan.removed_layers())
+    return out
 
 
 def perplexity_of_plans(model: nn.Module, tokenizer, plans: dict, source: str = OFFLINE_SOURCE,

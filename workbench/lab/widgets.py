@@ -290,7 +290,7 @@ def _keep_state(fig) -> None:
     """Make the figure widget's synced state what it shows now. plotly's FigureWidget syncs its traces and
     layout as of construction and sends later changes as one-off messages, so a reloaded browser tab (which
     renders from the synced state) showed the empty chart it started with; this writes the current figure
-    back into that state (tested in tests/test_diagnosis.py)."""
+    back into that state (tested in tests/analysis/test_diagnosis.py)."""
     fig._widget_layout = deepcopy(fig._layout_obj._props)
     fig._widget_data = deepcopy(fig._data)
 

@@ -1,9 +1,56 @@
 """The plans stage."""
-from workbench.plans.plan import SOURCES, PlanProvenance, Plan, layer_summary, random_plan, ACHIEVED_TOLERANCE, check_achieved, EXTREME_THRESHOLD, extreme_blocks
-from workbench.plans.selection import RATIO_OF, block_codes, unit_costs, build_table, check_table_widths, SelectionConfig, check_attn_mlp, prunable_params, Budget, stable_argsort, select
-from workbench.plans.normalize import LEVELS, Normalizer, NORMALIZERS, ScoringConfig, TAU_OVER_BUDGET, PRESETS, normalize, clip_percentiles, block_corrected, score_table, standard_settings
-from workbench.plans.allocation import layer_outlier_ratio, owl_ratios, compare_allocation, Allocation, ALLOCATIONS, LayerwiseConfig, allocate, counts_for_targets, plan_from_counts, layerwise_plan, uniform_plan, kind_rates
+from workbench.plans.allocation import (
+    ALLOCATIONS,
+    Allocation,
+    LayerwiseConfig,
+    allocate,
+    compare_allocation,
+    counts_for_targets,
+    kind_rates,
+    layerwise_plan,
+    owl_plan,
+    owl_ratios,
+    plan_from_counts,
+    uniform_plan,
+)
+from workbench.plans.normalize import (
+    LEVELS,
+    NORMALIZERS,
+    PRESETS,
+    TAU_OVER_BUDGET,
+    Normalizer,
+    ScoringConfig,
+    block_corrected,
+    clip_percentiles,
+    normalize,
+    score_table,
+    standard_settings,
+)
+from workbench.plans.plan import (
+    ACHIEVED_TOLERANCE,
+    EXTREME_THRESHOLD,
+    SOURCES,
+    Plan,
+    PlanProvenance,
+    check_achieved,
+    extreme_blocks,
+    layer_summary,
+    random_plan,
+)
 from workbench.plans.rescore import Rescorer
+from workbench.plans.selection import (
+    RATIO_OF,
+    Budget,
+    SelectionConfig,
+    block_codes,
+    build_table,
+    check_attn_mlp,
+    check_table_widths,
+    prunable_params,
+    select,
+    stable_argsort,
+    unit_costs,
+)
 
 __all__ = [
     "SOURCES",
@@ -37,8 +84,8 @@ __all__ = [
     "block_corrected",
     "score_table",
     "standard_settings",
-    "layer_outlier_ratio",
     "owl_ratios",
+    "owl_plan",
     "compare_allocation",
     "Allocation",
     "ALLOCATIONS",

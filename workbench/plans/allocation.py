@@ -8,7 +8,8 @@
 - `layerwise_plan`: units per layer from those targets, with the study's Attention:MLP distribution x:y.
   Budget rule: with x:y, attention groups are counted across layers by largest remainder up to (never
   beyond) their share, then MLP channels fill the rest: the removed parameters reach the target and
-  overshoot it by less than one MLP channel (one group when y = 0 or the MLP runs out); without x:y, each layer takes its lowest-score units until its own
+  overshoot it by less than one MLP channel (one group when y = 0 or the MLP runs out); without x:y, each layer takes
+  its lowest-score units until its own
   target (each layer overshoots by less than one unit).
 - `uniform_plan`: every pruned layer keeps the same widths (the deployable shape).
 - OWL (Yin et al., 2024): `layer_outlier_ratio` (share of Wanda scores |w|·‖x‖ above M × the layer mean)
@@ -22,10 +23,9 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import pandas as pd
-import torch
-from torch import nn
 
-from workbench.core.models import BLOCKS, decoder_layers, get_spec, layer_parts
+from workbench.core.models import BLOCKS
+from workbench.core.registry import Registry, check_choice
 from workbench.plans.normalize import NORMALIZERS
 from workbench.plans.plan import Plan, PlanProvenance, check_achieved
 from workbench.plans.selection import (
@@ -37,31 +37,7 @@ from workbench.plans.selection import (
     select,
     stable_argsort,
 )
-from workbench.scoring.activations import ActivationStats
-
-
-def layer_outlier_ratio(model: nn.Module, acts: ActivationStats, m: float = 5.0) -> np.ndarray:
-    """Per layer: share of weights whose Wanda score |w|·‖x‖ exceeds m × the layer's mean score (OWL's LOD)."""
-    if not m > 0:
-        raise ValueError(f"m={m} must be > 0")
-    spec = get_spec(model)
-    out = []
-    for i, layer in enumerate(decoder_layers(model, spec)):
-        parts = layer_parts(layer, spec)
-        scores = []
-        for names, site in ((("q", "k", "v"), "attn_input"), (("o",), "attn_channels"),
-                            (("gate", "up"), "mlp_input"), (("down",), "mlp_channels")):
-            for name in names:
-                lin = getattr(parts, name)
-                if lin is not None:
-                    norm = acts.sites[(i, site)].sum_sq.sqrt().float()
-                    scores.append((lin.weight.detach().abs().float() * norm[None, :]).reshape(-1))
-        if not scores:
-            out.append(0.0)
-            continue
-        s = torch.cat(scores)
-        out.append(float((s > m * s.mean()).double().mean()))
-    return np.array(out)
+from workbench.scoring.layer_importance import check_layer_values
 
 
 def owl_ratios(outlier_ratio: np.ndarray, ratio: float, lam: float = 0.08) -> np.ndarray:
@@ -82,6 +58,37 @@ def owl_ratios(outlier_ratio: np.ndarray, ratio: float, lam: float = 0.08) -> np
         else:
             hi = c
     return np.clip(base + (lo + hi) / 2, ratio - lam, ratio + lam)
+
+
+def owl_plan(table: pd.DataFrame, budget: Budget, outlier_ratio, ratio: float, ratio_of: str = "total", *,
+             lam: float = 0.08, min_units_per_block: int = 1, score_column: str = "score") -> Plan:
+    """OWL (Yin et al., 2024) as structured pruning: per-layer ratios from the layers' outlier ratios
+    (`owl_ratios`, mean = the budget's share of the attention + MLP parameters, within ±`lam`), then each layer's
+    lowest-score units (`min_units_per_block` best units of each block kept). The plan is checked against the
+    budget asked (`ratio` of `ratio_of`).
+
+    >>> from workbench import Rescorer, calibration_samples, CalibrationConfig, importance_cached, load_model
+    >>> model, tok = load_model("tiny")
+    >>> imp = importance_cached(model, calibration_samples(tok, CalibrationConfig(num_samples=2, seq_len=16)),
+    ...                         cache=False, progress=False)
+    >>> budget = Budget.of(model)
+    >>> plan = owl_plan(Rescorer(imp, budget).table("wanda"), budget, [0.1, 0.3, 0.2, 0.0], 0.2)
+    >>> plan.provenance.label, round(plan.asked_ratio, 2), plan.achieved_ratio >= plan.asked_ratio
+    ('owl · wanda', 0.2, True)
+    """
+    values = check_layer_values(outlier_ratio, len(budget.widths), "outlier ratio")
+    target, denominator = budget.target(ratio, ratio_of)
+    ratios = owl_ratios(values, target / budget.prunable_params, lam)
+    plan = select(table, budget, SelectionConfig(layer_ratios=tuple(float(r) for r in ratios),
+                                                 min_units_per_block=min_units_per_block), score_column=score_column)
+    plan.target_params, plan.denominator = target, denominator
+    plan.provenance = PlanProvenance("owl", method=table.attrs.get("method"),
+                                     selection=dict(ratio=ratio, ratio_of=ratio_of, layer_ratios=ratios.round(6).tolist(),
+                                                    min_units_per_block=min_units_per_block, score_column=score_column),
+                                     params=dict(lam=lam, outlier_ratio=values.round(6).tolist()))
+    return check_achieved(plan, "OWL", int(table["cost"].max()),
+                          f"min_units_per_block={min_units_per_block} keeps units the per-layer ratios ask for"
+                          if min_units_per_block else "")
 
 
 def compare_allocation(global_plan: Plan, owl_plan: Plan, budget, outlier_ratio: np.ndarray) -> pd.DataFrame:
@@ -109,11 +116,11 @@ class Allocation:
     weights: Callable[[np.ndarray, float, float], np.ndarray]  # (normalized importance, alpha, epsilon) -> weights
 
 
-ALLOCATIONS: dict[str, Allocation] = {a.name: a for a in [
+ALLOCATIONS: Registry[Allocation] = Registry.of("strategy", [
     Allocation("uniform", "every layer gives the same share of its parameters", lambda n, a, e: np.ones_like(n)),
     Allocation("inverse", "important layers pruned less: weight ∝ 1 / (n + ε)^α", lambda n, a, e: (n + e) ** -a),
     Allocation("proportional", "important layers pruned more: weight ∝ (n + ε)^α", lambda n, a, e: (n + e) ** a),
-]}
+])
 
 
 @dataclass(frozen=True)
@@ -151,10 +158,8 @@ class LayerwiseConfig:
     def __post_init__(self):
         if isinstance(self.ratio, bool) or not 0 <= self.ratio < 1:
             raise ValueError(f"ratio={self.ratio!r} must be in [0, 1)")
-        if self.ratio_of not in RATIO_OF:
-            raise ValueError(f"ratio_of={self.ratio_of!r} is not allowed; allowed: {list(RATIO_OF)}")
-        if self.strategy not in ALLOCATIONS:
-            raise ValueError(f"strategy={self.strategy!r} is not registered; allowed: {list(ALLOCATIONS)}")
+        check_choice("ratio_of", self.ratio_of, RATIO_OF)
+        ALLOCATIONS.check(self.strategy)
         if not (np.isfinite(self.alpha) and self.alpha > 0):
             raise ValueError(f"alpha={self.alpha!r} must be a finite number > 0 (α ∈ (0, ∞))")
         if not (np.isfinite(self.epsilon) and self.epsilon > 0):

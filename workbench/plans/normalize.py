@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pandas as pd
 
+from workbench.core.registry import Registry, check_choice
 from workbench.plans.selection import block_codes
 from workbench.scoring.methods import IMPORTANCE_METHODS
 
@@ -63,13 +64,13 @@ class Normalizer:
     fn: Callable[[np.ndarray], np.ndarray]
 
 
-NORMALIZERS: dict[str, Normalizer] = {n.name: n for n in [
+NORMALIZERS: Registry[Normalizer] = Registry.of("normalization", [
     Normalizer("none", "scores as they are", _none),
     Normalizer("log", "log(s + 10⁻³·smallest positive s) within the level", _log),
     Normalizer("minmax", "(s − min) / (max − min) within the level", _minmax),
     Normalizer("zscore", "(s − mean) / std within the level", _zscore),
     Normalizer("sqrt", "√s within the level", _sqrt),
-]}
+])
 
 
 @dataclass(frozen=True)
@@ -99,20 +100,16 @@ class ScoringConfig:
     tau_over_budget: str = "refuse"
 
     def __post_init__(self):
-        if self.method not in IMPORTANCE_METHODS:
-            raise ValueError(f"method={self.method!r} is not registered; allowed: {list(IMPORTANCE_METHODS)}")
-        if self.normalization not in NORMALIZERS:
-            raise ValueError(f"normalization={self.normalization!r} is not allowed; allowed: {list(NORMALIZERS)}")
-        if self.level not in LEVELS:
-            raise ValueError(f"level={self.level!r} is not allowed; allowed: {list(LEVELS)}")
+        IMPORTANCE_METHODS.check(self.method)
+        check_choice("normalization", self.normalization, NORMALIZERS)
+        check_choice("level", self.level, LEVELS)
         if not 0.0 <= self.clip_low < self.clip_high <= 100.0:
             raise ValueError(f"clip_low={self.clip_low}, clip_high={self.clip_high}: need 0 <= low < high <= 100")
         if not 0.0 <= self.temperature <= 1.0:
             raise ValueError(f"temperature={self.temperature} must be in [0, 1]")
         if self.tau is not None and not (math.isfinite(self.tau) and self.tau >= 0):
             raise ValueError(f"tau={self.tau} must be None (off) or a finite number >= 0 (a block-removal loss)")
-        if self.tau_over_budget not in TAU_OVER_BUDGET:
-            raise ValueError(f"tau_over_budget={self.tau_over_budget!r} is not allowed; allowed: {list(TAU_OVER_BUDGET)}")
+        check_choice("tau_over_budget", self.tau_over_budget, TAU_OVER_BUDGET)
 
     @property
     def needs_block_loss(self) -> bool:
@@ -125,11 +122,11 @@ class ScoringConfig:
 TAU_OVER_BUDGET = ("refuse", "cap")
 
 # The GAQ-Aware-Prune study's three global methods as named presets (widgets and tests read this registry).
-PRESETS: dict[str, ScoringConfig] = {
+PRESETS: Registry[ScoringConfig] = Registry("preset", {
     "taylor": ScoringConfig(method="taylor", normalization="none"),
     "layerwise": ScoringConfig(method="taylor", normalization="minmax", level="layer"),
     "blockwise": ScoringConfig(method="taylor", normalization="minmax", level="block"),
-}
+})
 
 
 def normalize(scores: np.ndarray, codes: np.ndarray, name: str) -> np.ndarray:
@@ -191,7 +188,14 @@ def _block_loss_by_code(block_loss: pd.DataFrame) -> np.ndarray:
 
 
 def score_table(table: pd.DataFrame, cfg: ScoringConfig, block_loss: pd.DataFrame | None = None) -> pd.DataFrame:
-    """A copy of `table` with `final_score` (and `forced` for tau) after every correction of `cfg`."""
+    """A copy of `table` with `final_score` (and `forced` for tau) after every correction of `cfg`.
+
+    >>> import pandas as pd
+    >>> table = pd.DataFrame(dict(layer=[0, 0, 1, 1], block=["attn", "mlp"] * 2, unit=[0, 0, 0, 0],
+    ...                           score=[1.0, 2.0, 100.0, 300.0], cost=[1, 1, 1, 1]))
+    >>> score_table(table, ScoringConfig(normalization="minmax", level="layer"))["final_score"].tolist()
+    [0.0, 1.0, 0.0, 1.0]
+    """
     if cfg.needs_block_loss and block_loss is None:
         raise ValueError(f"temperature={cfg.temperature}, tau={cfg.tau} need the measured block removal loss "
                          "(workbench.scoring.removal.block_removal_loss)")

@@ -15,12 +15,14 @@ import pandas as pd
 import torch
 
 from workbench.core.models import BLOCKS
+from workbench.core.registry import check_choice
 
 SOURCES = {  # how a plan can be made (PlanProvenance.source)
     "global": "the global fractional knapsack over the scored unit table",
     "per_layer": "the lowest-scored units of each layer at given per-layer ratios",
     "layerwise": "a per-layer strategy of the GAQ-Aware-Prune study (v1.0), units by score within each layer",
     "uniform": "the same ratio in every layer (or a range of layers), units by score within each layer",
+    "owl": "OWL (Yin et al., 2024): per-layer ratios from the layers' outlier ratios, units by score within each layer",
     "baseline": "a method the workbench is compared with (`baselines.BASELINES`)",
     "random": "random units (tests, sanity checks)",
     "hand": "written by hand, or read from a file made before plans recorded their provenance",
@@ -54,8 +56,7 @@ class PlanProvenance:
     params: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.source not in SOURCES:
-            raise ValueError(f"source={self.source!r} is not allowed; allowed: {list(SOURCES)}")
+        check_choice("source", self.source, SOURCES)
         if (self.source == "baseline") != (self.baseline is not None):
             raise ValueError(f"source={self.source!r} with baseline={self.baseline!r}: a baseline's plan names it, "
                              "and only a baseline's")
@@ -72,8 +73,8 @@ class PlanProvenance:
         name = ", ".join([self._method(), *_scoring_words(self.scoring)])
         if self.source == "layerwise":
             return f"layerwise:{self.params.get('strategy', '?')} · {name}"
-        if self.source == "uniform":
-            return f"uniform · {name}"
+        if self.source in ("uniform", "owl"):
+            return f"{self.source} · {name}"
         return f"{name} · per layer" if self.source == "per_layer" else name
 
     @property
@@ -116,7 +117,7 @@ class PlanProvenance:
     def settings(self) -> dict:
         """The flat view `Plan.settings` gives (what `from_settings` reads back)."""
         out: dict[str, Any] = {**self.params, **self.selection}
-        if self.source in ("layerwise", "uniform", "random"):
+        if self.source in ("layerwise", "uniform", "owl", "random"):
             out["kind"] = self.source
         if self.baseline is not None:
             out["baseline"] = self.baseline
@@ -215,7 +216,7 @@ class Plan:
     @classmethod
     def from_dict(cls, d: dict) -> Plan:
         """A plan from `to_dict`'s output, validated like `from_units` (indices in range, no duplicates)."""
-        widths = [tuple(int(x) for x in w) for w in d["widths"]]
+        widths = [(int(w[0]), int(w[1])) for w in d["widths"]]
         for b in BLOCKS:
             if len(d["removed"][b]) != len(widths):
                 raise ValueError(f"plan: {len(d['removed'][b])} {b} entries for {len(widths)} layers")
@@ -228,7 +229,12 @@ class Plan:
     @classmethod
     def from_units(cls, widths: list[tuple[int, int]], removed: dict[str, dict[int, list[int]]], **kw) -> Plan:
         """A plan from {block: {layer: [units]}} (hand-written or random plans); `settings=` (a flat dict, as
-        plans carried before) is read into `provenance`."""
+        plans carried before) is read into `provenance`.
+
+        >>> plan = Plan.from_units([(2, 8), (2, 8)], {"attn": {0: [1]}, "mlp": {1: list(range(8))}})
+        >>> plan.kept_widths(), plan.emptied_blocks(), plan.provenance.label
+        ([(1, 8), (2, 0)], [(1, 'mlp')], 'plan')
+        """
         if "settings" in kw:
             kw["provenance"] = PlanProvenance.from_settings(kw.pop("settings") or {})
         extra = {b: sorted(set(removed.get(b, {})) - set(range(len(widths)))) for b in BLOCKS}
@@ -245,7 +251,12 @@ class Plan:
 
 
 def layer_summary(plan: Plan) -> pd.DataFrame:
-    """Per layer and block: units before, kept, removed, kept and pruned fractions."""
+    """Per layer and block: units before, kept, removed, kept and pruned fractions.
+
+    >>> plan = Plan.from_units([(2, 8)], {"mlp": {0: [0, 1]}})
+    >>> layer_summary(plan)[["block", "kept", "pruned_fraction"]].values.tolist()
+    [['attn', 2, 0.0], ['mlp', 6, 0.25]]
+    """
     rows = []
     for i, w in enumerate(plan.widths):
         for k, block in enumerate(BLOCKS):

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from workbench.core.models import BLOCKS, geometry, layer_widths, parameter_count
+from workbench.core.registry import check_choice
 from workbench.core.units import iter_blocks, unit_cost
 from workbench.plans.plan import Plan, PlanProvenance, check_achieved
 
@@ -136,8 +137,7 @@ class SelectionConfig:
             check_attn_mlp(self.attn_mlp)
             if self.layer_ratios is not None:
                 raise ValueError("attn_mlp with layer_ratios: use allocation.layerwise_plan for per-layer x:y")
-        if self.ratio_of not in RATIO_OF:
-            raise ValueError(f"ratio_of={self.ratio_of!r} is not allowed; allowed: {list(RATIO_OF)}")
+        check_choice("ratio_of", self.ratio_of, RATIO_OF)
         if self.min_units_per_block < 0:
             raise ValueError(f"min_units_per_block={self.min_units_per_block} must be >= 0")
 
@@ -180,8 +180,7 @@ class Budget:
 
     def target(self, ratio: float, ratio_of: str) -> tuple[int, int]:
         """(parameters to remove, denominator) for `ratio` of "total" or "prunable" parameters."""
-        if ratio_of not in RATIO_OF:
-            raise ValueError(f"ratio_of={ratio_of!r} is not allowed; allowed: {list(RATIO_OF)}")
+        check_choice("ratio_of", ratio_of, RATIO_OF)
         denominator = self.total_params if ratio_of == "total" else self.prunable_params
         return int(np.ceil(ratio * denominator)), denominator
 
@@ -344,6 +343,7 @@ def _select_per_layer(table: pd.DataFrame, budget: Budget, cfg: SelectionConfig,
     """Within each layer, remove the lowest-score units until the layer's own ratio of its parameters is met
     (or its unprotected units run out: `min_units_per_block` keeps each block's best units)."""
     widths = budget.widths
+    assert cfg.layer_ratios is not None  # select() sends only per-layer settings here
     if len(cfg.layer_ratios) != len(widths):
         raise ValueError(f"layer_ratios has {len(cfg.layer_ratios)} values; the model has {len(widths)} layers")
     if "forced" in table and table["forced"].any():

@@ -1,4 +1,5 @@
-"""Figures: one function per figure kind, by family (model, plans, results), plotly for interactive views, matplotlib for paper export.
+"""Figures: one function per figure kind, by family (model, plans, results), plotly for interactive views, matplotlib
+for paper export.
 
 Every figure function takes `backend="plotly"` (interactive, for notebooks) or `backend="paper"`
 (matplotlib, consistent style, for `export`). `export` writes PDF/PNG/SVG atomically, by one rule: into
@@ -23,14 +24,14 @@ from workbench.plots.results import correlation_scatter, grouped_bars, loss_curv
 from workbench.plots.style import BACKENDS, COLORS, PAPER_RC, SERIES_COLORS, STAT_LABELS, VALUE_LABELS
 
 __all__ = [
+    "EXPORT_FORMATS",
+    "export",
     "BACKENDS",
     "COLORS",
     "SERIES_COLORS",
     "PAPER_RC",
     "VALUE_LABELS",
     "STAT_LABELS",
-    "EXPORT_FORMATS",
-    "export",
     "params_per_layer",
     "MODULE_ORDER",
     "weight_distribution",

@@ -1,4 +1,6 @@
-"""Paper export by one rule: PDF/PNG/SVG written atomically into an experiment's `figures/` and, named after the experiment, the project's `figures/`."""
+"""Paper export by one rule: PDF/PNG/SVG written atomically into an experiment's `figures/` and, named after the
+experiment, the project's `figures/`.
+"""
 from __future__ import annotations
 
 import os

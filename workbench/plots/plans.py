@@ -1,4 +1,6 @@
-"""Figures of plans and their making: kept fraction per layer, gradient/importance scales, settings side by side, the x:y search."""
+"""Figures of plans and their making: kept fraction per layer, gradient/importance scales, settings side by side, the
+x:y search.
+"""
 from __future__ import annotations
 
 import numpy as np

@@ -1,6 +1,8 @@
 """The one figure style: colors, the matplotlib paper style, axis helpers and labels."""
 from __future__ import annotations
 
+from workbench.core.registry import check_choice
+
 BACKENDS = ("plotly", "paper")
 
 
@@ -28,8 +30,7 @@ PAPER_RC = {
 
 
 def _check_backend(backend: str) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not allowed; allowed: {list(BACKENDS)}")
+    check_choice("backend", backend, BACKENDS)
 
 
 def _paper_axes(ncols: int = 1, width_per_panel: float | None = None):

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from workbench.core.cache import model_fingerprint, tensor_fingerprint
 from workbench.core.models import eval_mode, get_spec
 from workbench.core.paths import torch_save_atomic
+from workbench.core.registry import check_choice
 from workbench.data.recovery import TrainData, instruction_examples, load_instructions, text_examples
 from workbench.data.text import OFFLINE_SOURCE
 
@@ -82,10 +83,8 @@ class FinetuneConfig:
     target_modules: tuple[str, ...] | None = None  # None: q, k, v, o, gate, up, down of the family
 
     def __post_init__(self):
-        if self.method not in FINETUNE_METHODS:
-            raise ValueError(f"method={self.method!r} is not allowed; allowed: {list(FINETUNE_METHODS)}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule={self.schedule!r} is not allowed; allowed: {list(SCHEDULES)}")
+        check_choice("method", self.method, FINETUNE_METHODS)
+        check_choice("schedule", self.schedule, SCHEDULES)
         for name in ("seq_len", "max_steps", "batch_size", "grad_accum", "eval_every", "save_every", "lora_r"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be a positive integer")
@@ -192,7 +191,7 @@ def finetune(model: nn.Module, tokenizer, cfg: FinetuneConfig, checkpoint_dir: s
     state_path = checkpoint_dir / STATE_FILE
     if hasattr(model, "peft_config") and hasattr(model, "unload"):
         # a stopped LoRA run returns the peft-wrapped model: continue from its base weights
-        model = model.unload()
+        model = model.unload()  # type: ignore[operator]  # an HF model's dynamic attributes
     torch.manual_seed(cfg.seed)
     data = data if data is not None else training_data(tokenizer, cfg)
     train, val = data.split(cfg.val_fraction, cfg.seed)
@@ -212,7 +211,7 @@ def finetune(model: nn.Module, tokenizer, cfg: FinetuneConfig, checkpoint_dir: s
                               target_modules=lora_targets(model, cfg), bias="none", task_type="CAUSAL_LM")
         net = get_peft_model(model, peft_cfg)
     else:
-        net = model
+        net = model  # type: ignore[assignment]  # an HF model's dynamic attributes
         for p in net.parameters():
             p.requires_grad_(True)
     named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]

@@ -1,8 +1,59 @@
 """The runs stage."""
-from workbench.runs.pipeline import PruneRunConfig, calibrate, select_plan, record_plan, save_and_check, pruned_model, LAYER_IMPORTANCE_SAMPLES, make_run_plan, run_pruning, experiment_models
-from workbench.runs.config import ConfigError, ModelConfig, DTYPES, RunConfig, from_dict, to_dict, config_hash, read_yaml, with_overrides, load_run_config, dump_yaml, save_config
-from workbench.runs.sweep import STATUS, RUN_FILE, SAMPLERS, DIRECTIONS, search_corners, SearchConfig, SweepConfig, load_sweep, OBJECTIVES, objectives, expand, run_status, ModelPool, run_one, prepare, CLAIM_GRACE_S, work, run_sweep
-from workbench.runs.consolidate import CORRELATION_PAIRS, run_row, method_label, consolidate, correlations, sweep_objective, best
+from workbench.runs.config import (
+    ADDED_FIELDS,
+    DTYPES,
+    ConfigError,
+    ModelConfig,
+    RunConfig,
+    config_hash,
+    dump_yaml,
+    from_dict,
+    load_run_config,
+    read_yaml,
+    save_config,
+    to_dict,
+    with_overrides,
+)
+from workbench.runs.consolidate import (
+    CORRELATION_PAIRS,
+    best,
+    consolidate,
+    correlations,
+    method_label,
+    run_row,
+    sweep_objective,
+)
+from workbench.runs.pipeline import (
+    PruneRunConfig,
+    calibrate,
+    experiment_models,
+    make_run_plan,
+    pruned_model,
+    record_plan,
+    run_pruning,
+    save_and_check,
+    select_plan,
+)
+from workbench.runs.sweep import (
+    CLAIM_GRACE_S,
+    DIRECTIONS,
+    OBJECTIVES,
+    RUN_FILE,
+    SAMPLERS,
+    STATUS,
+    ModelPool,
+    SearchConfig,
+    SweepConfig,
+    expand,
+    load_sweep,
+    objectives,
+    prepare,
+    run_one,
+    run_status,
+    run_sweep,
+    search_corners,
+    work,
+)
 
 __all__ = [
     "PruneRunConfig",
@@ -11,7 +62,6 @@ __all__ = [
     "record_plan",
     "save_and_check",
     "pruned_model",
-    "LAYER_IMPORTANCE_SAMPLES",
     "make_run_plan",
     "run_pruning",
     "experiment_models",
@@ -21,6 +71,7 @@ __all__ = [
     "RunConfig",
     "from_dict",
     "to_dict",
+    "ADDED_FIELDS",
     "config_hash",
     "read_yaml",
     "with_overrides",

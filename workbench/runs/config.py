@@ -16,7 +16,6 @@ a wrong type names the expected one, and each dataclass's own checks name the al
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import os
@@ -26,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from workbench.core.paths import write_atomic
+from workbench.core.registry import check_choice, closest
 from workbench.runs.pipeline import PruneRunConfig
 from workbench.surgery.checkpoints import check_device_name
 
@@ -52,8 +52,7 @@ class ModelConfig:
     device: str = "cpu"
 
     def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype={self.dtype!r} is not allowed; allowed: {list(DTYPES)}")
+        check_choice("dtype", self.dtype, DTYPES)
         if not self.name:
             raise ValueError("name is empty; use 'default', a hub id, a directory or a .gguf file")
         check_device_name(self.device)
@@ -74,7 +73,7 @@ class RunConfig(PruneRunConfig):
 
 
 def _closest(key: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+    close = closest(key, valid, n=3, cutoff=0.5)
     return f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
 
 
@@ -109,7 +108,7 @@ def _convert(value, tp, where: str):
                           f"{where}: {value!r} is none of {' | '.join(_describe(a) for a in args)}")
     if dataclasses.is_dataclass(tp):
         if value is None:
-            raise ConfigError(f"{where}: a {tp.__name__} section is needed here, not null")
+            raise ConfigError(f"{where}: a {getattr(tp, '__name__', tp)} section is needed here, not null")
         return from_dict(tp, value, where)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
@@ -162,9 +161,16 @@ def to_dict(cfg) -> dict:
     return plain(dataclasses.asdict(cfg))
 
 
+# Fields added after run keys were first written, with their defaults: a run that keeps the default keeps the key
+# it had before the field existed (a sweep resumes across the upgrade instead of running everything again).
+ADDED_FIELDS: dict[str, object] = {"layer_importance_samples": 16}
+
+
 def config_hash(cfg) -> str:
-    """A short stable hash of a config's resolved content (every field, defaults included)."""
-    text = json.dumps(to_dict(cfg), sort_keys=True, separators=(",", ":"))
+    """A short stable hash of a config's resolved content (every field, defaults included, except a field of
+    `ADDED_FIELDS` at its default)."""
+    d = {k: v for k, v in to_dict(cfg).items() if not (k in ADDED_FIELDS and v == ADDED_FIELDS[k])}
+    text = json.dumps(d, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -198,8 +204,10 @@ def with_overrides(data: dict, overrides: list[str] | tuple[str, ...], where: st
     if bad:
         raise ConfigError(f"overrides {bad} must look like key=value (dotted keys, e.g. selection.ratio=0.25)")
     try:
-        return OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(data), OmegaConf.from_dotlist(list(overrides))),
-                                      resolve=True)
+        merged = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(data), OmegaConf.from_dotlist(list(overrides))),
+                                        resolve=True)
+        assert isinstance(merged, dict)  # a mapping merged with a mapping
+        return merged
     except OmegaConfBaseException as e:
         raise ConfigError(f"{where}: {e}") from None
 

@@ -3,7 +3,8 @@
 `consolidate(sweep_dir)` reads every `runs/<key>/` (its resolved `run.yaml`, `status.json` and, when complete,
 `evaluation/perplexity.json` and `analysis/gradient_diagnosis.json`) into one row per run and writes
 `consolidated.csv` and `consolidated.parquet`. `best(sweep_dir)` writes, per model and ratio, `global_best_config.json`,
-`method_comparison.json` and a link `run` to the best run's directory (under `best/<model>_<ratio>/`), `cross_model_comparison.json`, `correlations.csv`
+`method_comparison.json` and a link `run` to the best run's directory (under `best/<model>_<ratio>/`),
+`cross_model_comparison.json`, `correlations.csv`
 (Pearson and Spearman with n and p-values, computed from the table) and `report.txt`.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pandas as pd
 
 from workbench.core.experiments import jsonable
 from workbench.core.paths import write_atomic
+from workbench.core.registry import check_choice
 from workbench.runs.config import ConfigError, RunConfig, from_dict, read_yaml
 from workbench.runs.sweep import DIRECTIONS, RUN_FILE, run_status
 
@@ -157,8 +159,7 @@ def best(sweep_dir: str | os.PathLike, objective: str | None = None, direction: 
     sweep_dir = Path(sweep_dir)
     file_objective, file_direction = sweep_objective(sweep_dir)
     objective, direction = objective or file_objective, direction or file_direction
-    if direction not in DIRECTIONS:
-        raise ValueError(f"direction={direction!r} is not allowed; allowed: {list(DIRECTIONS)}")
+    check_choice("direction", direction, DIRECTIONS)
     table = consolidate(sweep_dir) if table is None else table
     done = table[table.status == "complete"].copy() if len(table) else table
     if objective not in done.columns:

@@ -59,6 +59,8 @@ class PruneRunConfig:
         finetune: recovery training after pruning (`FinetuneConfig`, LoRA or full); None: off.
         zero_shot: lm-eval tasks on the final model (`ZeroShotConfig`); None: off.
         efficiency: latency / memory / KV-cache measurement of the final model (`EfficiencyConfig`); None: off.
+        layer_importance_samples: calibration windows a baseline's per-layer importance (removal loss, Block
+            Influence, outlier ratio) is measured on: the first this many of the calibration samples.
     """
 
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
@@ -75,6 +77,7 @@ class PruneRunConfig:
     finetune: FinetuneConfig | None = None
     zero_shot: ZeroShotConfig | None = None
     efficiency: EfficiencyConfig | None = None
+    layer_importance_samples: int = 16
 
     def __post_init__(self):
         if isinstance(self.eval_seq_len, bool) or not isinstance(self.eval_seq_len, int) or self.eval_seq_len < 2:
@@ -82,9 +85,11 @@ class PruneRunConfig:
         if self.eval_windows is not None and (isinstance(self.eval_windows, bool)
                                               or not isinstance(self.eval_windows, int) or self.eval_windows < 1):
             raise ValueError(f"eval_windows={self.eval_windows!r} must be a positive integer or None (all)")
-        if self.baseline is not None and self.baseline not in BASELINES:
-            raise ValueError(f"baseline={self.baseline!r} is not registered; allowed: {list(BASELINES)} or None "
-                             "(the global selection)")
+        if self.baseline is not None:
+            BASELINES.check(self.baseline, also="None (the global selection)")
+        if isinstance(self.layer_importance_samples, bool) or not isinstance(self.layer_importance_samples, int) \
+                or self.layer_importance_samples < 1:
+            raise ValueError(f"layer_importance_samples={self.layer_importance_samples!r} must be a positive integer")
         if self.baseline_params and self.baseline is None:
             raise ValueError(f"baseline_params={self.baseline_params} without a baseline; set baseline too")
 
@@ -157,9 +162,6 @@ def pruned_model(model: nn.Module, tokenizer, *, experiment: str | None = None, 
     return model, plan
 
 
-LAYER_IMPORTANCE_SAMPLES = 16  # calibration windows a baseline's per-layer importance is measured on
-
-
 def make_run_plan(model: nn.Module, cfg: PruneRunConfig, samples: torch.Tensor, imp: Importance, *,
                   progress: bool = True) -> tuple[pd.DataFrame, Plan, ReconstructConfig | None]:
     """The run's unit table, plan, and the compensation that goes with it (the run's reconstruction, else the
@@ -172,7 +174,7 @@ def make_run_plan(model: nn.Module, cfg: PruneRunConfig, samples: torch.Tensor, 
         table, plan = rescorer.plan(cfg.scoring, cfg.selection)
         return table, plan, cfg.reconstruction
     base = BASELINES[cfg.baseline]
-    layer_scores = {m: layer_importance(model, samples[:LAYER_IMPORTANCE_SAMPLES], m, progress=progress).to_numpy()
+    layer_scores = {m: layer_importance(model, samples[:cfg.layer_importance_samples], m, progress=progress).to_numpy()
                     for m in base.layer_measures}
     plan = make_plan(cfg.baseline, rescorer, cfg.selection.ratio, cfg.selection.ratio_of, layer_scores=layer_scores,
                      **cfg.baseline_params)

@@ -19,7 +19,8 @@ worker. A run is written into a staging folder and moved under its key only when
 raises is recorded as failed with its traceback, and the sweep goes on. A killed sweep loses only the runs in
 progress: the next `workbench sweep` marks running trials whose worker is gone (its process on this host no
 longer exists) failed and enqueues their runs again; a live worker's trial is left to it, and its run is not
-enqueued twice. A complete run's record is never overwritten. Workers on other machines that share the folder (or an RDB storage URL) join with `join=True`.
+enqueued twice. A complete run's record is never overwritten. Workers on other machines that share the folder (or an
+RDB storage URL) join with `join=True`.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ import torch
 
 from workbench.core.experiments import Experiment
 from workbench.core.paths import clean_staging, process_alive, write_atomic
+from workbench.core.registry import Registry, check_choice, choice_error
 from workbench.plans.normalize import PRESETS
 from workbench.runs.config import (
     ConfigError,
@@ -124,8 +126,7 @@ class SearchConfig:
             _check_param(key, spec)
         if self.trials < 1:
             raise ValueError(f"trials={self.trials} must be a positive integer")
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"sampler={self.sampler!r} is not allowed; allowed: {list(SAMPLERS)}")
+        check_choice("sampler", self.sampler, SAMPLERS)
 
 
 @dataclass(frozen=True)
@@ -147,8 +148,7 @@ class SweepConfig:
     direction: str = "minimize"
 
     def __post_init__(self):
-        if self.direction not in DIRECTIONS:
-            raise ValueError(f"direction={self.direction!r} is not allowed; allowed: {list(DIRECTIONS)}")
+        check_choice("direction", self.direction, DIRECTIONS)
         if self.search is not None and self.grid:
             raise ValueError("a sweep has either a grid or a search, not both (put one of them in a second sweep)")
         if self.search is None:
@@ -189,12 +189,12 @@ def load_sweep(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] =
 
 
 # objective -> (the run-config section that must be on for a run to record it, where the run's record holds it)
-OBJECTIVES: dict[str, tuple[str | None, tuple[str, str]]] = {
+OBJECTIVES: Registry[tuple[str | None, tuple[str, str]]] = Registry("objective", {
     "ppl": (None, ("pruned", "ppl")),
     "ppl_dense": (None, ("dense", "ppl")),
     "ppl_finetuned": ("finetune", ("finetuned", "ppl")),
     "acc_mean": ("zero_shot", ("zero_shot", "mean_acc")),
-}
+})
 
 
 def objectives(cfg: RunConfig) -> set[str]:
@@ -214,7 +214,7 @@ def _apply(base: dict, assignments) -> dict:
     for key, value in sorted(assignments, key=lambda kv: kv[0].count(".")):
         if key == "scoring" and isinstance(value, str):
             if value not in PRESETS:
-                raise ConfigError(f"scoring={value!r} is not a preset; presets: {list(PRESETS)}")
+                raise choice_error("scoring", value, PRESETS, ConfigError, verb="one of the presets")
             value = to_dict(PRESETS[value])
         node = out
         parts = key.split(".")
@@ -349,7 +349,7 @@ def _study(sweep: SweepConfig, sweep_dir: Path, storage: str | None, *, must_exi
         if must_exist:
             return optuna.load_study(study_name="sweep", storage=_storage(sweep_dir, storage), sampler=sampler)
         return optuna.create_study(study_name="sweep", storage=_storage(sweep_dir, storage), load_if_exists=True,
-                                   direction=sweep.direction, sampler=sampler)
+                                   direction=sweep.direction, sampler=sampler)  # type: ignore[arg-type]
     except KeyError:
         raise ConfigError(f"the storage {where} holds no sweep: start it without --join first") from None
     except Exception as e:  # a damaged journal or database: say which, and that the runs are safe
@@ -458,6 +458,7 @@ def _search(sweep: SweepConfig, study, runs_dir: Path, pool: ModelPool, log, max
     import optuna  # deferred: only sweeps need it
 
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
+    assert sweep.search is not None  # _search runs only for sweeps with a search section
     done = 0
     while max_runs is None or done < max_runs:
         if len(study.get_trials(deepcopy=False, states=states)) >= sweep.search.trials:

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from workbench.core.cache import cached, lookup, make_key, read_entry, store, write_entry
 from workbench.core.models import BLOCKS, check_token_ids, checkpointed_layers, eval_mode, geometry, layer_widths
+from workbench.core.registry import check_choice
 from workbench.core.tracer import trace
 from workbench.core.units import block_params, block_units, iter_blocks, reduce_to_units
 from workbench.data.text import ACCUMULATIONS, FISHER_MODES
@@ -172,8 +173,7 @@ _COMPILED: dict[str, Callable] = {}
 
 
 def _terms_fn(accumulation: str) -> Callable:
-    if accumulation not in ACCUMULATIONS:
-        raise ValueError(f"accumulation={accumulation!r} is not allowed; allowed: {list(ACCUMULATIONS)}")
+    check_choice("accumulation", accumulation, ACCUMULATIONS)
     if accumulation == "eager":
         return param_terms
     if "fn" not in _COMPILED:  # compiled once per process; shapes vary by module, hence dynamic
@@ -230,8 +230,7 @@ def compute_importance(
                          "predicts each token from the ones before it")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be a positive integer")
-    if fisher not in FISHER_MODES:
-        raise ValueError(f"fisher={fisher!r} is not allowed; allowed: {list(FISHER_MODES)}")
+    check_choice("fisher", fisher, FISHER_MODES)
     terms = _terms_fn(accumulation)
     check_token_ids(samples, model, "calibration token ids")
     rank, world = _rank_and_world(data_parallel)

@@ -20,8 +20,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from workbench.core.cache import cached, make_key
-from workbench.core.models import BLOCKS, check_token_ids, decoder_layers, eval_mode
+from workbench.core.models import BLOCKS, check_token_ids, decoder_layers, eval_mode, get_spec, layer_parts
+from workbench.core.registry import Registry
 from workbench.core.tracer import trace
+from workbench.scoring.activations import ActivationStats, activation_stats
 from workbench.scoring.removal import removal_losses
 
 CACHE_FORMAT = 1
@@ -76,6 +78,38 @@ def block_influence(model: nn.Module, samples: torch.Tensor, *, batch_size: int 
     return pd.Series(d["values"], index=pd.RangeIndex(len(d["values"]), name="layer"), name="activation")
 
 
+def layer_outlier_ratio(model: nn.Module, acts: ActivationStats, m: float = 5.0) -> np.ndarray:
+    """Per layer: share of weights whose Wanda score |w|·‖x‖ exceeds m × the layer's mean score (OWL's LOD)."""
+    if not m > 0:
+        raise ValueError(f"m={m} must be > 0")
+    spec = get_spec(model)
+    out = []
+    for i, layer in enumerate(decoder_layers(model, spec)):
+        parts = layer_parts(layer, spec)
+        scores = []
+        for names, site in ((("q", "k", "v"), "attn_input"), (("o",), "attn_channels"),
+                            (("gate", "up"), "mlp_input"), (("down",), "mlp_channels")):
+            for name in names:
+                lin = getattr(parts, name)
+                if lin is not None:
+                    norm = acts.sites[(i, site)].sum_sq.sqrt().float()
+                    scores.append((lin.weight.detach().abs().float() * norm[None, :]).reshape(-1))
+        if not scores:
+            out.append(0.0)
+            continue
+        s = torch.cat(scores)
+        out.append(float((s > m * s.mean()).double().mean()))
+    return np.array(out)
+
+
+def outlier_ratio(model: nn.Module, samples: torch.Tensor, *, batch_size: int = 4, progress: bool = True,
+                  cache: bool | str | os.PathLike = True, m: float = 5.0) -> pd.Series:
+    """Per layer: OWL's outlier ratio (Yin et al., 2024) from the streamed activation statistics (cached)."""
+    acts = activation_stats(model, samples, batch_size=batch_size, progress=progress, cache=cache)
+    values = layer_outlier_ratio(model, acts, m=m)
+    return pd.Series(values, index=pd.RangeIndex(len(values), name="layer"), name="outlier_ratio")
+
+
 @dataclass(frozen=True)
 class LayerImportance:
     name: str
@@ -83,19 +117,18 @@ class LayerImportance:
     fn: Callable[..., pd.Series]
 
 
-LAYER_IMPORTANCE: dict[str, LayerImportance] = {
-    m.name: m for m in [
-        LayerImportance("removal", "calibration-loss increase when the whole layer is bypassed", layer_removal_loss),
-        LayerImportance("activation", "Block Influence 1 − cos(x_in, x_out) of the residual stream (ShortGPT)",
-                        block_influence),
-    ]
-}
+LAYER_IMPORTANCE: Registry[LayerImportance] = Registry.of("measure", [
+    LayerImportance("removal", "calibration-loss increase when the whole layer is bypassed", layer_removal_loss),
+    LayerImportance("activation", "Block Influence 1 − cos(x_in, x_out) of the residual stream (ShortGPT)",
+                    block_influence),
+    LayerImportance("outlier_ratio", "share of Wanda scores |w|·‖x‖ above m × the layer mean (OWL's outlier ratio)",
+                    outlier_ratio),
+])
 
 
 def layer_importance(model: nn.Module, samples: torch.Tensor, measure: str = "removal", **kw) -> pd.Series:
     """One registered layer-importance measure (`LAYER_IMPORTANCE`), cached."""
-    if measure not in LAYER_IMPORTANCE:
-        raise ValueError(f"measure={measure!r} is not registered; allowed: {list(LAYER_IMPORTANCE)}")
+    LAYER_IMPORTANCE.check(measure)
     return LAYER_IMPORTANCE[measure].fn(model, samples, **kw)
 
 

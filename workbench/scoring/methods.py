@@ -12,6 +12,7 @@ import pandas as pd
 import torch
 
 from workbench.core.models import BLOCKS
+from workbench.core.registry import Registry
 
 
 @dataclass
@@ -44,8 +45,6 @@ class Importance:
 
     def scores(self, method: str) -> dict[str, list[torch.Tensor]]:
         """Per-unit importance of one registered method: block -> per-layer tensors."""
-        if method not in IMPORTANCE_METHODS:
-            raise ValueError(f"importance method {method!r} is not registered; allowed: {list(IMPORTANCE_METHODS)}")
         m = IMPORTANCE_METHODS[method]
         if m.needs_sequence_fisher and self.acc.fisher_seq is None:
             raise ValueError(f"importance method {method!r} needs the per-sequence Fisher, which this pass did not "
@@ -100,39 +99,36 @@ def _per_block(fn) -> Callable[[Accumulators], dict[str, list[torch.Tensor]]]:
     return apply
 
 
-IMPORTANCE_METHODS: dict[str, ImportanceMethod] = {
-    m.name: m
-    for m in [
-        ImportanceMethod(
-            "taylor", "first-order Taylor: mean over batches of Σ|w·g| over the unit's parameters",
-            _per_block(lambda a, b, i: a.first[b][i] / a.batches),
-        ),
-        ImportanceMethod(
-            "taylor2", "second-order Taylor: Σ(|w·g| + ½·w²·F), F = Fisher diagonal from batch-mean gradients",
-            _per_block(lambda a, b, i: a.first[b][i] / a.batches + 0.5 * a.fisher[b][i] / a.batches),
-        ),
-        ImportanceMethod(
-            "taylor2_seq", "second-order Taylor with the empirical Fisher over sequences: Σ|w·g| + ½·Σw²·E_s[g_s²]",
-            _per_block(lambda a, b, i: a.first[b][i] / a.batches + 0.5 * a.fisher_seq[b][i] / a.sequences),
-            needs_sequence_fisher=True,
-        ),
-        ImportanceMethod(
-            "fisher_seq", "second-order term only (Optimal Brain Damage's saliency, LeCun et al., 1990): "
-            "½·Σw²·E_s[g_s²], per-sequence Fisher",
-            _per_block(lambda a, b, i: 0.5 * a.fisher_seq[b][i] / a.sequences),
-            needs_sequence_fisher=True,
-        ),
-        ImportanceMethod(
-            "wanda", "Wanda: Σ|w|·‖x‖₂ with ‖x‖₂ the input-activation norm over calibration tokens",
-            _per_block(lambda a, b, i: a.wanda[b][i]), layer_local=True,
-        ),
-        ImportanceMethod(
-            "fluctuation", "FLAP's fluctuation: Σ Var(x_j)·‖W_out[:, j]‖² over the unit's output-projection inputs",
-            _per_block(lambda a, b, i: a.fluctuation[b][i]), layer_local=True,
-        ),
-        ImportanceMethod(
-            "magnitude", "weight magnitude Σ|w| (baseline; no data needed)",
-            _per_block(lambda a, b, i: a.magnitude[b][i]),
-        ),
-    ]
-}
+IMPORTANCE_METHODS: Registry[ImportanceMethod] = Registry.of("importance method", [
+    ImportanceMethod(
+        "taylor", "first-order Taylor: mean over batches of Σ|w·g| over the unit's parameters",
+        _per_block(lambda a, b, i: a.first[b][i] / a.batches),
+    ),
+    ImportanceMethod(
+        "taylor2", "second-order Taylor: Σ(|w·g| + ½·w²·F), F = Fisher diagonal from batch-mean gradients",
+        _per_block(lambda a, b, i: a.first[b][i] / a.batches + 0.5 * a.fisher[b][i] / a.batches),
+    ),
+    ImportanceMethod(
+        "taylor2_seq", "second-order Taylor with the empirical Fisher over sequences: Σ|w·g| + ½·Σw²·E_s[g_s²]",
+        _per_block(lambda a, b, i: a.first[b][i] / a.batches + 0.5 * a.fisher_seq[b][i] / a.sequences),
+        needs_sequence_fisher=True,
+    ),
+    ImportanceMethod(
+        "fisher_seq", "second-order term only (Optimal Brain Damage's saliency, LeCun et al., 1990): "
+        "½·Σw²·E_s[g_s²], per-sequence Fisher",
+        _per_block(lambda a, b, i: 0.5 * a.fisher_seq[b][i] / a.sequences),
+        needs_sequence_fisher=True,
+    ),
+    ImportanceMethod(
+        "wanda", "Wanda: Σ|w|·‖x‖₂ with ‖x‖₂ the input-activation norm over calibration tokens",
+        _per_block(lambda a, b, i: a.wanda[b][i]), layer_local=True,
+    ),
+    ImportanceMethod(
+        "fluctuation", "FLAP's fluctuation: Σ Var(x_j)·‖W_out[:, j]‖² over the unit's output-projection inputs",
+        _per_block(lambda a, b, i: a.fluctuation[b][i]), layer_local=True,
+    ),
+    ImportanceMethod(
+        "magnitude", "weight magnitude Σ|w| (baseline; no data needed)",
+        _per_block(lambda a, b, i: a.magnitude[b][i]),
+    ),
+])

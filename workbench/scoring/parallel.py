@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from workbench.core.registry import check_choice
 from workbench.scoring.importance import importance_cached, load_importance, save_importance
 from workbench.scoring.methods import Importance
 
@@ -70,8 +71,7 @@ def importance_data_parallel(make_model: Callable[[], nn.Module], samples: torch
     if world_size < 1:
         raise ValueError(f"world_size={world_size} must be a positive integer")
     backend = backend or ("nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= world_size else "gloo")
-    if backend not in ("gloo", "nccl"):
-        raise ValueError(f"backend={backend!r} is not allowed; allowed: ['gloo', 'nccl']")
+    check_choice("backend", backend, ("gloo", "nccl"))
     with tempfile.TemporaryDirectory(prefix="workbench-dp-") as tmp:
         out = str(Path(tmp) / "importance.pt")
         mp.spawn(_worker, args=(world_size, _free_port(), backend, make_model, samples, kwargs, out),

@@ -1,7 +1,53 @@
 """The surgery stage."""
-from workbench.surgery.prune import LAYERS_KEY, PruneReport, check_plan, shape_layer, output_bias, add_output_bias, record_layer_config, apply_plan, mask_plan
-from workbench.surgery.checkpoints import DEFAULT_MODEL_PACKAGE, DEFAULT_GGUF_FILE, DEFAULT_MODEL_NAME, PLAN_FILE, CHECKSUMS_FILE, BUFFER_DTYPES_KEY, CheckpointError, default_model_dir, DEFAULT_SOURCE, TINY_SOURCE, EXPERIMENT_PREFIX, load_model, AUTO_DEVICE, DEVICE_FORMS, check_device_name, check_device, place, dispatch, is_pruned_checkpoint, loads_with_plain_transformers, save_pruned, verify_files, load_pruned, load_plan, reload_max_diff
-from workbench.surgery.reconstruct import MODES, ReconstructConfig, NormalEquations, solve_ridge, Reconstruction, solve_reconstruction, reconstruct, apply_reconstruction, prune_and_reconstruct
+from workbench.surgery.checkpoints import (
+    AUTO_DEVICE,
+    BUFFER_DTYPES_KEY,
+    CHECKSUMS_FILE,
+    DEFAULT_GGUF_FILE,
+    DEFAULT_MODEL_NAME,
+    DEFAULT_MODEL_PACKAGE,
+    DEFAULT_SOURCE,
+    DEVICE_FORMS,
+    EXPERIMENT_PREFIX,
+    PLAN_FILE,
+    TINY_SOURCE,
+    CheckpointError,
+    check_device,
+    check_device_name,
+    default_model_dir,
+    dispatch,
+    is_pruned_checkpoint,
+    load_model,
+    load_plan,
+    load_pruned,
+    loads_with_plain_transformers,
+    place,
+    reload_max_diff,
+    save_pruned,
+    verify_files,
+)
+from workbench.surgery.prune import (
+    LAYERS_KEY,
+    PruneReport,
+    add_output_bias,
+    apply_plan,
+    check_plan,
+    mask_plan,
+    output_bias,
+    record_layer_config,
+    shape_layer,
+)
+from workbench.surgery.reconstruct import (
+    MODES,
+    NormalEquations,
+    ReconstructConfig,
+    Reconstruction,
+    apply_reconstruction,
+    prune_and_reconstruct,
+    reconstruct,
+    solve_reconstruction,
+    solve_ridge,
+)
 
 __all__ = [
     "LAYERS_KEY",

@@ -156,6 +156,13 @@ def _has_units(entry: dict, block: str) -> bool:
 def apply_plan(model: nn.Module, plan: Plan, check_decoding: bool = True) -> PruneReport:
     """Physically remove the plan's units from `model` (in place) and drop emptied layers.
 
+    >>> from workbench import load_model
+    >>> model, _ = load_model("tiny")
+    >>> report = apply_plan(model, Plan.from_units(layer_widths(model), {"mlp": {0: [0, 1, 2]}}))
+    >>> report.params_before - report.params_after == 3 * 3 * model.config.hidden_size
+    True
+
+
     When the result relies on transformers internals to decode (an emptied attention, per-layer KV heads,
     removed layers), a few tokens are decoded once with the KV cache and against a full pass; a mismatch
     raises `compat.DecodingCheckError` naming the transformers version (`check_decoding=False` skips it).

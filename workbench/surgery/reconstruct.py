@@ -53,6 +53,7 @@ from workbench.core.models import (
     layer_parts,
     layer_widths,
 )
+from workbench.core.registry import check_choice
 from workbench.core.tracer import layer_calls, trace
 from workbench.core.units import unit_rows
 from workbench.plans.plan import Plan
@@ -87,8 +88,7 @@ class ReconstructConfig:
     batch_size: int = 4
 
     def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"mode={self.mode!r} is not allowed; allowed: {list(MODES)}")
+        check_choice("mode", self.mode, MODES)
         if isinstance(self.damping, bool) or not isinstance(self.damping, (int, float)) or not self.damping >= 0 \
                 or not math.isfinite(self.damping):
             raise ValueError(f"damping={self.damping!r} must be a finite number >= 0")
@@ -205,9 +205,16 @@ def _wanted(plan: Plan, cfg: ReconstructConfig, layer: int) -> list[str]:
     return [b for b in BLOCKS if b in cfg.blocks and plan.removed[b][layer]]
 
 
+def _out_proj(layer: nn.Module, spec, block: str) -> nn.Linear:
+    proj = layer_parts(layer, spec).out_proj(block)
+    if proj is None:
+        raise ValueError(f"the {block} block of this layer is emptied: it has no output projection to re-fit")
+    return proj
+
+
 def _solve(ne: NormalEquations, dense_layer: nn.Module, spec, plan: Plan, layer: int, block: str,
            cfg: ReconstructConfig) -> dict:
-    proj = layer_parts(dense_layer, spec).out_proj(block)
+    proj = _out_proj(dense_layer, spec, block)
     try:
         return ne.solve(proj.weight, proj.bias, _kept_columns(plan, layer, block, proj.in_features), cfg)
     except FloatingPointError as e:
@@ -224,12 +231,13 @@ def _one_shot(dense: nn.Module, plan: Plan, samples: torch.Tensor, cfg: Reconstr
     spec = get_spec(dense)
     device = next(dense.parameters()).device
     layers = decoder_layers(dense, spec)
-    sums = {(i, b): None for i, _ in _layer_map(plan) for b in _wanted(plan, cfg, i)}
+    wanted = [(i, b) for i, _ in _layer_map(plan) for b in _wanted(plan, cfg, i)]
+    sums: dict[tuple[int, str], NormalEquations] = {}
 
     def add(layer: int, site: str, x: torch.Tensor) -> None:
         key = (layer, "attn" if site == "attn_channels" else "mlp")
-        if key in sums:
-            if sums[key] is None:
+        if key in wanted:
+            if key not in sums:
                 sums[key] = NormalEquations(x.shape[-1], device)
             sums[key].add(x)
 
@@ -237,7 +245,7 @@ def _one_shot(dense: nn.Module, plan: Plan, samples: torch.Tensor, cfg: Reconstr
         for s in tqdm(range(0, len(samples), cfg.batch_size), desc="reconstruction (dense pass)",
                       disable=not progress, leave=False):
             dense(input_ids=samples[s : s + cfg.batch_size].to(device), use_cache=False)
-    return {(i, b): _solve(ne, layers[i], spec, plan, i, b, cfg) for (i, b), ne in sums.items()}
+    return {(i, b): _solve(sums[i, b], layers[i], spec, plan, i, b, cfg) for i, b in wanted}
 
 
 @torch.no_grad()
@@ -246,7 +254,8 @@ def _sequential(dense: nn.Module, pruned: nn.Module, plan: Plan, samples: torch.
     spec, geo = get_spec(dense), geometry(dense.config)
     device = next(dense.parameters()).device
     dense_layers, pruned_layers = decoder_layers(dense, spec), decoder_layers(pruned, spec)
-    hidden, calls = [], []  # per batch: the residual stream (the pruned model's), what every dense layer is given
+    hidden: list[torch.Tensor] = []
+    calls: list[list] = []  # per batch: the residual stream (the pruned model's), what every dense layer is given
 
     def record(i: int, args: tuple, kw: dict) -> None:  # the layer's mask may depend on its attention type
         if i == 0:
@@ -263,7 +272,7 @@ def _sequential(dense: nn.Module, pruned: nn.Module, plan: Plan, samples: torch.
                          leave=False):
             dense_layer, layer = dense_layers[i], pruned_layers[j]
             for block in _wanted(plan, cfg, i):
-                ne = NormalEquations(layer_parts(dense_layer, spec).out_proj(block).in_features, device)
+                ne = NormalEquations(_out_proj(dense_layer, spec, block).in_features, device)
                 add = lambda l, s, x, ne=ne: ne.add(x) if l == i else None  # noqa: E731
                 for h, kw in zip(hidden, (c[i] for c in calls)):
                     if block == "attn":  # the dense layer on the pruned stream: its full attention heads
@@ -288,7 +297,7 @@ def _call(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
 
 def _apply_block(layer: nn.Module, spec, block: str, sol: dict, hidden: int) -> None:
     if sol["weight"] is not None:
-        proj = layer_parts(layer, spec).out_proj(block)
+        proj = _out_proj(layer, spec, block)
         proj.weight.data.copy_(sol["weight"].to(proj.weight.device, proj.weight.dtype))
     if sol["bias"] is not None:
         b = add_output_bias(layer, spec, block, hidden)

@@ -14,6 +14,7 @@ def _close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-6) -> bool:
     return bool(((a - b).abs() <= rel * b.abs().max().clamp_min(1e-30)).all())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fisher", ["batch", "sequence"])
 def test_two_processes_compute_what_one_computes(fisher, tmp_path):
     make = functools.partial(tiny_model, "llama", n_layers=3, seed=5)
@@ -40,6 +41,7 @@ def test_data_parallel_needs_a_process_group_and_at_least_one_process():
         importance_data_parallel(functools.partial(tiny_model, "llama"), torch.randint(0, 256, (4, 8)), 0)
 
 
+@pytest.mark.slow
 def test_calibrate_command_under_torchrun_caches_what_one_process_computes(tmp_path, capsys):
     """`torchrun --nproc_per_node=2 -m workbench calibrate run.yaml`: rank 0 writes the cache, and a later
     single-process run of the same file reads that entry (same key) instead of computing."""
@@ -82,6 +84,7 @@ def _model_with_a_cache_per_node(root: str):
     return tiny_model("llama", n_layers=3, seed=5)
 
 
+@pytest.mark.slow
 def test_ranks_agree_on_a_cache_hit_before_the_pass(tmp_path):
     """Rank 0's node holds the entry, rank 1's does not: both compute (rank 0 alone returning early would leave
     rank 1 waiting in the all-reduce forever, or dying)."""

@@ -328,6 +328,7 @@ def test_importance_through_accelerate_dispatch_hooks():
         remove_hook_from_module(m)
 
 
+@pytest.mark.slow
 def test_compiled_accumulation_matches_eager():
     import shutil
     if shutil.which("g++") is None and shutil.which("c++") is None:

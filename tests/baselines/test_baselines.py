@@ -290,3 +290,23 @@ def test_a_method_that_refuses_the_budget_gets_a_row_with_its_reason():
     assert table.loc["global_taylor", "refused"] == "" and table.loc["global_taylor", "ppl"] > 0
     with pytest.raises(ValueError, match="not registered"):
         baseline_plans(r, 0.05, layer_scores=scores, variants={"x": ("magic", {})})
+
+
+def test_owl_is_a_plan_maker_a_baseline_and_a_run_setting():
+    """OWL (Yin et al., 2024): lower ratios where outliers are more frequent, from a notebook call, the baseline
+    registry and a run file alike."""
+    from workbench.plans.allocation import owl_plan
+    from workbench.runs.pipeline import PruneRunConfig, make_run_plan
+
+    model, ids, r, scores = _setup("llama", seed=2)
+    lod = np.array([0.0, 0.5, 0.1, 0.3, 0.2, 0.4])[:N_LAYERS]
+    plan = owl_plan(r.table("wanda"), r.budget, lod, 0.3, "prunable", lam=0.1, min_units_per_block=0)
+    share = np.array([1 - (plan.n_kept("attn", i) * r.budget.costs["attn"][i] + plan.n_kept("mlp", i)
+                           * r.budget.costs["mlp"][i]) / r.budget.layer_params()[i] for i in range(N_LAYERS)])
+    assert share[np.argmin(lod)] > share[np.argmax(lod)]  # the layer with the most outliers is pruned least
+    assert plan.provenance.source == "owl" and plan.selected_params >= plan.target_params
+    made = make_plan("owl", r, 0.3, "prunable", layer_scores={"outlier_ratio": lod}, lam=0.1, min_units_per_block=0)
+    assert made.removed == owl_plan(r.table("wanda"), r.budget, lod, 0.3, "prunable", lam=0.1,
+                                    min_units_per_block=0).removed and made.provenance.label == "owl"
+    _, run_plan, compensation = make_run_plan(model, PruneRunConfig(baseline="owl"), ids, r.importance, progress=False)
+    assert run_plan.provenance.baseline == "owl" and compensation is None

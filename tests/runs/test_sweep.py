@@ -119,6 +119,7 @@ def test_cli_run_writes_one_experiment_with_its_resolved_config(tmp_path):
     assert other["dense"]["source"] != rec["dense"]["source"] and other["final"]["ppl"] > 1
 
 
+@pytest.mark.slow
 def test_sweep_resumes_only_what_is_left_after_a_kill(tmp_path):
     import optuna
 
@@ -144,6 +145,7 @@ def test_sweep_resumes_only_what_is_left_after_a_kill(tmp_path):
     assert run_sweep(sweep_file, sweep_dir, log=lambda *_: None) == dict(stale=0, live=0, enqueued=0, complete=6)
 
 
+@pytest.mark.slow
 def test_two_worker_processes_run_every_run_exactly_once(tmp_path):
     import optuna
 
@@ -159,6 +161,7 @@ def test_two_worker_processes_run_every_run_exactly_once(tmp_path):
     assert len({s["pid"] for s in statuses}) == 2  # both workers took runs
 
 
+@pytest.mark.slow
 def test_a_failed_run_is_recorded_and_the_sweep_goes_on(tmp_path):
     _, sweep_file = _files(tmp_path, grid="  eval_source: [pydoc, missing.txt]\n")
     sweep_dir = tmp_path / "s"
@@ -181,6 +184,7 @@ def test_a_failed_run_is_recorded_and_the_sweep_goes_on(tmp_path):
     assert (sweep_dir / "report.txt").read_text().startswith(f"sweep {sweep_dir}: 2 runs, 1 complete, 1 failed")
 
 
+@pytest.mark.slow
 def test_search_runs_its_trials(tmp_path):
     (tmp_path / "run.yaml").write_text(RUN)
     (tmp_path / "search.yaml").write_text(
@@ -258,6 +262,7 @@ def test_a_preset_axis_after_its_sub_keys_keeps_them(tmp_path):
         (n, c) for n in ("none", "minmax") for c in (95.0, 99.0, 100.0))
 
 
+@pytest.mark.slow
 def test_a_second_sweep_leaves_a_live_worker_s_run_alone(tmp_path):
     import optuna
 
@@ -278,6 +283,7 @@ def test_a_second_sweep_leaves_a_live_worker_s_run_alone(tmp_path):
     assert study.get_trials()[-1].state == optuna.trial.TrialState.RUNNING
 
 
+@pytest.mark.slow
 def test_a_reclaimed_trial_does_not_crash_its_worker_nor_overwrite_a_record(tmp_path):
     import optuna
 
@@ -327,6 +333,7 @@ def test_an_objective_the_runs_never_produce_is_refused(tmp_path):
             load_sweep(tmp_path / "s.yaml")
 
 
+@pytest.mark.slow
 def test_best_reads_the_sweep_file_s_objective_and_direction(tmp_path, capsys):
     _, sweep_file = _files(tmp_path, grid="  calibration.num_samples: [2, 4]\n")
     text = sweep_file.read_text() + "objective: ppl_dense\ndirection: maximize\n"
@@ -418,6 +425,7 @@ def _umask() -> int:
     return mask
 
 
+@pytest.mark.slow
 def test_sweep_runs_keep_their_figures_and_failed_runs_publish_none(tmp_path):
     import matplotlib.pyplot as plt
 
@@ -437,3 +445,20 @@ def test_sweep_runs_keep_their_figures_and_failed_runs_publish_none(tmp_path):
     with Experiment.staged("works") as exp:
         plots.export(plt.figure(), "whole", exp, show=False)
     assert sorted(p.name for p in figures_root().iterdir()) == ["works_whole.pdf", "works_whole.png"]
+
+
+def test_a_field_added_later_keeps_the_keys_of_runs_at_its_default():
+    """`layer_importance_samples` joined the run config after sweeps were keyed: at its default the key is the
+    one the run had before; set, it is a different run."""
+    import dataclasses
+    import hashlib
+
+    from workbench.runs.config import RunConfig, config_hash, to_dict
+
+    cfg = RunConfig()
+    old = {k: v for k, v in to_dict(cfg).items() if k != "layer_importance_samples"}
+    before = hashlib.sha256(json.dumps(old, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:12]
+    assert config_hash(cfg) == before
+    assert config_hash(dataclasses.replace(cfg, layer_importance_samples=8)) != before
+    with pytest.raises(ValueError, match="layer_importance_samples=0"):
+        RunConfig(layer_importance_samples=0)

@@ -25,6 +25,7 @@ def _cfg(**kw):
     return FinetuneConfig(**{**base, **kw})
 
 
+@pytest.mark.slow
 def test_lora_on_pruned_model_trains_merges_saves_and_reloads(tmp_path, tokenizer):
     model, plan = _pruned_model()
     widths_before = layer_widths(model)
@@ -49,6 +50,7 @@ def test_lora_on_pruned_model_trains_merges_saves_and_reloads(tmp_path, tokenize
         assert not torch.equal(fresh(x).logits, merged(x).logits)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_a_stopped_run_resumes_bit_for_bit(tmp_path, tokenizer, method):
     quiet = dict(progress=False, log=lambda *_: None)

@@ -70,7 +70,8 @@ def test_clipping_hits_requested_percentiles():
     x = np.random.default_rng(1).lognormal(size=10_000)
     y = clip_percentiles(x, 5, 95)
     assert y.min() == pytest.approx(np.percentile(x, 5)) and y.max() == pytest.approx(np.percentile(x, 95))
-    assert (y[(x > np.percentile(x, 5)) & (x < np.percentile(x, 95))] == x[(x > np.percentile(x, 5)) & (x < np.percentile(x, 95))]).all()
+    assert (y[(x > np.percentile(x, 5)) & (x < np.percentile(x, 95))]
+            == x[(x > np.percentile(x, 5)) & (x < np.percentile(x, 95))]).all()
 
 
 def _loss_frame(n_layers=4, seed=0):

@@ -12,10 +12,11 @@ from workbench.analysis.outliers import (
 )
 from workbench.core.models import layer_widths
 from workbench.core.testing import tiny_model
-from workbench.plans.allocation import compare_allocation, layer_outlier_ratio, owl_ratios
+from workbench.plans.allocation import compare_allocation, owl_ratios
 from workbench.plans.plan import Plan
 from workbench.plans.selection import Budget, SelectionConfig, build_table, select
 from workbench.scoring.activations import activation_stats
+from workbench.scoring.layer_importance import layer_outlier_ratio
 
 
 def _samples(n=6, length=16, seed=0):

@@ -4,7 +4,9 @@ from pathlib import Path
 
 import pytest
 
-NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+pytestmark = pytest.mark.slow  # every notebook end to end: `make test`, not `make test-fast`
+
+NOTEBOOK_DIR = Path(__file__).resolve().parents[2] / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
 SMOKE_PARAMS = {
     "00_quickstart": dict(SMOKE=True, SEQ_LEN=32, EVAL_WINDOWS=4),

@@ -22,7 +22,7 @@ from workbench.plans.plan import Plan
 from workbench.surgery.checkpoints import load_pruned, save_pruned
 from workbench.surgery.prune import apply_plan
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _lock() -> dict[str, str]:
@@ -111,6 +111,7 @@ def test_untested_versions_are_named_with_the_range():
                    "peft": f"peft 0.1.0 is outside the tested range {' – '.join(compat.TESTED['peft'])}"}
 
 
+@pytest.mark.slow
 def test_import_warns_once_when_a_version_is_outside_the_tested_range():
     code = ("import importlib.metadata as m, warnings; real = m.version\n"
             "m.version = lambda p: '9.9.9' if p == 'peft' else real(p)\n"

@@ -81,6 +81,7 @@ def test_loss_curve(tmp_path):
         plots.loss_curve(hist.iloc[:0])
 
 
+@pytest.mark.slow
 def test_outlier_figures(tmp_path):
     import torch
 
