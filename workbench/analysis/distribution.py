@@ -8,8 +8,6 @@ data and the plan's settings, so an interrupted search resumes where it stopped.
 """
 from __future__ import annotations
 
-import copy
-import math
 import os
 from collections.abc import Callable
 
@@ -20,20 +18,17 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from workbench.core.cache import cached, make_key
-from workbench.core.models import check_token_ids, eval_mode
+from workbench.core.models import check_token_ids
+from workbench.evaluation.evaluate import plan_perplexity
 from workbench.plans.plan import Plan
-from workbench.scoring.removal import mean_loss
-from workbench.surgery.prune import apply_plan
 
 TOTAL = 10.0
+XY_POINT_FORMAT = 2  # 2: held-out PPL from the one loss loop (float64 sums); points of format 1 are recomputed
 
 
 def held_out_ppl(model: nn.Module, plan: Plan, held_out: torch.Tensor, batch_size: int = 4) -> float:
-    """PPL of `model` pruned by `plan` (on a copy) over held-out token windows."""
-    pruned = copy.deepcopy(model)
-    apply_plan(pruned, plan)
-    with eval_mode(pruned):
-        return float(math.exp(mean_loss(pruned, held_out, batch_size)))
+    """PPL of `model` pruned by `plan` (on a copy) over held-out token windows (`evaluation.plan_perplexity`)."""
+    return plan_perplexity(model, plan, held_out, batch_size)
 
 
 def xy_search(model: nn.Module, make_plan: Callable[[tuple[float, float]], Plan], held_out: torch.Tensor, *,
@@ -65,7 +60,8 @@ def xy_search(model: nn.Module, make_plan: Callable[[tuple[float, float]], Plan]
                     return dict(ppl=float("inf"), error=str(e))
                 return dict(ppl=held_out_ppl(model, plan, held_out, batch_size), error="")
 
-            rows[x] = dict(x=x, y=round(TOTAL - x, 1), phase=phase, **cached("xy_point", key, compute, cache=cache))
+            point = cached("xy_point", key, compute, cache=cache, version=XY_POINT_FORMAT)
+            rows[x] = dict(x=x, y=round(TOTAL - x, 1), phase=phase, **point)
             bar.update(1)
             bar.set_postfix(x=x, ppl=rows[x]["ppl"])
         return rows[x]["ppl"]

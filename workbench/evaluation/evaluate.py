@@ -12,12 +12,12 @@ from typing import Any
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from workbench.core.cache import model_fingerprint
-from workbench.core.models import check_token_ids, eval_mode, model_summary
+from workbench.core.loss import summed_nll, token_batches
+from workbench.core.models import check_token_ids, model_summary
 from workbench.data.text import OFFLINE_SOURCE, evaluation_windows
 from workbench.evaluation.efficiency import measure as measure_efficiency
 from workbench.evaluation.zeroshot import zero_shot as run_zero_shot
@@ -49,19 +49,32 @@ def _device_of(model: nn.Module) -> torch.device:
 @torch.no_grad()
 def window_nll(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, progress: bool = True) -> torch.Tensor:
     """Summed next-token NLL (float64) and count over a stack of windows, as a 2-vector."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be a positive integer")
     check_token_ids(windows, model, "evaluation token ids")
-    device = _device_of(model)
-    total, count = torch.zeros((), dtype=torch.float64), 0
-    with eval_mode(model):
-        for start in tqdm(range(0, len(windows), batch_size), desc="perplexity", disable=not progress, leave=False):
-            batch = windows[start : start + batch_size].to(device)
-            logits = model(input_ids=batch, use_cache=False).logits.float()
-            nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1), reduction="sum")
-            total += nll.double().cpu()
-            count += batch[:, 1:].numel()
-    return torch.stack([total, torch.tensor(float(count), dtype=torch.float64)])
+    total, count = summed_nll(model, token_batches(windows, batch_size), progress=progress, desc="perplexity",
+                              total=-(-len(windows) // batch_size))
+    return torch.tensor([total, float(count)], dtype=torch.float64)
+
+
+def _ppl(mean_nll: float) -> float:
+    return math.exp(mean_nll) if mean_nll < 700 else math.inf
+
+
+def windows_perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, progress: bool = False) -> float:
+    """exp(mean next-token NLL) of `model` over given token windows (held-out calibration windows, say)."""
+    total, count = window_nll(model, windows, batch_size, progress).tolist()
+    return _ppl(total / count)
+
+
+def plan_perplexity(model: nn.Module, plan: Plan, windows: torch.Tensor, batch_size: int = 8) -> float:
+    """`windows_perplexity` of a pruned copy of `model` under `plan` (`model` is left unchanged)."""
+    return windows_perplexity(_pruned_copy(model, plan), windows, batch_size)
+
+
+def _pruned_copy(model: nn.Module, plan: Plan) -> nn.Module:
+    check_plan(model, plan)  # before the copy: a model pruned since the plan was made is refused at once
+    pruned = copy.deepcopy(model)
+    apply_plan(pruned, plan)
+    return pruned
 
 
 def perplexity(
@@ -80,7 +93,7 @@ def perplexity(
     total, count = window_nll(model, windows, batch_size, progress).tolist()
     mean = total / count
     return PerplexityResult(
-        ppl=math.exp(mean) if mean < 700 else math.inf,
+        ppl=_ppl(mean),
         mean_nll=mean,
         model=str(getattr(model.config, "name_or_path", "")),
         source=source,
@@ -96,10 +109,7 @@ def perplexity_after(model: nn.Module, tokenizer, plan, source: str = OFFLINE_SO
 
     Used to compare plans side by side (one copy at a time, so peak memory is twice the model).
     """
-    check_plan(model, plan)  # before the copy: a model pruned since the plan was made is refused at once
-    pruned = copy.deepcopy(model)
-    apply_plan(pruned, plan)
-    return perplexity(pruned, tokenizer, source, **kwargs)
+    return perplexity(_pruned_copy(model, plan), tokenizer, source, **kwargs)
 
 
 RESULT_LIBRARIES = ("torch", "transformers", "peft", "datasets", "lm-eval", "numpy", "pandas")

@@ -26,7 +26,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from workbench.core.cache import model_fingerprint, tensor_fingerprint
-from workbench.core.models import eval_mode, get_spec
+from workbench.core.loss import summed_nll
+from workbench.core.models import get_spec
 from workbench.core.paths import torch_save_atomic
 from workbench.core.registry import check_choice
 from workbench.data.recovery import TrainData, instruction_examples, load_instructions, text_examples
@@ -160,20 +161,12 @@ def _batch_indices(step: int, micro: int, cfg: FinetuneConfig, n: int, perms: di
     return torch.tensor(out)
 
 
-@torch.no_grad()
 def eval_loss(model: nn.Module, data: TrainData, batch_size: int) -> float:
-    """Mean loss per learned token over `data`."""
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    with eval_mode(model):
-        for s in range(0, len(data), batch_size):
-            b = data.subset(torch.arange(s, min(s + batch_size, len(data))))
-            logits = model(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device)).logits.float()
-            labels = b.labels.to(device)[:, 1:]
-            nll = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels.reshape(-1),
-                                              ignore_index=-100, reduction="sum")
-            total += float(nll)
-            count += int((labels != -100).sum())
+    """Mean loss per learned token over `data` (the one loss loop, `core.loss`)."""
+    batches = ({"input_ids": b.input_ids, "attention_mask": b.attention_mask, "labels": b.labels}
+               for b in (data.subset(torch.arange(s, min(s + batch_size, len(data))))
+                         for s in range(0, len(data), batch_size)))
+    total, count = summed_nll(model, batches)
     return total / max(count, 1)
 
 

@@ -15,6 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from workbench.core.cache import cached, make_key
+from workbench.core.loss import summed_nll, token_batches
 from workbench.core.models import BLOCKS, EmptyBlock, check_token_ids, decoder_layers, eval_mode, geometry, get_spec
 
 
@@ -32,14 +33,9 @@ def bypassed(model: nn.Module, layer: int, block: str):
         setattr(target, name, original)
 
 
-@torch.no_grad()
 def mean_loss(model: nn.Module, samples: torch.Tensor, batch_size: int) -> float:
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for start in range(0, len(samples), batch_size):
-        b = samples[start : start + batch_size].to(device)
-        total += float(model(input_ids=b, labels=b, use_cache=False).loss) * len(b)
-        count += len(b)
+    """Mean next-token NLL of `model` over token windows (the one loss loop, `core.loss`)."""
+    total, count = summed_nll(model, token_batches(samples, batch_size))
     return total / count
 
 
@@ -61,30 +57,23 @@ def _from_layer(model: nn.Module, start: int):
         setattr(parent, attr, layers)
 
 
-@torch.no_grad()
 def _layer_inputs(model: nn.Module, samples: torch.Tensor, batch_size: int, starts: set[int]):
     """One dense pass: (mean loss, {layer: [its input per batch]}) for the layers in `starts`."""
-    device = next(model.parameters()).device
     inputs: dict[int, list[torch.Tensor]] = {s: [] for s in starts}
-    total = 0.0
-    for start in range(0, len(samples), batch_size):
-        b = samples[start : start + batch_size].to(device)
-        out = model(input_ids=b, labels=b, use_cache=False, output_hidden_states=True)
-        total += float(out.loss) * len(b)
+
+    def keep(out, _i):
         for s in starts:
             inputs[s].append(out.hidden_states[s])
-    return total / len(samples), inputs
+
+    total, count = summed_nll(model, token_batches(samples, batch_size), keep=keep, output_hidden_states=True)
+    return total / count, inputs
 
 
-@torch.no_grad()
 def _loss_from(model: nn.Module, samples: torch.Tensor, batch_size: int, start: int, inputs: list[torch.Tensor]) -> float:
-    device = next(model.parameters()).device
-    total = 0.0
+    batches = ({"inputs_embeds": h, "labels": b["input_ids"]} for h, b in zip(inputs, token_batches(samples, batch_size)))
     with _from_layer(model, start):
-        for i, first in enumerate(range(0, len(samples), batch_size)):
-            b = samples[first : first + batch_size].to(device)
-            total += float(model(inputs_embeds=inputs[i], labels=b, use_cache=False).loss) * len(b)
-    return total / len(samples)
+        total, count = summed_nll(model, batches)
+    return total / count
 
 
 def removal_losses(model: nn.Module, samples: torch.Tensor, targets: list[list[tuple[int, str]]], *,
