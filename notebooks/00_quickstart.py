@@ -47,7 +47,8 @@ anat = anatomy(model)
 anat.head(9)
 
 # %%
-plots.params_per_layer(anat, embeddings=parameter_breakdown(model)["embeddings"])
+plots.publish(plots.params_per_layer, anat, embeddings=parameter_breakdown(model)["embeddings"], name="params_per_layer",
+              to=exp)
 
 # %%
 ppl = perplexity(model, tokenizer, "pydoc", seq_len=SEQ_LEN, max_windows=EVAL_WINDOWS)
@@ -57,5 +58,3 @@ ppl
 # Paper export (matplotlib, one style for every figure) into the experiment's `figures/` and the project's `figures/`:
 
 # %%
-plots.export(plots.params_per_layer(anat, backend="paper", embeddings=parameter_breakdown(model)["embeddings"]),
-             "params_per_layer", exp)

@@ -80,7 +80,8 @@ per_block.round(6).head(10)
 # ### Scales per layer (log axes)
 
 # %%
-plots.scale_per_layer(per_block, columns=("grad_mean_abs", "imp_mean", "score_mean"))
+plots.publish(plots.scale_per_layer, per_block, columns=("grad_mean_abs", "imp_mean", "score_mean"),
+              title=f"{METHOD}: gradient and importance scale per layer", name=f"scale_per_layer_{METHOD}", to=exp)
 
 # %%
 print(f"mean_ratio = {diag['mean_ratio']:.1f} (largest layer {diag['max_mean_layer']}, smallest {diag['min_mean_layer']})")
@@ -93,7 +94,8 @@ print(f"share of zero gradients: max {per_block.grad_zero_share.max():.2%}")
 # %%
 print(f"{diag['n_extreme']} blocks pruned beyond {THRESHOLD:.0%}")
 display(pd.DataFrame(diag["extreme_blocks"]))
-plots.kept_fraction_per_layer(layer_summary(naive), title=f"naive {METHOD} plan, {RATIO:.0%} of all parameters")
+plots.publish(plots.kept_fraction_per_layer, layer_summary(naive), title=f"naive {METHOD} plan, {RATIO:.0%} of all parameters",
+              name=f"naive_kept_fraction_{METHOD}_{RATIO:g}", to=exp)
 
 # %% [markdown]
 # Every importance method under the same budget, no correction:
@@ -125,8 +127,3 @@ print({k: v for k, v in rec.items() if k != "rule"})
 exp.write_json("analysis/gradient_diagnosis.json", diag)
 exp.write_table("analysis/extreme_by_method.csv", by_method.reset_index())
 exp.write_table("analysis/taylor_terms.csv", terms)
-plots.export(plots.scale_per_layer(per_block, columns=("grad_mean_abs", "imp_mean", "score_mean"), backend="paper",
-                                   title=f"{METHOD}: gradient and importance scale per layer"), f"scale_per_layer_{METHOD}", exp)
-plots.export(plots.kept_fraction_per_layer(layer_summary(naive), backend="paper",
-                                           title=f"naive {METHOD}, {RATIO:.0%} of all parameters"),
-             f"naive_kept_fraction_{METHOD}_{RATIO:g}", exp)

@@ -84,14 +84,14 @@ wstats = weight_stats(model, k_sigma=K_SIGMA)
 wstats.sort_values("max_over_std", ascending=False).head(10)
 
 # %%
-plots.outlier_heatmap(wstats, "max_over_std")
+plots.publish(plots.outlier_heatmap, wstats, "max_over_std", name="weight_outliers", to=exp)
 
 # %%
 plots.outlier_heatmap(wstats, "kurtosis", log=False)
 
 # %%
 whist = weight_histograms(model)
-plots.weight_distribution(whist)
+plots.publish(plots.weight_distribution, whist, name="weight_distribution", to=exp)
 
 # %% [markdown]
 # ### Activations (one streamed pass, cached under `data_cache/outliers/`)
@@ -108,7 +108,8 @@ print(f"hidden dimensions beyond |x| > {THRESHOLD} in at least 2 layers (residua
 acts.outlier_dims("residual", min_layers=2).head(10)
 
 # %%
-plots.activation_magnitude(acts.frame("residual"), title="residual stream: max |x| per dimension")
+plots.publish(plots.activation_magnitude, acts.frame("residual"), title="residual stream: max |x| per dimension",
+              name="activation_magnitude", to=exp)
 
 # %% [markdown]
 # ### The outlier units of a global plan
@@ -154,6 +155,3 @@ exp.write_table("analysis/plan_outliers.csv", summary)
 exp.write_table("analysis/owl_allocation.csv", allocation)
 exp.write_json("evaluation/perplexity.json", plans_record(None, ppl, compared, ratio=RATIO, method=METHOD, owl_m=OWL_M,
                                                       owl_lambda=OWL_LAMBDA, owl_min_units=OWL_MIN_UNITS))
-plots.export(plots.weight_distribution(whist, backend="paper"), "weight_distribution", exp)
-plots.export(plots.outlier_heatmap(wstats, "max_over_std", backend="paper"), "weight_outliers", exp)
-plots.export(plots.activation_magnitude(acts.frame("residual"), backend="paper"), "activation_magnitude", exp)

@@ -98,7 +98,8 @@ plots.styled(comparison[["n_extreme", "emptied_blocks", "removed_layers", "attn_
 
 # %%
 summaries = {name: layer_summary(plan) for name, plan in plans.items()}
-plots.pruned_fraction_heatmap(summaries, title=f"{METHOD}, {RATIO:.0%} of all parameters: pruned fraction per layer")
+plots.publish(plots.pruned_fraction_heatmap, summaries, title=f"{METHOD}, {RATIO:.0%} of all parameters: pruned fraction per layer",
+              name=f"pruned_fraction_by_setting_{METHOD}_{RATIO:g}", to=exp)
 
 # %% [markdown]
 # ### Interactive: every change re-scores from the cache
@@ -121,13 +122,10 @@ print(f"dense PPL {dense.ppl:.2f}")
 plots.styled(comparison[["n_extreme", "mlp_max_pruned", "mlp_std_pruned", "ppl"]].sort_values("ppl"))
 
 # %%
-plots.ppl_bars(comparison.ppl, dense=dense.ppl, title=f"PPL after pruning {RATIO:.0%} of all parameters")
+plots.publish(plots.ppl_bars, comparison.ppl, dense=dense.ppl, title=f"{METHOD}: PPL after pruning {RATIO:.0%} of all parameters",
+              name=f"ppl_by_setting_{METHOD}_{RATIO:g}", to=exp)
 
 # %%
 exp.write_table("analysis/normalization_comparison.csv", comparison.reset_index())
 exp.write_table("analysis/block_removal_loss.csv", block_loss)
 exp.write_json("evaluation/perplexity.json", plans_record(dense, comparison.ppl, plans, ratio=RATIO, method=METHOD))
-plots.export(plots.pruned_fraction_heatmap(summaries, backend="paper", title=f"{METHOD}, {RATIO:.0%} of all parameters"),
-             f"pruned_fraction_by_setting_{METHOD}_{RATIO:g}", exp)
-plots.export(plots.ppl_bars(comparison.ppl, backend="paper", dense=dense.ppl,
-                            title=f"{METHOD}, {RATIO:.0%} of all parameters"), f"ppl_by_setting_{METHOD}_{RATIO:g}", exp)

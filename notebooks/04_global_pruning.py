@@ -102,7 +102,8 @@ plots.styled(table.nsmallest(15, "score"))
 summary = record_plan(exp, table, plan)
 print(f"target {plan.target_params:,} of {plan.denominator:,} ({RATIO_OF}); selected {plan.selected_params:,}")
 print("emptied blocks:", plan.emptied_blocks(), " removed layers:", plan.removed_layers())
-plots.kept_fraction_per_layer(summary, title=f"{METHOD}: kept fraction per layer")
+plots.publish(plots.kept_fraction_per_layer, summary, title=f"{METHOD}, {RATIO:.0%} of {RATIO_OF}: kept fraction per layer",
+              name=f"kept_fraction_{METHOD}_{RATIO:g}", to=exp)
 
 # %% [markdown]
 # ### Decide here: the panel
@@ -150,8 +151,9 @@ pd.DataFrame({"dense": [dense_ppl.ppl, report.params_before], "pruned": [pruned_
     "{:,.0f}", subset=(["parameters"], slice(None)))
 
 # %%
-plots.params_per_layer(dense_anatomy, pruned=anatomy(model), removed_layers=plan.removed_layers(),
-                       title=f"parameters per layer: dense (outline) and {METHOD} {RATIO:.0%}")
+plots.publish(plots.params_per_layer, dense_anatomy, pruned=anatomy(model), removed_layers=plan.removed_layers(),
+              title=f"parameters per layer: dense (outline) and {METHOD} {RATIO:.0%}",
+              name=f"params_dense_vs_pruned_{METHOD}_{RATIO:g}", to=exp)
 
 # %%
 print(f"achieved: {report.ratio_total:.2%} of all parameters, {report.ratio_prunable:.2%} of attention+MLP")
@@ -162,7 +164,3 @@ exp.write_json("evaluation/perplexity.json", plans_record(dense_ppl, {"pruned": 
                                                       method=METHOD, ratio=RATIO, ratio_of=RATIO_OF,
                                                       report=report.to_dict(),
                                                       reconstruction=rec.config if rec else None))
-plots.export(plots.kept_fraction_per_layer(summary, backend="paper", title=f"{METHOD}, {RATIO:.0%} of {RATIO_OF}"),
-             f"kept_fraction_{METHOD}_{RATIO:g}", exp)
-plots.export(plots.params_per_layer(dense_anatomy, backend="paper", pruned=anatomy(model), removed_layers=plan.removed_layers(),
-                                    title=f"dense (outline) and {METHOD} {RATIO:.0%}"), f"params_dense_vs_pruned_{METHOD}_{RATIO:g}", exp)

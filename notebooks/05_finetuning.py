@@ -97,7 +97,7 @@ model = result.model
 pd.Series(result.summary()).drop("config")
 
 # %%
-plots.loss_curve(result.history, result.evals, title=f'{METHOD} on the pruned model')
+plots.publish(plots.loss_curve, result.history, result.evals, title=f"{METHOD} on the pruned model", name="loss_curve", to=exp)
 
 # %%
 recovered_ppl = ppl(model)
@@ -117,5 +117,3 @@ exp.write_table("analysis/loss_history.csv", result.history)
 exp.write_table("analysis/eval_loss.csv", result.evals)
 exp.write_json("evaluation/finetune.json", dict(summary=result.summary(), dense=dense_ppl.to_dict(),
                                                 pruned=pruned_ppl.to_dict(), recovered=recovered_ppl.to_dict()))
-plots.export(plots.loss_curve(result.history, result.evals, backend="paper", title=f"{METHOD} on the pruned model"),
-             "loss_curve", exp)

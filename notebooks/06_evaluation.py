@@ -78,13 +78,12 @@ table
 
 # %%
 acc = accuracy_table(table)
-plots.grouped_bars(acc, ylabel="accuracy", title="zero-shot accuracy (acc)")
+plots.publish(plots.grouped_bars, acc, ylabel="accuracy", title="zero-shot accuracy (acc)", name="zero_shot", to=exp)
 
 # %%
 efficiency_ratios(table)
 
 # %%
-plots.export(plots.grouped_bars(acc, backend="paper", ylabel="accuracy", title="zero-shot accuracy (acc)"), "zero_shot", exp)
 plots.export(plots.ppl_bars(table.loc["ppl"].drop("dense"), backend="paper", dense=table.loc["ppl", "dense"],
                             title="perplexity (pydoc evaluation part)"), "perplexity", exp)
 

@@ -103,7 +103,7 @@ with timed("x:y search"):
     search = xy_search(model, make_global, held_out, settings=dict(method="taylor", ratio=RATIO), start=XY_START)
 best = best_split(search)
 print("best x:y", best)
-plots.xy_curve(search)
+plots.publish(plots.xy_curve, search, name="xy_search", to=exp)
 
 # %% [markdown]
 # ### One table at the same budget (PPL on the evaluation part; FLAP with its bias compensation)
@@ -121,4 +121,3 @@ exp.write_table("analysis/xy_search.csv", search)
 exp.write_json("config.json", dict(ratio=RATIO, calibration=calibration.__dict__, held_out=HELD_OUT, best_xy=best))
 plots.export(plots.ppl_bars(table.ppl.drop("dense"), backend="paper", dense=table.ppl["dense"],
                             title=f"every method, {RATIO:.0%} of all parameters"), f"comparison_ppl_{RATIO:g}", exp)
-plots.export(plots.xy_curve(search, backend="paper"), "xy_search", exp)

@@ -51,7 +51,7 @@ table[["key", "status", "model", "method", X, "cfg.selection.ratio", "ppl", "pru
 # ### The objective against the calibration setting, per method (one panel per model)
 
 # %%
-plots.sweep_metric(table, X, OBJECTIVE, by=FACET_BY)
+plots.publish(plots.sweep_metric, table, X, OBJECTIVE, by=FACET_BY, name=f"{sweep_dir.name}_{OBJECTIVE}_vs_setting")
 
 # %% [markdown]
 # ### Methods compared (best and mean of the objective per model and ratio)
@@ -68,11 +68,4 @@ plots.grouped_bars(pivot, ylabel=f"best {OBJECTIVE}", title=f"best {OBJECTIVE} p
 # %%
 corr = correlations(table)
 display(corr.round(4))
-plots.correlation_scatter(table, "grad_mean_ratio", OBJECTIVE)
-
-# %% [markdown]
-# ### Paper figures
-
-# %%
-plots.export(plots.sweep_metric(table, X, OBJECTIVE, by=FACET_BY, backend="paper"), f"{sweep_dir.name}_{OBJECTIVE}_vs_setting")
-plots.export(plots.correlation_scatter(table, "grad_mean_ratio", OBJECTIVE, backend="paper"), f"{sweep_dir.name}_correlation")
+plots.publish(plots.correlation_scatter, table, "grad_mean_ratio", OBJECTIVE, name=f"{sweep_dir.name}_correlation")

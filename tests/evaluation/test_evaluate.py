@@ -100,3 +100,19 @@ def test_results_record_and_table(tokenizer, tmp_path):
     assert table.loc["kv_cache_bytes_per_token", "dense"] == eff["kv_cache_bytes_per_token"]
     with pytest.raises(ValueError, match="empty"):
         results_record({})
+
+
+def test_plans_record_is_one_shape_for_a_series_or_a_dict_and_names_missing_plans():
+    import pandas as pd
+
+    from workbench.evaluation.evaluate import plans_record
+    from workbench.plans.plan import Plan, PlanProvenance
+
+    plan = Plan.from_units([(2, 8)], {"mlp": {0: [0, 1]}}, target_params=20, selected_params=20, denominator=100,
+                           provenance=PlanProvenance("global", method="taylor"))
+    a = plans_record(None, pd.Series({"p": 12.5}), {"p": plan}, ratio=0.2)
+    b = plans_record(None, {"p": 12.5}, {"p": plan}, ratio=0.2)
+    assert a == b and a["plans"]["p"]["label"] == "taylor" and a["plans"]["p"]["achieved_ratio"] == 0.2
+    assert a["settings"] == {"ratio": 0.2} and a["dense"] is None
+    with pytest.raises(ValueError, match=r"results for \['q'\] without their plans"):
+        plans_record(None, {"q": 3.0}, {"p": plan})

@@ -25,6 +25,7 @@ from workbench.core.compat import (
     warn_untested_versions,
 )
 from workbench.core.experiments import MAX_NAME, SUBDIRS, Experiment, jsonable, publish_figures
+from workbench.core.loss import summed_nll, token_batches
 from workbench.core.models import (
     ARCH_SPECS,
     BLOCKS,
@@ -50,12 +51,12 @@ from workbench.core.models import (
     mlp_channels,
     model_summary,
     parameter_count,
-    queries_per_group,
     spec_for_config,
     verify_decoding,
 )
 from workbench.core.paths import (
     REPO_ROOT,
+    atomic_path,
     clean_staging,
     confined,
     data_cache,
@@ -98,6 +99,7 @@ __all__ = [
     "experiments_root",
     "figures_root",
     "confined",
+    "atomic_path",
     "write_atomic",
     "torch_save_atomic",
     "replace_dir",
@@ -142,7 +144,6 @@ __all__ = [
     "geometry",
     "kv_groups",
     "mlp_channels",
-    "queries_per_group",
     "layer_widths",
     "decoding_touch_points",
     "verify_decoding",
@@ -154,6 +155,8 @@ __all__ = [
     "anatomy",
     "parameter_count",
     "model_summary",
+    "token_batches",
+    "summed_nll",
     "TINY_FAMILIES",
     "BYTE_VOCAB",
     "tiny_config",

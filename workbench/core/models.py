@@ -282,12 +282,6 @@ def mlp_channels(parts: LayerParts) -> int:
     return 0 if parts.gate is None else parts.gate.out_features
 
 
-def queries_per_group(parts: LayerParts, head_dim: int) -> int:
-    """Query heads per KV head (the GQA ratio) as the projections are shaped now."""
-    groups = kv_groups(parts, head_dim)
-    return parts.q.out_features // head_dim // groups if groups else 0
-
-
 def layer_widths(model: nn.Module) -> list[tuple[int, int]]:
     """Per layer: (KV groups, MLP channels) as they are in the modules now."""
     spec = get_spec(model)

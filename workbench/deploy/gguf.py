@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workbench.core.models import BLOCKS, decoder_layers, geometry, get_spec, layer_parts, layer_widths
-from workbench.core.paths import clean_staging, confined, staging_file
+from workbench.core.paths import atomic_path, clean_staging, confined
 from workbench.core.registry import check_choice
 from workbench.plans.plan import Plan
 from workbench.surgery.checkpoints import PLAN_FILE, is_pruned_checkpoint, load_model, load_plan, load_pruned
@@ -431,8 +431,7 @@ def export_gguf(
     rope = _rope(config)
 
     clean_staging(target.parent)  # what a killed export left here
-    tmp = staging_file(target.parent, target.name)
-    try:
+    with atomic_path(target) as tmp:
         arch = layout.arch
         writer = gguf.GGUFWriter(tmp, arch)
         writer.add_type("model")
@@ -483,13 +482,6 @@ def export_gguf(
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # a normal file's mode, not the temporary file's private one
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     if any(layout.attn_stub) or any(layout.mlp_stub):
         notes.append(f"{sum(layout.attn_stub)} emptied attention and {sum(layout.mlp_stub)} emptied MLP blocks are "
                      "written as one zero-weight unit each (exact; llama.cpp has no other form for them)")

@@ -24,11 +24,13 @@ from workbench.evaluation.evaluate import (
     perplexity,
     perplexity_after,
     perplexity_of_plans,
+    plan_perplexity,
     plans_record,
     recovery_table,
     results_record,
     results_table,
     window_nll,
+    windows_perplexity,
 )
 from workbench.evaluation.zeroshot import (
     LOCAL_TASKS,
@@ -61,6 +63,8 @@ __all__ = [
     "zero_shot",
     "PerplexityResult",
     "window_nll",
+    "windows_perplexity",
+    "plan_perplexity",
     "perplexity",
     "perplexity_after",
     "RESULT_LIBRARIES",

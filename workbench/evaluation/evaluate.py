@@ -42,10 +42,6 @@ class PerplexityResult:
         return asdict(self)
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.no_grad()
 def window_nll(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, progress: bool = True) -> torch.Tensor:
     """Summed next-token NLL (float64) and count over a stack of windows, as a 2-vector."""
@@ -189,7 +185,7 @@ def recovery_table(dense: PerplexityResult, pruned: PerplexityResult, recovered:
     return table
 
 
-def plans_record(dense: PerplexityResult | None, results: Mapping[str, float | PerplexityResult],
+def plans_record(dense: PerplexityResult | None, results: Mapping[str, float | PerplexityResult] | pd.Series,
                  plans: Mapping[str, Plan], **settings: Any) -> dict:
     """The one shape of a notebook's `evaluation/perplexity.json`: the dense perplexity, then per plan (by the
     label it was shown under) its perplexity, how it was made (provenance and its label) and what it removes;
@@ -199,6 +195,7 @@ def plans_record(dense: PerplexityResult | None, results: Mapping[str, float | P
     >>> plans_record(None, {"mine": 12.5}, {"mine": plan}, ratio=0.1)["plans"]["mine"]["ppl"]
     12.5
     """
+    results = dict(results.items())  # a Series of perplexities by label, too
     missing = sorted(set(results) - set(plans))
     if missing:
         raise ValueError(f"plans_record: results for {missing} without their plans; give every plan it scores")

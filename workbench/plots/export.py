@@ -4,10 +4,12 @@ experiment, the project's `figures/`.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from workbench.core.experiments import Experiment
-from workbench.core.paths import figures_root
+from workbench.core.paths import atomic_path, figures_root
 
 EXPORT_FORMATS = ("pdf", "png", "svg")
 
@@ -42,15 +44,30 @@ def export(fig, name: str, target: Experiment | str | os.PathLike | None = None,
         folder.mkdir(parents=True, exist_ok=True)
         for fmt in formats:
             path = folder / f"{stem}.{fmt}"
-            tmp = path.with_name(f".{path.name}.tmp")
-            fig.savefig(tmp, format=fmt)
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                fig.savefig(tmp, format=fmt)
             paths.append(path)
     plt.close(fig)
     png = next((p for p in paths if p.suffix == ".png"), None)
     if show and png is not None:
         _show_inline(png)
     return paths
+
+
+def publish(figure: Callable[..., Any], *args: Any, name: str, to: Experiment | str | os.PathLike | None = None,
+            formats: tuple[str, ...] = ("pdf", "png"), **kwargs: Any) -> Any:
+    """One figure, shown and exported from one call: `figure(*args, backend="paper", **kwargs)` is exported by
+    `export`'s rule (not shown), and the interactive `figure(*args, **kwargs)` is returned to display. The paper
+    gets what the notebook shows: the same data, title and settings.
+
+    >>> import pandas as pd, tempfile
+    >>> from workbench.plots import ppl_bars
+    >>> fig = publish(ppl_bars, pd.Series({"a": 12.0, "b": 15.0}), dense=10.0, name="ppl", to=tempfile.mkdtemp())
+    >>> type(fig).__name__
+    'Figure'
+    """
+    export(figure(*args, backend="paper", **kwargs), name, to, formats, show=False)
+    return figure(*args, **kwargs)
 
 
 def _show_inline(png: Path) -> None:

@@ -62,8 +62,9 @@ def importance_data_parallel(make_model: Callable[[], nn.Module], samples: torch
                              backend: str | None = None, **kwargs) -> Importance:
     """The importance pass over `world_size` processes on this machine; returns rank 0's result.
 
-    make_model: a picklable function building the same model in every process (e.g.
-        `functools.partial(load_model_only, path)`); kwargs go to `importance_cached` (batch_size, fisher, cache).
+    make_model: a picklable function building the same model in every process (a module-level function such as
+        `def make(): return load_model(path)[0]`, or `functools.partial(tiny_model, "llama")`); kwargs go to
+        `importance_cached` (batch_size, fisher, cache).
     backend: "gloo" (CPU, the default without CUDA) or "nccl" (one GPU per process).
     """
     import torch.multiprocessing as mp  # deferred: only data-parallel runs need it

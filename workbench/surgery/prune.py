@@ -55,13 +55,15 @@ class PruneReport:
         return dict(asdict(self), ratio_total=self.ratio_total, ratio_prunable=self.ratio_prunable)
 
 
-def check_plan(model: nn.Module, plan: Plan) -> None:
-    """Refuse a plan made for other layer widths than `model` has (another model, or this one pruned after the
-    plan was made), or one that removes every layer."""
+def check_plan(model: nn.Module, plan: Plan, what: str = "the model") -> None:
+    """The one plan-against-model check: refuse a plan made for other layer widths than `model` has (another
+    model, or this one pruned after the plan was made), or one that removes every layer. `what` names the model
+    in the message (e.g. "`dense`")."""
     widths = layer_widths(model)
     if [tuple(w) for w in plan.widths] != widths:
         raise ValueError(
-            f"the plan was made for layer widths {plan.widths[:4]}… ({plan.n_layers} layers) but the model has "
+            f"the plan was not made for {what}: the plan was made for layer widths {plan.widths[:4]}… "
+            f"({plan.n_layers} layers) but {what} has "
             f"{widths[:4]}… ({len(widths)} layers): make the plan from this model; if the model was pruned after "
             "the plan was made (e.g. by a later notebook cell), use the unpruned model (load it again, or run the "
             "cells in order)"

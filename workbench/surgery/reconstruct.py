@@ -57,7 +57,7 @@ from workbench.core.registry import check_choice
 from workbench.core.tracer import layer_calls, trace
 from workbench.core.units import unit_rows
 from workbench.plans.plan import Plan
-from workbench.surgery.prune import PruneReport, add_output_bias, apply_plan
+from workbench.surgery.prune import PruneReport, add_output_bias, apply_plan, check_plan
 
 MODES = ("sequential", "one_shot")
 CACHE_FORMAT = 2
@@ -327,7 +327,7 @@ def solve_reconstruction(dense: nn.Module, plan: Plan, samples: torch.Tensor,
     `sequential` works on a pruned copy of `dense` made here (twice the model's memory); `one_shot` needs none,
     so the model can be pruned in place afterwards (`pipeline.prune_and_reconstruct`).
     """
-    _check_plan(dense, plan)
+    check_plan(dense, plan, "`dense`")
     if not isinstance(samples, torch.Tensor) or samples.ndim != 2 or samples.numel() == 0:
         raise ValueError(f"samples must be a non-empty [num_samples, seq_len] tensor of token ids, got "
                          f"{tuple(samples.shape) if isinstance(samples, torch.Tensor) else type(samples).__name__}")
@@ -359,16 +359,11 @@ def reconstruct(dense: nn.Module, pruned: nn.Module, plan: Plan, samples: torch.
 
     `dense` is left unchanged. Returns the solutions (cached; a second call applies them without a pass).
     """
-    _check_plan(dense, plan)
+    check_plan(dense, plan, "`dense`")
     _check_pruned(dense, pruned, plan)
     rec = solve_reconstruction(dense, plan, samples, cfg, cache=cache, progress=progress)
     apply_reconstruction(pruned, plan, rec)
     return rec
-
-
-def _check_plan(dense: nn.Module, plan: Plan) -> None:
-    if [tuple(w) for w in plan.widths] != layer_widths(dense):
-        raise ValueError("the plan was not made for `dense`: pass the unpruned model the plan was made from")
 
 
 def _check_pruned(dense: nn.Module | None, pruned: nn.Module, plan: Plan) -> None:
