@@ -8,8 +8,8 @@ import time
 import torch
 from _models import add_model_args, bench_model
 
+from workbench.core.arch import layer_widths
 from workbench.core.compat import check_cached_decoding
-from workbench.core.models import layer_widths
 from workbench.plans.plan import Plan
 from workbench.surgery.prune import apply_plan
 

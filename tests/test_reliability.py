@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from workbench.core.arch import layer_widths
 from workbench.core.cache import make_key, model_fingerprint
 from workbench.core.experiments import Experiment
-from workbench.core.models import layer_widths
 from workbench.core.testing import byte_tokenizer, tiny_model
 from workbench.data.text import CalibrationConfig
 from workbench.plans.normalize import ScoringConfig

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from workbench.analysis.diagnosis import diagnose, gradient_stats, recommend, scale_ratios
-from workbench.core.models import decoder_layers
+from workbench.core.arch import decoder_layers
 from workbench.core.testing import tiny_model
 from workbench.plans.normalize import NORMALIZERS, PRESETS, ScoringConfig, clip_percentiles, score_table
 from workbench.plans.plan import Plan, extreme_blocks, layer_summary

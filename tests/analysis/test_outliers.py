@@ -10,7 +10,7 @@ from workbench.analysis.outliers import (
     weight_histograms,
     weight_stats,
 )
-from workbench.core.models import layer_widths
+from workbench.core.arch import layer_widths
 from workbench.core.testing import tiny_model
 from workbench.plans.allocation import compare_allocation, owl_ratios
 from workbench.plans.plan import Plan

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from workbench.analysis.comparison import baseline_plans, compare_plans
 from workbench.analysis.distribution import best_split, xy_search
 from workbench.baselines.registry import BASELINES, default_llm_pruner_range, make_plan, shortgpt_plan
-from workbench.core.models import BLOCKS, decoder_layers, get_spec, layer_parts
+from workbench.core.arch import BLOCKS, decoder_layers, get_spec, layer_parts
 from workbench.core.testing import TINY_FAMILIES, byte_tokenizer, tiny_model
 from workbench.plans.allocation import ALLOCATIONS, LayerwiseConfig, allocate, kind_rates, layerwise_plan
 from workbench.plans.normalize import ScoringConfig

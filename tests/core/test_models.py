@@ -2,16 +2,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, MixtralConfig
 
-from workbench.core.models import (
-    ARCH_SPECS,
-    UnsupportedModelError,
-    anatomy,
-    geometry,
-    get_spec,
-    layer_widths,
-    parameter_count,
-    spec_for_config,
-)
+from workbench.core.arch import ARCH_SPECS, UnsupportedModelError, geometry, get_spec, layer_widths, spec_for_config
+from workbench.core.models import anatomy, parameter_count
 from workbench.core.testing import byte_tokenizer, tiny_config, tiny_model
 
 

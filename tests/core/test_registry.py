@@ -2,8 +2,8 @@
 import pytest
 
 from workbench.baselines.registry import BASELINES
+from workbench.core.arch import ARCH_SPECS
 from workbench.core.cache import CACHE_KINDS
-from workbench.core.models import ARCH_SPECS
 from workbench.core.registry import Registry, UnknownChoiceError, check_choice
 from workbench.data.text import HUB_SOURCES
 from workbench.plans.allocation import ALLOCATIONS

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from workbench.core.models import decoder_layers, get_spec, layer_widths
+from workbench.core.arch import decoder_layers, get_spec, layer_widths
 from workbench.core.testing import byte_tokenizer, tiny_model
 from workbench.deploy import gguf as gguf_export
 from workbench.deploy import llamacpp
-from workbench.deploy.gguf import ExportError, export_gguf, gguf_layout
+from workbench.deploy.gguf import export_gguf, gguf_layout
+from workbench.deploy.gguf_tokenizer import ExportError
 from workbench.plans.plan import Plan
 from workbench.runs.cli import main
 from workbench.surgery.checkpoints import save_pruned

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from workbench.core.models import layer_widths, parameter_count
+from workbench.core.arch import layer_widths
+from workbench.core.models import parameter_count
 from workbench.evaluation.efficiency import (
     EfficiencyConfig,
     compare,

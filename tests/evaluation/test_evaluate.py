@@ -25,7 +25,8 @@ def test_perplexity_equals_exp_mean_token_nll(tokenizer):
 
 
 def test_perplexity_after_prunes_a_copy(tokenizer):
-    from workbench.core.models import layer_widths, parameter_count
+    from workbench.core.arch import layer_widths
+    from workbench.core.models import parameter_count
     from workbench.core.testing import tiny_model
     from workbench.evaluation.evaluate import perplexity_after
     from workbench.plans.plan import random_plan

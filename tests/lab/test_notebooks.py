@@ -25,8 +25,8 @@ SMOKE_PARAMS = {
 
 def _prepare_06(experiments):
     """06 evaluates the models of 04 and 05: put tiny ones (of the SMOKE model) where they would be."""
+    from workbench.core.arch import layer_widths
     from workbench.core.experiments import Experiment
-    from workbench.core.models import layer_widths
     from workbench.core.testing import byte_tokenizer, tiny_model
     from workbench.plans.plan import random_plan
     from workbench.surgery.checkpoints import save_pruned

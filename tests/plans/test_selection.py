@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from workbench.core.models import layer_widths, parameter_count
+from workbench.core.arch import layer_widths
+from workbench.core.models import parameter_count
 from workbench.core.testing import tiny_model
 from workbench.plans.plan import Plan, layer_summary
 from workbench.plans.selection import Budget, SelectionConfig, build_table, prunable_params, select, unit_costs

@@ -1,7 +1,8 @@
 import pytest
 
 from workbench import plots
-from workbench.core.models import anatomy, layer_widths
+from workbench.core.arch import layer_widths
+from workbench.core.models import anatomy
 from workbench.core.testing import tiny_model
 from workbench.plans.plan import layer_summary, random_plan
 

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from workbench.core.models import layer_widths
+from workbench.core.arch import layer_widths
 from workbench.core.testing import tiny_model
 from workbench.plans.plan import Plan
 from workbench.recovery.finetune import FinetuneConfig, finetune, instruction_examples, load_instructions, text_examples

@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from workbench.core.models import EmptyBlock, anatomy, layer_widths, parameter_count
+from workbench.core.arch import EmptyBlock, layer_widths
+from workbench.core.models import anatomy, parameter_count
 from workbench.core.testing import tiny_model
 from workbench.plans.plan import Plan, random_plan
 from workbench.plans.selection import unit_costs

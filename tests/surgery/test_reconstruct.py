@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from workbench.core.models import BLOCKS, decoder_layers, get_spec, layer_parts, layer_widths
+from workbench.core.arch import BLOCKS, decoder_layers, get_spec, layer_parts, layer_widths
 from workbench.core.testing import TINY_FAMILIES, tiny_model
 from workbench.plans.plan import Plan, random_plan
 from workbench.surgery.checkpoints import load_pruned, loads_with_plain_transformers, save_pruned

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pandas as pd
 
-from workbench.core.models import BLOCKS
+from workbench.core.arch import BLOCKS
 from workbench.plans.plan import EXTREME_THRESHOLD, Plan, extreme_blocks, layer_summary
 from workbench.scoring.methods import Importance
 

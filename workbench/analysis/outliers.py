@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from workbench.core.models import decoder_layers, geometry, get_spec, kv_groups, layer_parts, mlp_channels
+from workbench.core.arch import decoder_layers, geometry, get_spec, kv_groups, layer_parts, mlp_channels
 from workbench.plans.plan import Plan
 from workbench.scoring.activations import ActivationStats
 

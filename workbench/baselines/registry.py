@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from workbench.core.models import BLOCKS
+from workbench.core.arch import BLOCKS
 from workbench.core.registry import Registry
 from workbench.plans.allocation import LayerwiseConfig, layerwise_plan, owl_plan, uniform_plan
 from workbench.plans.normalize import ScoringConfig, score_table

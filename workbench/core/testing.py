@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from workbench.core.models import ARCH_SPECS
+from workbench.core.arch import ARCH_SPECS
 
 TINY_FAMILIES = tuple(ARCH_SPECS)
 BYTE_VOCAB = 258  # 256 byte tokens + <s> + </s>

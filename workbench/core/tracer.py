@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from workbench.core.models import decoder_layers, get_spec, layer_parts
+from workbench.core.arch import decoder_layers, get_spec, layer_parts
 
 SITES = ("residual", "layer_output", "attn_input", "attn_channels", "mlp_input", "mlp_block", "mlp_channels", "outputs")
 _PROJECTION_OF = {"attn_input": "q", "attn_channels": "o", "mlp_input": "gate", "mlp_channels": "down"}

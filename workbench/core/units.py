@@ -12,16 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from workbench.core.models import (
-    BLOCKS,
-    ArchSpec,
-    LayerParts,
-    decoder_layers,
-    get_spec,
-    kv_groups,
-    layer_parts,
-    mlp_channels,
-)
+from workbench.core.arch import BLOCKS, ArchSpec, LayerParts, decoder_layers, get_spec, kv_groups, layer_parts, mlp_channels
 from workbench.core.registry import choice_error
 
 

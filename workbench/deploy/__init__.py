@@ -3,7 +3,6 @@ from workbench.deploy.gguf import (
     GGUF_DTYPES,
     PER_LAYER_ARCH,
     UNIFORM_ARCH,
-    ExportError,
     ExportReport,
     GGUFLayout,
     active_sliding_window,
@@ -11,6 +10,7 @@ from workbench.deploy.gguf import (
     export_models,
     gguf_layout,
 )
+from workbench.deploy.gguf_tokenizer import ExportError, copy_gguf_tokenizer, pre_tokenizer_name, write_hf_tokenizer
 from workbench.deploy.llamacpp import (
     KV_TYPES,
     LlamaCppModel,
@@ -25,10 +25,13 @@ from workbench.deploy.llamacpp import (
 )
 
 __all__ = [
+    "ExportError",
+    "copy_gguf_tokenizer",
+    "pre_tokenizer_name",
+    "write_hf_tokenizer",
     "GGUF_DTYPES",
     "UNIFORM_ARCH",
     "PER_LAYER_ARCH",
-    "ExportError",
     "GGUFLayout",
     "ExportReport",
     "active_sliding_window",

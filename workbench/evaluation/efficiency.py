@@ -20,16 +20,9 @@ import pandas as pd
 import torch
 from torch import nn
 
+from workbench.core.arch import decoder_layers, geometry, get_spec, layer_parts, layer_widths
 from workbench.core.compat import cache_keyword, output_cache
-from workbench.core.models import (
-    decoder_layers,
-    eval_mode,
-    geometry,
-    get_spec,
-    layer_parts,
-    layer_widths,
-    parameter_count,
-)
+from workbench.core.models import eval_mode, parameter_count
 from workbench.core.registry import check_choice
 
 DECODE_MODES = ("loop", "static")

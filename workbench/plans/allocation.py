@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import pandas as pd
 
-from workbench.core.models import BLOCKS
+from workbench.core.arch import BLOCKS
 from workbench.core.registry import Registry, check_choice
 from workbench.plans.normalize import NORMALIZERS
 from workbench.plans.plan import Plan, PlanProvenance, check_achieved

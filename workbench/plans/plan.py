@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from workbench.core.models import BLOCKS
+from workbench.core.arch import BLOCKS
 from workbench.core.registry import check_choice
 
 SOURCES = {  # how a plan can be made (PlanProvenance.source)

@@ -16,7 +16,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from workbench.core.models import BLOCKS, geometry, layer_widths, parameter_count
+from workbench.core.arch import BLOCKS, geometry, layer_widths
+from workbench.core.models import parameter_count
 from workbench.core.registry import check_choice
 from workbench.core.units import iter_blocks, unit_cost
 from workbench.plans.plan import Plan, PlanProvenance, check_achieved

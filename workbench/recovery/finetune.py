@@ -25,9 +25,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from workbench.core.arch import get_spec
 from workbench.core.cache import model_fingerprint, tensor_fingerprint
 from workbench.core.loss import summed_nll
-from workbench.core.models import get_spec
 from workbench.core.paths import torch_save_atomic
 from workbench.core.registry import check_choice
 from workbench.data.recovery import TrainData, instruction_examples, load_instructions, text_examples

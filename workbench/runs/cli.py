@@ -23,7 +23,8 @@ from workbench.core.experiments import Experiment
 from workbench.core.models import model_summary
 from workbench.core.paths import experiments_root
 from workbench.core.timing import timed
-from workbench.deploy.gguf import GGUF_DTYPES, ExportError, export_gguf
+from workbench.deploy.gguf import GGUF_DTYPES, export_gguf
+from workbench.deploy.gguf_tokenizer import ExportError
 from workbench.runs.config import ConfigError, load_run_config, save_config
 from workbench.runs.consolidate import best, consolidate
 from workbench.runs.pipeline import calibrate, run_pruning

@@ -18,8 +18,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from workbench.core.arch import decoder_layers
 from workbench.core.cache import cached, make_key
-from workbench.core.models import check_token_ids, decoder_layers, eval_mode
+from workbench.core.models import check_token_ids, eval_mode
 from workbench.core.tracer import trace
 
 LLM_INT8_THRESHOLD = 6.0

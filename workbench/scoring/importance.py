@@ -25,8 +25,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from workbench.core.arch import BLOCKS, geometry, layer_widths
 from workbench.core.cache import cached, lookup, make_key, read_entry, store, write_entry
-from workbench.core.models import BLOCKS, check_token_ids, checkpointed_layers, eval_mode, geometry, layer_widths
+from workbench.core.models import check_token_ids, checkpointed_layers, eval_mode
 from workbench.core.registry import check_choice
 from workbench.core.tracer import trace
 from workbench.core.units import block_params, block_units, iter_blocks, reduce_to_units

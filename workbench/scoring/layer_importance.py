@@ -19,8 +19,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from workbench.core.arch import BLOCKS, decoder_layers, get_spec, layer_parts
 from workbench.core.cache import cached, make_key
-from workbench.core.models import BLOCKS, check_token_ids, decoder_layers, eval_mode, get_spec, layer_parts
+from workbench.core.models import check_token_ids, eval_mode
 from workbench.core.registry import Registry
 from workbench.core.tracer import trace
 from workbench.scoring.activations import ActivationStats, activation_stats

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 
-from workbench.core.models import BLOCKS
+from workbench.core.arch import BLOCKS
 from workbench.core.registry import Registry
 
 

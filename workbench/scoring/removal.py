@@ -14,9 +14,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from workbench.core.arch import BLOCKS, EmptyBlock, decoder_layers, geometry, get_spec
 from workbench.core.cache import cached, make_key
 from workbench.core.loss import summed_nll, token_batches
-from workbench.core.models import BLOCKS, EmptyBlock, check_token_ids, decoder_layers, eval_mode, geometry, get_spec
+from workbench.core.models import check_token_ids, eval_mode
 
 
 @contextlib.contextmanager

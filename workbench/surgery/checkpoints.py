@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from workbench.core.arch import BLOCKS, decoder_layers, geometry, get_spec, spec_for_config
 from workbench.core.experiments import Experiment
-from workbench.core.models import BLOCKS, as_dtype, decoder_layers, geometry, get_spec, spec_for_config, verify_decoding
+from workbench.core.models import as_dtype, verify_decoding
 from workbench.core.paths import clean_staging, data_cache, replace_dir, staging_dir, write_atomic
 from workbench.core.testing import byte_tokenizer, tiny_model
 from workbench.plans.plan import Plan

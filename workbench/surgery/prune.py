@@ -13,18 +13,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from workbench.core.models import (
-    ArchSpec,
-    EmptyBlock,
-    Geometry,
-    decoder_layers,
-    geometry,
-    get_spec,
-    layer_parts,
-    layer_widths,
-    parameter_count,
-    verify_decoding,
-)
+from workbench.core.arch import ArchSpec, EmptyBlock, Geometry, decoder_layers, geometry, get_spec, layer_parts, layer_widths
+from workbench.core.models import parameter_count, verify_decoding
 from workbench.core.units import BLOCKS, block_params, block_units, unit_rows
 from workbench.plans.plan import Plan
 from workbench.plans.selection import prunable_params, unit_costs

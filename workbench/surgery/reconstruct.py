@@ -42,17 +42,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from workbench.core.arch import BLOCKS, decoder_layers, geometry, get_spec, layer_parts, layer_widths
 from workbench.core.cache import cached, make_key
-from workbench.core.models import (
-    BLOCKS,
-    check_token_ids,
-    decoder_layers,
-    eval_mode,
-    geometry,
-    get_spec,
-    layer_parts,
-    layer_widths,
-)
+from workbench.core.models import check_token_ids, eval_mode
 from workbench.core.registry import check_choice
 from workbench.core.tracer import layer_calls, trace
 from workbench.core.units import unit_rows
