@@ -1,9 +1,10 @@
-"""The model a benchmark runs on: `tiny` (a random 8-layer GQA Llama), `default` (SmolLM2), a path/hub id, or
-`--shape NAME`: a randomly initialised Llama of a real model's shape (transformers' own init), built directly on
-the device in the asked dtype (`llama3-8b` in bf16 needs a GPU with ≥ 40 GiB)."""
+"""The model a benchmark runs on: whatever the one loader reads (`tiny`: the random 4-layer Llama of smoke mode,
+`default`: SmolLM2, a path, a hub id, `experiment:NAME`), or `--shape NAME`: a randomly initialised Llama of a real
+model's shape (transformers' own init), built directly on the device in the asked dtype (`llama3-8b` in bf16 needs
+a GPU with ≥ 40 GiB)."""
 import torch
 
-from workbench.core.testing import byte_tokenizer, tiny_model
+from workbench.core.testing import byte_tokenizer
 from workbench.data.text import CalibrationConfig
 from workbench.surgery.checkpoints import load_model
 
@@ -34,7 +35,8 @@ def shape_model(name: str, device: str, dtype: str):
 
 
 def add_model_args(ap) -> None:
-    ap.add_argument("--model", default="default", help="tiny | default | a directory, .gguf file or hub id")
+    ap.add_argument("--model", default="default", help="tiny | default | a directory, .gguf file, hub id or "
+                                                       "experiment:NAME (the one loader)")
     ap.add_argument("--shape", default=None, choices=list(SHAPES),
                     help="instead of --model: a random Llama of this shape (token ids from the byte tokenizer)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -42,12 +44,10 @@ def add_model_args(ap) -> None:
 
 
 def bench_model(args):
+    """(model, tokenizer) of `--shape` (a random Llama of that shape, byte tokenizer) or `--model` (`load_model`)."""
     if getattr(args, "shape", None):
         return shape_model(args.shape, args.device, args.dtype), byte_tokenizer()
-    if args.model == "tiny":
-        model = tiny_model("llama", n_layers=8, hidden=256, n_heads=8, n_kv_heads=2, head_dim=32, intermediate=768)
-        return model.to(device=args.device, dtype=getattr(torch, args.dtype)), byte_tokenizer()
-    return load_model(None if args.model == "default" else args.model, dtype=args.dtype, device=args.device)
+    return load_model(args.model, dtype=args.dtype, device=args.device)
 
 
 def add_calibration_args(ap, samples: int = 64) -> None:

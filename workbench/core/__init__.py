@@ -1,88 +1,88 @@
 """The core stage."""
+from workbench.core.arch import (
+    ARCH_SPECS,
+    BLOCKS,
+    ArchSpec,
+    EmptyBlock,
+    Geometry,
+    LayerParts,
+    PositionsOnlyCacheLayer,
+    UnsupportedModelError,
+    decoder_layers,
+    geometry,
+    get_spec,
+    kv_groups,
+    layer_parts,
+    layer_widths,
+    mlp_channels,
+    spec_for_config,
+)
+from workbench.core.cache import (
+    CACHE_KINDS,
+    cache_path,
+    cached,
+    clear_memory,
+    lookup,
+    make_key,
+    model_fingerprint,
+    read_entry,
+    store,
+    tensor_fingerprint,
+    write_entry,
+)
 from workbench.core.compat import (
+    CHECK_TOLERANCE,
     TESTED,
     DecodingCheckError,
+    cache_keyword,
+    check_cached_decoding,
+    find_cache,
     installed_version,
+    output_cache,
     untested_versions,
     warn_untested_versions,
-    find_cache,
-    output_cache,
-    cache_keyword,
-    CHECK_TOLERANCE,
-    check_cached_decoding,
+)
+from workbench.core.experiments import MAX_NAME, SUBDIRS, Experiment, jsonable, publish_figures
+from workbench.core.loss import summed_nll, token_batches
+from workbench.core.models import (
+    anatomy,
+    as_dtype,
+    check_context,
+    check_token_ids,
+    checkpointed_layers,
+    decoding_touch_points,
+    eval_mode,
+    model_summary,
+    parameter_count,
+    verify_decoding,
 )
 from workbench.core.paths import (
     REPO_ROOT,
+    atomic_path,
+    clean_staging,
+    confined,
     data_cache,
     experiments_root,
     figures_root,
-    confined,
-    atomic_path,
-    write_atomic,
-    torch_save_atomic,
+    process_alive,
     replace_dir,
     staging_dir,
     staging_file,
-    process_alive,
-    clean_staging,
+    torch_save_atomic,
+    write_atomic,
 )
-from workbench.core.experiments import SUBDIRS, MAX_NAME, jsonable, Experiment, publish_figures
-from workbench.core.registry import UnknownChoiceError, closest, did_you_mean, choice_error, check_choice, Registry
-from workbench.core.arch import (
-    BLOCKS,
-    ArchSpec,
-    ARCH_SPECS,
-    UnsupportedModelError,
-    spec_for_config,
-    get_spec,
-    decoder_layers,
-    LayerParts,
-    PositionsOnlyCacheLayer,
-    EmptyBlock,
-    layer_parts,
-    Geometry,
-    geometry,
-    kv_groups,
-    mlp_channels,
-    layer_widths,
-)
-from workbench.core.cache import (
-    model_fingerprint,
-    tensor_fingerprint,
-    make_key,
-    CACHE_KINDS,
-    cache_path,
-    clear_memory,
-    cached,
-    lookup,
-    store,
-    write_entry,
-    read_entry,
-)
-from workbench.core.models import (
-    decoding_touch_points,
-    verify_decoding,
-    eval_mode,
-    checkpointed_layers,
-    check_context,
-    check_token_ids,
-    as_dtype,
-    anatomy,
-    parameter_count,
-    model_summary,
-)
-from workbench.core.loss import token_batches, summed_nll
-from workbench.core.testing import TINY_FAMILIES, BYTE_VOCAB, tiny_config, tiny_model, byte_tokenizer
+from workbench.core.registry import Registry, UnknownChoiceError, check_choice, choice_error, closest, did_you_mean
+from workbench.core.testing import BYTE_VOCAB, TINY_FAMILIES, byte_tokenizer, tiny_config, tiny_model
 from workbench.core.timing import timed
-from workbench.core.tracer import SITES, Callback, trace, layer_calls
+from workbench.core.tracer import SITES, Callback, layer_calls, trace
 from workbench.core.units import (
     UnitParam,
     block_params,
     block_units,
-    reduce_to_units,
-    unit_rows,
-    unit_cost,
     iter_blocks,
+    reduce_to_units,
+    unit_cost,
+    unit_rows,
 )
 
 __all__ = [

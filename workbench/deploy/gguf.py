@@ -34,7 +34,7 @@ from workbench.core.paths import atomic_path, clean_staging, confined
 from workbench.core.registry import check_choice
 from workbench.deploy.gguf_tokenizer import ExportError, copy_gguf_tokenizer, write_hf_tokenizer
 from workbench.plans.plan import Plan
-from workbench.surgery.checkpoints import PLAN_FILE, is_pruned_checkpoint, load_model, load_plan, load_pruned
+from workbench.surgery.checkpoints import PLAN_FILE, load_model, load_plan
 from workbench.surgery.prune import output_bias
 
 GGUF_DTYPES = ("f32", "f16", "q8_0")
@@ -292,15 +292,8 @@ def export_gguf(
         raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
     if not isinstance(model, nn.Module):
         source = Path(model)
-        if is_pruned_checkpoint(source):  # its own tokenizer when it was saved with one
-            model = load_pruned(source)
-            if tokenizer is None and any((source / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-                from transformers import AutoTokenizer  # deferred: transformers loads in seconds
-
-                tokenizer = AutoTokenizer.from_pretrained(source)
-        else:
-            model, loaded_tok = load_model(source)
-            tokenizer = tokenizer or loaded_tok
+        model, loaded_tok = load_model(source)  # a pruned checkpoint's own tokenizer when it was saved with one
+        tokenizer = tokenizer or loaded_tok
         if plan is None and (source / PLAN_FILE).is_file():
             plan = load_plan(source)
     spec, geo, config = get_spec(model), geometry(model.config), model.config

@@ -30,7 +30,7 @@ from workbench.scoring.importance import importance_cached
 from workbench.scoring.layer_importance import layer_importance
 from workbench.scoring.methods import Importance
 from workbench.scoring.removal import block_removal_loss
-from workbench.surgery.checkpoints import load_plan, load_pruned, reload_max_diff, save_pruned
+from workbench.surgery.checkpoints import EXPERIMENT_PREFIX, load_model, load_plan, reload_max_diff, save_pruned
 from workbench.surgery.prune import PruneReport
 from workbench.surgery.reconstruct import ReconstructConfig, prune_and_reconstruct
 
@@ -154,8 +154,8 @@ def pruned_model(model: nn.Module, tokenizer, *, experiment: str | None = None, 
     """The pruned model of an earlier experiment (its `model/`), or `model` pruned here by a global plan
     (and reconstructed on the calibration samples when `reconstruction` is given)."""
     if experiment is not None:
-        source = Experiment.open(experiment).model_dir
-        return load_pruned(source), load_plan(source)
+        pruned, _ = load_model(f"{EXPERIMENT_PREFIX}{experiment}")
+        return pruned, load_plan(Experiment.open(experiment).model_dir)
     samples, imp = calibrate(model, tokenizer, calibration)
     _, plan = select_plan(model, imp, method, selection)
     prune_and_reconstruct(model, plan, samples, reconstruction)
@@ -276,7 +276,7 @@ def experiment_models(experiments: dict[str, str | None]) -> tuple[dict[str, nn.
     for label, name in experiments.items():
         if name is not None:
             folders[label] = str(Experiment.open(name).model_dir)
-            models[label] = load_pruned(folders[label])
+            models[label], _ = load_model(f"{EXPERIMENT_PREFIX}{name}")
     return models, folders
 
 

