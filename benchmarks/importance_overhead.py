@@ -12,7 +12,8 @@ import argparse
 from _models import add_calibration_args, add_model_args, bare_pass, bench_model, calibration, measured
 
 from workbench.data.text import calibration_samples
-from workbench.scoring.importance import compute_importance, only_prunable_grads
+from workbench.scoring.hooks import only_prunable_grads
+from workbench.scoring.importance import compute_importance
 
 
 def main():

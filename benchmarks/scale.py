@@ -36,7 +36,8 @@ from workbench.plans.normalize import ScoringConfig
 from workbench.plans.rescore import Rescorer
 from workbench.plans.selection import Budget, SelectionConfig
 from workbench.recovery.finetune import FinetuneConfig, finetune, training_data
-from workbench.scoring.importance import compute_importance, only_prunable_grads
+from workbench.scoring.hooks import only_prunable_grads
+from workbench.scoring.importance import compute_importance
 from workbench.scoring.removal import block_removal_loss
 from workbench.surgery.checkpoints import load_pruned, save_pruned
 from workbench.surgery.prune import apply_plan

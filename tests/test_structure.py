@@ -218,3 +218,9 @@ def test_test_folders_mirror_the_stage_packages():
 
     folders = {p.name for p in (PACKAGE.parent / "tests").iterdir() if p.is_dir() and not p.name.startswith((".", "_"))}
     assert folders <= set(STAGES), sorted(folders - set(STAGES))
+
+
+def test_every_module_over_400_lines_is_named_on_the_architecture_page():
+    page = (PACKAGE.parent / "docs" / "ARCHITECTURE.md").read_text()
+    long = [str(p.relative_to(PACKAGE)) for p in _files() if len(p.read_text().splitlines()) > 400]
+    assert [m for m in long if f"`{m}`" not in page] == []

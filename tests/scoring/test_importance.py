@@ -254,7 +254,7 @@ def _same_importance(a, b, rtol=1e-6):
 @pytest.mark.parametrize("shape,axis", [((96, 40), 0), ((40, 96), 1), ((96,), 0)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_param_terms_match_a_float64_reduction(shape, axis, dtype):
-    from workbench.scoring.importance import param_terms
+    from workbench.scoring.hooks import param_terms
 
     torch.manual_seed(0)
     w, g = torch.randn(shape).to(dtype), (torch.randn(shape) * 1e-3).to(dtype)

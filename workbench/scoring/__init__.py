@@ -1,45 +1,50 @@
 """The scoring stage."""
 from workbench.scoring.activations import (
-    HIST_EDGES,
     LLM_INT8_THRESHOLD,
     SITES,
-    ActivationStats,
+    HIST_EDGES,
     SiteStats,
-    activation_stats,
+    ActivationStats,
     recording,
+    activation_stats,
+)
+from workbench.scoring.hooks import (
+    CHANNEL_SITES,
+    input_sq_norms,
+    only_prunable_grads,
+    gradient_taps,
+    param_terms,
+    terms_fn,
+    accumulate_in_backward,
+)
+from workbench.scoring.methods import (
+    Accumulators,
+    Importance,
+    available_methods,
+    global_warning,
+    ImportanceMethod,
+    IMPORTANCE_METHODS,
 )
 from workbench.scoring.importance import (
     CACHE_KIND,
-    accumulate_in_backward,
     compute_importance,
-    gradient_taps,
-    importance_cached,
-    input_sq_norms,
-    load_importance,
-    only_prunable_grads,
-    param_terms,
+    ImportancePass,
     save_importance,
+    load_importance,
+    importance_cached,
 )
+from workbench.scoring.parallel import init_from_env, importance_data_parallel
+from workbench.scoring.removal import bypassed, mean_loss, INPUT_CACHE_BYTES, removal_losses, block_removal_loss
 from workbench.scoring.layer_importance import (
-    LAYER_IMPORTANCE,
-    LayerImportance,
-    block_influence,
-    check_layer_values,
-    layer_importance,
-    layer_outlier_ratio,
     layer_removal_loss,
+    block_influence,
+    layer_outlier_ratio,
     outlier_ratio,
+    LayerImportance,
+    LAYER_IMPORTANCE,
+    layer_importance,
+    check_layer_values,
 )
-from workbench.scoring.methods import (
-    IMPORTANCE_METHODS,
-    Accumulators,
-    Importance,
-    ImportanceMethod,
-    available_methods,
-    global_warning,
-)
-from workbench.scoring.parallel import importance_data_parallel, init_from_env
-from workbench.scoring.removal import INPUT_CACHE_BYTES, block_removal_loss, bypassed, mean_loss, removal_losses
 
 __all__ = [
     "LLM_INT8_THRESHOLD",
@@ -49,6 +54,13 @@ __all__ = [
     "ActivationStats",
     "recording",
     "activation_stats",
+    "CHANNEL_SITES",
+    "input_sq_norms",
+    "only_prunable_grads",
+    "gradient_taps",
+    "param_terms",
+    "terms_fn",
+    "accumulate_in_backward",
     "Accumulators",
     "Importance",
     "available_methods",
@@ -56,12 +68,8 @@ __all__ = [
     "ImportanceMethod",
     "IMPORTANCE_METHODS",
     "CACHE_KIND",
-    "input_sq_norms",
-    "only_prunable_grads",
-    "gradient_taps",
-    "param_terms",
-    "accumulate_in_backward",
     "compute_importance",
+    "ImportancePass",
     "save_importance",
     "load_importance",
     "importance_cached",

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 
 import pandas as pd
@@ -31,7 +31,15 @@ from workbench.core.models import check_token_ids, checkpointed_layers, eval_mod
 from workbench.core.registry import check_choice
 from workbench.core.tracer import trace
 from workbench.core.units import block_params, block_units, iter_blocks, reduce_to_units
-from workbench.data.text import ACCUMULATIONS, FISHER_MODES
+from workbench.data.text import FISHER_MODES
+from workbench.scoring.hooks import (
+    CHANNEL_SITES,
+    accumulate_in_backward,
+    gradient_taps,
+    input_sq_norms,
+    only_prunable_grads,
+    terms_fn,
+)
 from workbench.scoring.methods import Accumulators, Importance
 
 CACHE_KIND = "importance"
@@ -46,60 +54,6 @@ CACHE_FORMAT = 4  # 3: FLAP fluctuation added to the accumulators; 4: per-sequen
 _WANDA_SITE = {"q.weight": "attn_input", "k.weight": "attn_input", "v.weight": "attn_input",
                "o.weight": "attn_channels", "gate.weight": "mlp_input", "up.weight": "mlp_input",
                "down.weight": "mlp_channels"}
-
-
-@contextlib.contextmanager
-def input_sq_norms(model: nn.Module, when: Callable[[], bool] | None = None):
-    """Accumulate Σ x² per input feature of the projections' inputs (and Σ x at the output projections' inputs).
-
-    Yields {(layer, site): tensor[in_features]} for the sites attn_input, attn_channels, mlp_input,
-    mlp_channels (Σ x²), and (layer, "sum:attn_channels") / (layer, "sum:mlp_channels") (Σ x, for FLAP's
-    fluctuation), filled during forward passes. `when()` False skips a call: the recomputed forward of a
-    gradient-checkpointed layer during backward must not count twice. Sums stay on the activations' device.
-    """
-    sums: dict[tuple[int, str], torch.Tensor] = {}
-
-    def put(key, s) -> None:
-        sums[key] = s if key not in sums else sums[key] + s
-
-    def add(layer: int, site: str, x: torch.Tensor) -> None:
-        if when is not None and not when():
-            return
-        x = x.detach().float().reshape(-1, x.shape[-1])
-        put((layer, site), x.square().sum(0))
-        if site in _FLAP_SITE.values():
-            put((layer, f"sum:{site}"), x.sum(0))
-
-    with trace(model, ("attn_input", "attn_channels", "mlp_input", "mlp_channels"), add):
-        yield sums
-
-
-@contextlib.contextmanager
-def only_prunable_grads(model: nn.Module):
-    """Gradients only for unit-indexed parameters (embeddings, norms, lm_head frozen) inside the block."""
-    saved = {p: p.requires_grad for p in model.parameters()}
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for _, block, parts in iter_blocks(model):
-            for up in block_params(parts, block):
-                up.param.requires_grad_(True)
-        yield
-    finally:
-        for p, flag in saved.items():
-            p.requires_grad_(flag)
-
-
-@contextlib.contextmanager
-def gradient_taps(params: list[torch.Tensor], sink):
-    """Call `sink(index, grad)` with each backward pass's own gradient of `params[index]` (before it is summed
-    into `.grad`); the hooks are removed on exit."""
-    handles = [p.register_hook(lambda g, k=k: sink(k, g)) for k, p in enumerate(params)]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,9 +78,6 @@ def _wanda_scores(model: nn.Module, norms: dict[tuple[int, str], torch.Tensor]) 
     return out
 
 
-_FLAP_SITE = {"attn": "attn_channels", "mlp": "mlp_channels"}
-
-
 def _fluctuation_scores(model: nn.Module, norms: dict[tuple[int, str], torch.Tensor],
                         tokens: int) -> dict[str, list[torch.Tensor]]:
     """FLAP's fluctuation metric (An et al., 2024) per unit: Σ_j Var(x_j)·‖W[:, j]‖² over the unit's input
@@ -138,60 +89,13 @@ def _fluctuation_scores(model: nn.Module, norms: dict[tuple[int, str], torch.Ten
         if not n:
             out[block].append(torch.zeros(0))
             continue
-        site = _FLAP_SITE[block]
+        site = CHANNEL_SITES[block]
         mean = norms[(i, f"sum:{site}")].double() / tokens
         var = (norms[(i, site)].double() / tokens - mean.square()).clamp_min(0)
         w = parts.out_proj(block).weight.detach().double()
         per_column = var.to(w.device) * w.square().sum(0)
         out[block].append(per_column.reshape(n, -1).sum(1).float().cpu())
     return out
-
-
-def param_terms(w: torch.Tensor, g: torch.Tensor, axis: int, n_units: int
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One parameter's share of one batch, in float32: per unit Σ_e |w_e·g_e| and Σ_e (w_e·g_e)², and the
-    gradient's [Σ|g|, Σg², max|g|, number of zeros].
-
-    w·g is the only temporary, reused in place (large fresh allocations cost more than the arithmetic on a
-    CPU), and it is one function so `accumulation="compiled"` can hand it to `torch.compile` (one read of w, g).
-    """
-    g = g.float()
-    prod = w.float() * g
-    flat = g.reshape(-1)
-    sq_sum, (low, high), nonzero = torch.dot(flat, flat), torch.aminmax(flat), torch.count_nonzero(flat)
-    if prod.ndim == 2:
-        dim = 1 - axis
-        first = prod.abs_().sum(dim)
-        fisher = prod.square_().sum(dim)
-    else:  # a bias: one value per element
-        first, fisher = prod.abs(), prod.square()
-    abs_sum = prod.copy_(g).abs_().sum()
-    stats = torch.stack([abs_sum, sq_sum, torch.maximum(-low, high), (g.numel() - nonzero).float()])
-    return first.view(n_units, -1).sum(1), fisher.view(n_units, -1).sum(1), stats
-
-
-_COMPILED: dict[str, Callable] = {}
-
-
-def _terms_fn(accumulation: str) -> Callable:
-    check_choice("accumulation", accumulation, ACCUMULATIONS)
-    if accumulation == "eager":
-        return param_terms
-    if "fn" not in _COMPILED:  # compiled once per process; shapes vary by module, hence dynamic
-        _COMPILED["fn"] = torch.compile(param_terms, dynamic=True)
-    return _COMPILED["fn"]
-
-
-@contextlib.contextmanager
-def accumulate_in_backward(params: list[torch.Tensor], sink):
-    """Call `sink(index)` as soon as backward has accumulated `params[index].grad` (post-accumulate-grad hooks):
-    each gradient is reduced and freed while backward goes on, so the gradients never all live at once."""
-    handles = [p.register_post_accumulate_grad_hook(lambda _p, k=k: sink(k)) for k, p in enumerate(params)]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def compute_importance(
@@ -232,124 +136,155 @@ def compute_importance(
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be a positive integer")
     check_choice("fisher", fisher, FISHER_MODES)
-    terms = _terms_fn(accumulation)
+    terms = terms_fn(accumulation)
     check_token_ids(samples, model, "calibration token ids")
     rank, world = _rank_and_world(data_parallel)
     n_batches_total = -(-len(samples) // batch_size)
     if n_batches_total < world:
         raise ValueError(f"{n_batches_total} batches of {batch_size} cannot feed {world} processes; "
                          f"use at least {world * batch_size} samples or a smaller batch_size")
-    geo = geometry(model.config)
-    device = model.get_input_embeddings().weight.device  # where the token ids go in
-    blocks = list(iter_blocks(model))
-    n_units = {(i, b): block_units(parts, b, geo.head_dim) for i, b, parts in blocks}
-    taps = [(i, b, up) for i, b, parts in blocks for up in block_params(parts, b)]
-    home = {(i, b): torch.device("cpu") for i, b, _ in blocks}  # each block's accumulators: its weights' device
-    home.update({(i, b): up.param.device for i, b, up in taps})
-    zeros = lambda i, b: torch.zeros(n_units[(i, b)], dtype=torch.float32, device=home[(i, b)])  # noqa: E731
-    first = {(i, b): zeros(i, b) for i, b, _ in blocks}
-    fisher_b = {(i, b): zeros(i, b) for i, b, _ in blocks}
-    per_seq = fisher == "sequence"
-    fisher_s = {(i, b): zeros(i, b) for i, b, _ in blocks} if per_seq else None
-    scale = [1.0]  # 1 / (the current window's share of its batch's loss)
-    in_forward = [False]  # the input sums skip a checkpointed layer's recomputation during backward
-    last_part = [True]  # with fisher="sequence", .grad is complete only after a batch's last window
-
-    def tap(k: int, g: torch.Tensor) -> None:
-        i, b, up = taps[k]
-        prod = up.param.detach().float() * (g.float() * scale[0])
-        fisher_s[(i, b)] += reduce_to_units(prod.square(), up.axis, n_units[(i, b)])
-
-    stat_keys = [(i, b, up.name) for i, b, up in taps]
-    # abs_sum, sq_sum, max_abs, zeros per module, accumulated on the device
-    stats = torch.zeros(len(stat_keys), 4, dtype=torch.float64, device=device)
-    batch_stats: list[torch.Tensor | None] = [None] * len(taps)
-
-    def reduce_grad(k: int) -> None:
-        if not last_part[0]:
-            return
-        i, b, up = taps[k]
-        f, s, st = terms(up.param.detach(), up.param.grad, up.axis, n_units[(i, b)])
-        first[(i, b)] += f
-        fisher_b[(i, b)] += s
-        batch_stats[k] = st
-        up.param.grad = None
-
-    n_batches, n_tokens = 0, 0
+    run = ImportancePass(model, per_sequence=fisher == "sequence", terms=terms)
     t0 = time.perf_counter()
-    params = [up.param for _, _, up in taps]
-    taps_on = gradient_taps(params, tap) if per_seq else contextlib.nullcontext()
     try:
-        with (eval_mode(model), only_prunable_grads(model), checkpointed_layers(model, gradient_checkpointing),
-              input_sq_norms(model, when=lambda: in_forward[0]) as norms, taps_on,
-              accumulate_in_backward(params, reduce_grad)):
+        with run.hooks(gradient_checkpointing) as norms:
             starts = range(rank * batch_size, len(samples), world * batch_size)  # this process's share
             for start in tqdm(starts, desc="importance", disable=not progress or rank != 0, leave=False):
-                batch = samples[start : start + batch_size].to(device)
-                # one window at a time with fisher="sequence": each loss / len(batch), so .grad sums to the batch's
-                windows = batch.split(1) if per_seq else (batch,)
-                for w, part in enumerate(windows):
-                    in_forward[0] = True
-                    loss = model(input_ids=part, labels=part, use_cache=False).loss
-                    in_forward[0] = False
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(_locate_nonfinite_forward(model, part, n_batches))
-                    scale[0] = len(batch) / len(part)
-                    last_part[0] = w == len(windows) - 1
-                    (loss * (len(part) / len(batch))).backward()
-                missing = [stat_keys[k] for k, st in enumerate(batch_stats) if st is None]
-                if missing:
-                    where = ", ".join(f"layer {i} {b}.{name}" for i, b, name in missing[:5])
-                    raise RuntimeError(f"no gradient reached {len(missing)} prunable parameter(s) ({where}); "
-                                       "every prunable weight must take part in the loss")
-                this_batch = torch.stack([st.to(device) for st in batch_stats]).double()
-                batch_stats[:] = [None] * len(taps)
-                _check_finite(this_batch, stat_keys)
-                stats[:, :3] = torch.stack([stats[:, 0] + this_batch[:, 0], stats[:, 1] + this_batch[:, 1],
-                                            torch.maximum(stats[:, 2], this_batch[:, 2])], dim=1)
-                stats[:, 3] += this_batch[:, 3]
-                n_batches += 1
-                n_tokens += batch.numel()
+                run.batch(samples[start : start + batch_size])
             if world > 1:
-                n_batches, n_tokens = _all_reduce_parts(first, fisher_b, fisher_s, stats, norms, n_batches, n_tokens)
+                run.n_batches, run.n_tokens = _all_reduce_parts(run.first, run.fisher_b, run.fisher_s, run.stats,
+                                                                norms, run.n_batches, run.n_tokens)
         wanda = _wanda_scores(model, norms)
-        fluctuation = _fluctuation_scores(model, norms, n_tokens)
+        fluctuation = _fluctuation_scores(model, norms, run.n_tokens)
     finally:
         model.zero_grad(set_to_none=True)
-    seconds = time.perf_counter() - t0
+    return run.result(wanda, fluctuation, seconds=time.perf_counter() - t0, calibration=calibration,
+                      sequences=len(samples))
 
-    magnitude: dict[str, list[torch.Tensor]] = {b: [] for b in BLOCKS}
-    for i, b, parts in blocks:
-        n = n_units[(i, b)]
-        m = torch.zeros(n, dtype=torch.float32)
-        for up in block_params(parts, b):
-            m += reduce_to_units(up.param.detach().float().abs(), up.axis, n).cpu()
-        magnitude[b].append(m)
 
-    numel = {(i, b, up.name): up.param.numel() for i, b, parts in blocks for up in block_params(parts, b)}
-    s = stats.cpu()
-    grad_stats = pd.DataFrame([
-        dict(layer=i, block=b, module=name, numel=numel[(i, b, name)],
-             abs_sum=float(s[k, 0]), sq_sum=float(s[k, 1]), max_abs=float(s[k, 2]), zeros=float(s[k, 3]))
-        for k, (i, b, name) in enumerate(stat_keys)
-    ])
-    grad_stats.attrs["batches"] = n_batches
-    acc = Accumulators(
-        first={b: [first[(i, b)].cpu() for i, bb, _ in blocks if bb == b] for b in BLOCKS},
-        fisher={b: [fisher_b[(i, b)].cpu() for i, bb, _ in blocks if bb == b] for b in BLOCKS},
-        magnitude=magnitude,
-        wanda=wanda,
-        fluctuation=fluctuation,
-        batches=n_batches,
-        tokens=n_tokens,
-        fisher_seq=({b: [fisher_s[(i, b)].cpu() for i, bb, _ in blocks if bb == b] for b in BLOCKS}
-                    if per_seq else None),
-        sequences=len(samples) if per_seq else 0,
-    )
-    return Importance(
-        acc=acc, grad_stats=grad_stats, widths=layer_widths(model),
-        model=str(getattr(model.config, "name_or_path", "")), calibration=dict(calibration or {}), seconds=seconds,
-    )
+class ImportancePass:
+    """The state of one calibration pass: per-block accumulators on their weights' devices, the gradient
+    statistics, and the hooks that fill them (each gradient reduced to per-unit sums as backward produces it).
+
+    `compute_importance` is the way to run one; this class holds what its hooks share between batches.
+    """
+
+    def __init__(self, model: nn.Module, *, per_sequence: bool, terms: Callable):
+        self.model, self.per_sequence, self.terms = model, per_sequence, terms
+        geo = geometry(model.config)
+        self.device = model.get_input_embeddings().weight.device  # where the token ids go in
+        self.blocks = list(iter_blocks(model))
+        self.n_units = {(i, b): block_units(parts, b, geo.head_dim) for i, b, parts in self.blocks}
+        self.taps = [(i, b, up) for i, b, parts in self.blocks for up in block_params(parts, b)]
+        home = {(i, b): torch.device("cpu") for i, b, _ in self.blocks}  # each block's accumulators: its weights'
+        home.update({(i, b): up.param.device for i, b, up in self.taps})
+        self.home = home
+        self.first = {(i, b): self._zeros(i, b) for i, b, _ in self.blocks}
+        self.fisher_b = {(i, b): self._zeros(i, b) for i, b, _ in self.blocks}
+        self.fisher_s = {(i, b): self._zeros(i, b) for i, b, _ in self.blocks} if per_sequence else None
+        self.scale = 1.0  # 1 / (the current window's share of its batch's loss)
+        self.in_forward = False  # the input sums skip a checkpointed layer's recomputation during backward
+        self.last_part = True  # with fisher="sequence", .grad is complete only after a batch's last window
+        self.stat_keys = [(i, b, up.name) for i, b, up in self.taps]
+        # abs_sum, sq_sum, max_abs, zeros per module, accumulated on the device
+        self.stats = torch.zeros(len(self.stat_keys), 4, dtype=torch.float64, device=self.device)
+        self.batch_stats: list[torch.Tensor | None] = [None] * len(self.taps)
+        self.n_batches, self.n_tokens = 0, 0
+
+    def _zeros(self, i: int, b: str) -> torch.Tensor:
+        return torch.zeros(self.n_units[(i, b)], dtype=torch.float32, device=self.home[(i, b)])
+
+    def _tap(self, k: int, g: torch.Tensor) -> None:
+        """Per-sequence Fisher: one window's gradient of one parameter, squared per unit."""
+        assert self.fisher_s is not None
+        i, b, up = self.taps[k]
+        prod = up.param.detach().float() * (g.float() * self.scale)
+        self.fisher_s[(i, b)] += reduce_to_units(prod.square(), up.axis, self.n_units[(i, b)])
+
+    def _reduce_grad(self, k: int) -> None:
+        """A parameter's batch gradient is complete: add its per-unit terms and statistics, then free it."""
+        if not self.last_part:
+            return
+        i, b, up = self.taps[k]
+        f, s, st = self.terms(up.param.detach(), up.param.grad, up.axis, self.n_units[(i, b)])
+        self.first[(i, b)] += f
+        self.fisher_b[(i, b)] += s
+        self.batch_stats[k] = st
+        up.param.grad = None
+
+    @contextlib.contextmanager
+    def hooks(self, gradient_checkpointing: bool = False) -> Iterator[dict]:
+        """Inside: eval mode, gradients only for prunable weights, the input-norm sums (yielded) and the
+        gradient hooks; everything is removed on exit."""
+        params = [up.param for _, _, up in self.taps]
+        taps_on = gradient_taps(params, self._tap) if self.per_sequence else contextlib.nullcontext()
+        with (eval_mode(self.model), only_prunable_grads(self.model),
+              checkpointed_layers(self.model, gradient_checkpointing),
+              input_sq_norms(self.model, when=lambda: self.in_forward) as norms, taps_on,
+              accumulate_in_backward(params, self._reduce_grad)):
+            yield norms
+
+    def batch(self, batch: torch.Tensor) -> None:
+        """Forward and backward over one batch of token windows (inside `hooks`)."""
+        batch = batch.to(self.device)
+        # one window at a time with fisher="sequence": each loss / len(batch), so .grad sums to the batch's
+        windows = batch.split(1) if self.per_sequence else (batch,)
+        for w, part in enumerate(windows):
+            self.in_forward = True
+            loss = self.model(input_ids=part, labels=part, use_cache=False).loss
+            self.in_forward = False
+            if not torch.isfinite(loss):
+                raise FloatingPointError(_locate_nonfinite_forward(self.model, part, self.n_batches))
+            self.scale = len(batch) / len(part)
+            self.last_part = w == len(windows) - 1
+            (loss * (len(part) / len(batch))).backward()
+        missing = [self.stat_keys[k] for k, st in enumerate(self.batch_stats) if st is None]
+        if missing:
+            where = ", ".join(f"layer {i} {b}.{name}" for i, b, name in missing[:5])
+            raise RuntimeError(f"no gradient reached {len(missing)} prunable parameter(s) ({where}); "
+                               "every prunable weight must take part in the loss")
+        this_batch = torch.stack([st.to(self.device) for st in self.batch_stats if st is not None]).double()
+        self.batch_stats[:] = [None] * len(self.taps)
+        _check_finite(this_batch, self.stat_keys)
+        stats = self.stats
+        stats[:, :3] = torch.stack([stats[:, 0] + this_batch[:, 0], stats[:, 1] + this_batch[:, 1],
+                                    torch.maximum(stats[:, 2], this_batch[:, 2])], dim=1)
+        stats[:, 3] += this_batch[:, 3]
+        self.n_batches += 1
+        self.n_tokens += batch.numel()
+
+    def result(self, wanda: dict, fluctuation: dict, *, seconds: float, calibration: dict | None,
+               sequences: int) -> Importance:
+        """The accumulated pass as an `Importance` (accumulators on the CPU, the gradient-statistics table)."""
+        blocks, n_units = self.blocks, self.n_units
+        magnitude: dict[str, list[torch.Tensor]] = {b: [] for b in BLOCKS}
+        for i, b, parts in blocks:
+            m = torch.zeros(n_units[(i, b)], dtype=torch.float32)
+            for up in block_params(parts, b):
+                m += reduce_to_units(up.param.detach().float().abs(), up.axis, n_units[(i, b)]).cpu()
+            magnitude[b].append(m)
+        numel = {(i, b, up.name): up.param.numel() for i, b, parts in blocks for up in block_params(parts, b)}
+        s = self.stats.cpu()
+        grad_stats = pd.DataFrame([
+            dict(layer=i, block=b, module=name, numel=numel[(i, b, name)],
+                 abs_sum=float(s[k, 0]), sq_sum=float(s[k, 1]), max_abs=float(s[k, 2]), zeros=float(s[k, 3]))
+            for k, (i, b, name) in enumerate(self.stat_keys)
+        ])
+        grad_stats.attrs["batches"] = self.n_batches
+
+        def per_block(acc: dict) -> dict[str, list[torch.Tensor]]:
+            return {b: [acc[(i, b)].cpu() for i, bb, _ in blocks if bb == b] for b in BLOCKS}
+
+        acc = Accumulators(
+            first=per_block(self.first), fisher=per_block(self.fisher_b), magnitude=magnitude, wanda=wanda,
+            fluctuation=fluctuation, batches=self.n_batches, tokens=self.n_tokens,
+            fisher_seq=per_block(self.fisher_s) if self.fisher_s is not None else None,
+            sequences=sequences if self.per_sequence else 0,
+        )
+        return Importance(
+            acc=acc, grad_stats=grad_stats, widths=layer_widths(self.model),
+            model=str(getattr(self.model.config, "name_or_path", "")), calibration=dict(calibration or {}),
+            seconds=seconds,
+        )
 
 
 def _on_every_rank(flag: bool) -> bool:
