@@ -233,3 +233,18 @@ def test_pipeline_prunes_in_place_and_reconstructs(tmp_path):
                          progress=False)
     assert record["reload_max_abs_diff"] == 0.0
     assert exp.read_json("config.json")["run"]["reconstruction"]["mode"] == "one_shot"
+
+
+def test_saving_leaves_the_live_model_s_fingerprint_and_cache_keys_alone(tmp_path):
+    """transformers' save_pretrained writes `architectures` into the live config; a saved model keeps the cache
+    keys it had before (the saved file still names its architecture)."""
+    import json
+
+    from workbench.core.cache import model_fingerprint
+    from workbench.surgery.checkpoints import save_pruned
+
+    model = tiny_model("qwen2", n_layers=2)
+    before = model_fingerprint(model)
+    save_pruned(model, tmp_path / "ckpt")
+    assert model_fingerprint(model) == before
+    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]

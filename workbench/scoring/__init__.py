@@ -1,50 +1,50 @@
 """The scoring stage."""
 from workbench.scoring.activations import (
+    HIST_EDGES,
     LLM_INT8_THRESHOLD,
     SITES,
-    HIST_EDGES,
-    SiteStats,
     ActivationStats,
-    recording,
+    SiteStats,
     activation_stats,
+    recording,
 )
 from workbench.scoring.hooks import (
     CHANNEL_SITES,
+    accumulate_in_backward,
+    gradient_taps,
     input_sq_norms,
     only_prunable_grads,
-    gradient_taps,
     param_terms,
     terms_fn,
-    accumulate_in_backward,
-)
-from workbench.scoring.methods import (
-    Accumulators,
-    Importance,
-    available_methods,
-    global_warning,
-    ImportanceMethod,
-    IMPORTANCE_METHODS,
 )
 from workbench.scoring.importance import (
     CACHE_KIND,
-    compute_importance,
     ImportancePass,
-    save_importance,
-    load_importance,
+    compute_importance,
     importance_cached,
+    load_importance,
+    save_importance,
 )
-from workbench.scoring.parallel import init_from_env, importance_data_parallel
-from workbench.scoring.removal import bypassed, mean_loss, INPUT_CACHE_BYTES, removal_losses, block_removal_loss
 from workbench.scoring.layer_importance import (
-    layer_removal_loss,
-    block_influence,
-    layer_outlier_ratio,
-    outlier_ratio,
-    LayerImportance,
     LAYER_IMPORTANCE,
-    layer_importance,
+    LayerImportance,
+    block_influence,
     check_layer_values,
+    layer_importance,
+    layer_outlier_ratio,
+    layer_removal_loss,
+    outlier_ratio,
 )
+from workbench.scoring.methods import (
+    IMPORTANCE_METHODS,
+    Accumulators,
+    Importance,
+    ImportanceMethod,
+    available_methods,
+    global_warning,
+)
+from workbench.scoring.parallel import importance_data_parallel, init_from_env
+from workbench.scoring.removal import INPUT_CACHE_BYTES, block_removal_loss, bypassed, mean_loss, removal_losses
 
 __all__ = [
     "LLM_INT8_THRESHOLD",

@@ -13,12 +13,15 @@ write, and writes through a symlink into the folder it points at.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import importlib.util
 import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -274,6 +277,22 @@ def _link_or_copy(src, dst) -> None:
         shutil.copy2(src, dst)
 
 
+@contextlib.contextmanager
+def _live_config_unchanged(model: nn.Module) -> Iterator[None]:
+    """`save_pretrained` writes `architectures` (and more) into the live config; the saved file keeps them, the
+    live model gets its config back as it was, so its content fingerprint (the cache keys) does not change by
+    being saved."""
+    before = copy.deepcopy(model.config.__dict__)
+    try:
+        yield
+    finally:
+        for key in set(model.config.__dict__) - set(before):
+            delattr(model.config, key)
+        for key, value in before.items():
+            if model.config.__dict__.get(key, object()) != value:
+                setattr(model.config, key, value)
+
+
 def _save_checked(model: nn.Module, tokenizer, target: Path, extra: dict[str, str] | None = None) -> Path:
     """`save_pretrained` (+ tokenizer, + `extra` files: name -> text) into a hidden folder beside `target`, with
     a manifest of every file's checksum, then swapped in whole (`replace_dir`): never a half-written folder.
@@ -284,7 +303,8 @@ def _save_checked(model: nn.Module, tokenizer, target: Path, extra: dict[str, st
     clean_staging(target.parent)  # what a killed save left here
     tmp = staging_dir(target.parent, target.name)
     try:
-        model.save_pretrained(tmp)
+        with _live_config_unchanged(model):
+            model.save_pretrained(tmp)  # also when _save_checked is called directly (GGUF conversion)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, text in (extra or {}).items():
@@ -365,16 +385,15 @@ def save_pruned(model: nn.Module, directory: str | os.PathLike, *, tokenizer=Non
         content = sorted(p.name for p in target.iterdir())[:8]
         raise FileExistsError(f"{target} holds files that are not a pruned checkpoint ({content}); "
                               "choose an empty or new folder, or pass overwrite=True to replace it")
-    record_layer_config(model)
     extra = {}
     if plan is not None:
         extra[PLAN_FILE] = json.dumps(dict(plan=plan.to_dict(), report=report.to_dict() if report else None), indent=1)
-    # the buffers' dtypes go into the saved config only: the live model's config (and so its cache keys) is unchanged
-    setattr(model.config, BUFFER_DTYPES_KEY, _buffer_dtypes(model))
-    try:
+    # the per-layer widths and the buffers' dtypes go into the saved config only: the live model's config (and so
+    # its content fingerprint, the cache keys) is left as it was
+    with _live_config_unchanged(model):
+        record_layer_config(model)
+        setattr(model.config, BUFFER_DTYPES_KEY, _buffer_dtypes(model))
         return _save_checked(model, tokenizer, target, extra)
-    finally:
-        delattr(model.config, BUFFER_DTYPES_KEY)
 
 
 def _buffer_dtypes(model: nn.Module) -> dict[str, str]:
