@@ -1,4 +1,4 @@
-"""Run a GGUF file in llama.cpp itself (CPU backend), to check and time what `gguf_export` writes.
+"""Run a GGUF file in llama.cpp itself (CPU backend), to check and time what `deploy.gguf` writes.
 
 The binding is the prebuilt CPU library of the `llama-cpp-cffi` wheel (the `[gguf]` extra; installed
 with `--no-deps` because its Python helpers pin an older transformers). Only its compiled module is

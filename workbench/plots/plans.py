@@ -18,7 +18,7 @@ from workbench.plots.style import (
 
 
 def kept_fraction_per_layer(summary: pd.DataFrame, backend: str = "plotly", title: str | None = None):
-    """Per-layer kept fraction of attention groups and MLP channels (summary from `selection.layer_summary`)."""
+    """Per-layer kept fraction of attention groups and MLP channels (summary from `plans.layer_summary`)."""
     _check_backend(backend)
     title = title or "Kept fraction per layer"
     if backend == "plotly":
@@ -94,7 +94,7 @@ def scale_per_layer(per_block: pd.DataFrame, columns=("grad_mean_abs", "imp_mean
 def pruned_fraction_by_setting(summaries: dict[str, pd.DataFrame], backend: str = "plotly", title: str | None = None):
     """Per-layer pruned fraction under several settings: a panel per block, a line per setting.
 
-    `summaries` maps a setting's name to its `selection.layer_summary(plan)`.
+    `summaries` maps a setting's name to its `plans.layer_summary(plan)`.
     """
     _check_backend(backend)
     if not summaries:
@@ -131,7 +131,7 @@ def pruned_fraction_by_setting(summaries: dict[str, pd.DataFrame], backend: str 
 def pruned_fraction_heatmap(summaries: dict[str, pd.DataFrame], backend: str = "plotly", title: str | None = None):
     """Setting × layer heatmaps of the pruned fraction, one per block: many settings without tangled lines.
 
-    `summaries` maps a setting's name to its `selection.layer_summary(plan)`; rows keep the dict's order.
+    `summaries` maps a setting's name to its `plans.layer_summary(plan)`; rows keep the dict's order.
     """
     _check_backend(backend)
     if not summaries:

@@ -4,7 +4,7 @@ Training examples are built by `workbench.data.recovery`.
 
 LoRA adapters are attached by peft to every linear of attention and MLP (names from the family's
 `ArchSpec`, so layers of different widths each get adapters of their own shapes), trained, then merged
-into the weights: the result is a plain (pruned) model that `prune.save_pruned` writes in the one
+into the weights: the result is a plain (pruned) model that `surgery.save_pruned` writes in the one
 checkpoint format. Training data is plain text (a `workbench.data.text` source, its calibration part only;
 never the evaluation part) or Alpaca-style instruction data (`alpaca` from the hub, or a local JSON /
 JSON Lines file of {instruction, input, output}).

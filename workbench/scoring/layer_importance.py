@@ -1,7 +1,7 @@
 """How much each whole layer matters: one value per layer, cached, for per-layer allocation and depth pruning.
 
 - `removal`: the calibration-loss increase when the whole layer is bypassed (both blocks add nothing), the
-  layer-level twin of the block-removal loss (`diagnosis.block_removal_loss`).
+  layer-level twin of the block-removal loss (`scoring.removal.block_removal_loss`).
 - `activation`: Block Influence, 1 − cos(x_in, x_out) of the residual stream around the layer, averaged over
   calibration tokens (ShortGPT, Men et al., 2024): one forward pass through the tracer.
 

@@ -317,7 +317,7 @@ def solve_reconstruction(dense: nn.Module, plan: Plan, samples: torch.Tensor,
     """The solved output projections of `plan` applied to `dense` (cached; `dense` is left unchanged).
 
     `sequential` works on a pruned copy of `dense` made here (twice the model's memory); `one_shot` needs none,
-    so the model can be pruned in place afterwards (`pipeline.prune_and_reconstruct`).
+    so the model can be pruned in place afterwards (`prune_and_reconstruct`).
     """
     check_plan(dense, plan, "`dense`")
     if not isinstance(samples, torch.Tensor) or samples.ndim != 2 or samples.numel() == 0:
