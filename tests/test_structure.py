@@ -224,3 +224,14 @@ def test_every_module_over_400_lines_is_named_on_the_architecture_page():
     page = (PACKAGE.parent / "docs" / "ARCHITECTURE.md").read_text()
     long = [str(p.relative_to(PACKAGE)) for p in _files() if len(p.read_text().splitlines()) > 400]
     assert [m for m in long if f"`{m}`" not in page] == []
+
+
+def test_every_choice_check_goes_through_the_registry_helper():
+    """"x=v is not allowed; allowed: [...]" and "is not registered" are written by `core.registry` only (one
+    message, with the closest allowed value), never by hand."""
+    import re
+
+    hand = [f"{p.relative_to(PACKAGE)}:{i}" for p in _files() if p.name != "registry.py"
+            for i, line in enumerate(p.read_text().splitlines(), 1)
+            if re.search(r"is not (allowed|registered)[;:]", line)]
+    assert hand == []

@@ -299,7 +299,7 @@ def export_gguf(
     spec, geo, config = get_spec(model), geometry(model.config), model.config
     q_block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]
     if not isinstance(pad_ff_to, int) or pad_ff_to < 1 or (dtype == "q8_0" and pad_ff_to % q_block):
-        raise ExportError(f"pad_ff_to={pad_ff_to!r} is not allowed; allowed: a positive integer"
+        raise ExportError(f"pad_ff_to={pad_ff_to!r} must be a positive integer"
                           + (f", a multiple of {q_block} for q8_0" if dtype == "q8_0" else ""))
     layout = gguf_layout(model, ff_multiple=pad_ff_to)
     notes: list[str] = []
