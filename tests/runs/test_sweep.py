@@ -462,3 +462,25 @@ def test_a_field_added_later_keeps_the_keys_of_runs_at_its_default():
     assert config_hash(dataclasses.replace(cfg, layer_importance_samples=8)) != before
     with pytest.raises(ValueError, match="layer_importance_samples=0"):
         RunConfig(layer_importance_samples=0)
+
+
+@pytest.mark.parametrize("settings", [
+    dict(), dict(scoring=ScoringConfig(normalization="minmax", level="block")),
+    dict(scoring=ScoringConfig(temperature=0.5)), dict(baseline="layerwise"),
+    dict(baseline="layerwise", baseline_params=dict(strategy="proportional")), dict(baseline="flap"),
+    dict(baseline="wanda_sp"), dict(selection=SelectionConfig(ratio=0.2, layer_ratios=(0.2, 0.2, 0.2, 0.2))),
+])
+def test_a_run_s_label_before_the_plan_is_the_plan_s_label(settings):
+    """What consolidation groups by (the label from the run config, known even for a failed run) is the label
+    the run's plan carries."""
+    import torch
+
+    from workbench.core.testing import tiny_model
+    from workbench.runs.pipeline import PruneRunConfig, make_run_plan
+    from workbench.scoring.importance import compute_importance
+
+    model = tiny_model("llama", n_layers=4)
+    ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+    cfg = PruneRunConfig(**settings)
+    _, plan, _ = make_run_plan(model, cfg, ids, compute_importance(model, ids, progress=False), progress=False)
+    assert plan.provenance.label == cfg.label

@@ -21,6 +21,7 @@ from workbench.data.text import CalibrationConfig, calibration_samples
 from workbench.evaluation.efficiency import EfficiencyConfig, measure
 from workbench.evaluation.evaluate import perplexity
 from workbench.evaluation.zeroshot import ZeroShotConfig, zero_shot
+from workbench.plans.allocation import LayerwiseConfig
 from workbench.plans.normalize import ScoringConfig
 from workbench.plans.plan import Plan, PlanProvenance, layer_summary
 from workbench.plans.rescore import Rescorer
@@ -107,7 +108,10 @@ class PruneRunConfig:
     def provenance(self) -> PlanProvenance:
         """The provenance the run's plan will carry, known before it is made (labels of failed runs too)."""
         if self.baseline is not None:
-            return PlanProvenance("baseline", baseline=self.baseline, params=dict(self.baseline_params))
+            params = dict(self.baseline_params)
+            if self.baseline == "layerwise":  # its label names the strategy, the default one included
+                params.setdefault("strategy", LayerwiseConfig.strategy)
+            return PlanProvenance("baseline", baseline=self.baseline, params=params)
         plain = self.scoring == ScoringConfig(method=self.scoring.method)
         return PlanProvenance("per_layer" if self.selection.layer_ratios else "global", method=self.scoring.method,
                               scoring={} if plain else self.scoring.to_dict(), selection=asdict(self.selection))
