@@ -14,9 +14,10 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 from transformers.cache_utils import DynamicCache
 
-from workbench.core import arch, compat, models
-from workbench.core.arch import PositionsOnlyCacheLayer, layer_widths
-from workbench.core.compat import DecodingCheckError, cache_keyword, check_cached_decoding, find_cache, output_cache
+from workbench.core import compat, hf_modeling, models
+from workbench.core.arch import layer_widths
+from workbench.core.compat import DecodingCheckError, cache_keyword, check_cached_decoding, output_cache
+from workbench.core.hf_modeling import PositionsOnlyCacheLayer, find_cache
 from workbench.core.testing import tiny_model
 from workbench.plans.plan import Plan
 from workbench.surgery.checkpoints import load_pruned, save_pruned
@@ -168,7 +169,7 @@ def test_the_decoding_check_passes_on_every_family_and_dtype(family, dtype):
 
 def _ignore_the_cache(monkeypatch):
     """The failure transformers 5.24 caused: an emptied attention that no longer sees the KV cache."""
-    monkeypatch.setattr(arch, "find_cache", lambda args, kwargs: None)
+    monkeypatch.setattr(hf_modeling, "find_cache", lambda args, kwargs: None)
 
 
 def test_a_broken_cache_is_refused_when_the_model_is_pruned(monkeypatch):

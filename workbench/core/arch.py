@@ -10,12 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
-from transformers.cache_utils import DynamicLayer
 
-from workbench.core.compat import find_cache
-from workbench.core.registry import Registry, check_choice
+from workbench.core.hf_modeling import EmptyBlock
+from workbench.core.registry import Registry
 
 BLOCKS = ("attn", "mlp")  # the two prunable blocks of a decoder layer, in this order everywhere
 
@@ -146,74 +144,6 @@ class LayerParts:
     def out_proj(self, block: str) -> nn.Linear | None:
         """The block's output projection: o_proj or down_proj (None when emptied)."""
         return self.o if block == "attn" else self.down
-
-
-class PositionsOnlyCacheLayer(DynamicLayer):
-    """The KV-cache layer of an emptied attention block: zero heads, but it counts the positions seen.
-
-    transformers reads the cache's length from layer 0 (`DynamicLayer.get_seq_length` answers 0 when
-    its keys hold no element), so a model whose first attention is emptied would decode every new
-    token at position 0. This layer answers with the positions it was given.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.positions = 0
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        out = super().update(key_states, value_states, *args, **kwargs)
-        self.positions += key_states.shape[-2]
-        return out
-
-    def get_seq_length(self) -> int:
-        return self.positions
-
-    def crop(self, length: int) -> None:
-        """Keep the first `length` positions (length >= 0), or drop the last -length (length < 0).
-
-        transformers before 5.24 passes either form; 5.24 passes only the negative one."""
-        keep = length if length >= 0 else max(0, self.positions + length)
-        if self.is_initialized:
-            self.keys, self.values = self.keys[..., :keep, :], self.values[..., :keep, :]
-        self.positions = keep
-
-    def reset(self) -> None:
-        self.positions = 0
-        super().reset()
-
-
-class EmptyBlock(nn.Module):
-    """Stands in for an attention or MLP block with no units left: its output is zero.
-
-    An emptied attention block still records zero-head keys/values in the KV cache, through a
-    `PositionsOnlyCacheLayer`, so the cache keeps counting positions whichever layer it is asked.
-    `bias` (None unless set, e.g. by reconstruction) is a constant the block adds to the residual stream.
-    """
-
-    def __init__(self, kind: str, layer_idx: int | None = None, head_dim: int | None = None):
-        super().__init__()
-        check_choice("kind", kind, BLOCKS)
-        self.kind, self.layer_idx, self.head_dim = kind, layer_idx, head_dim
-        self.bias: nn.Parameter | None = None
-
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
-        out = torch.zeros_like(hidden_states)
-        if self.bias is not None:
-            out = out + self.bias.to(out.dtype)
-        if self.kind == "mlp":
-            return out
-        cache = find_cache(args, kwargs)  # by type: transformers renamed the keyword (past_key_values -> cache)
-        if cache is not None:  # zero heads, but the cache still advances by this many positions
-            layers = getattr(cache, "layers", None)
-            if layers is not None and type(layers[self.layer_idx]) is DynamicLayer:
-                layers[self.layer_idx] = PositionsOnlyCacheLayer()
-            b, s = hidden_states.shape[:2]
-            empty = hidden_states.new_zeros(b, 0, s, self.head_dim)
-            cache.update(empty, empty, self.layer_idx)
-        return out, None
-
-    def extra_repr(self) -> str:
-        return f"kind={self.kind}, layer_idx={self.layer_idx}"
 
 
 def layer_parts(layer: nn.Module, spec: ArchSpec) -> LayerParts:

@@ -5,7 +5,7 @@ transformers internals (listed in docs/ARCHITECTURE.md, "Where we depend on tran
 module keeps those contacts in one place and never relies on a keyword's name where the object can be found
 by its type:
 
-    cache = find_cache(args, kwargs)          # the KV cache an attention module was handed, whatever its keyword
+    cache = find_cache(args, kwargs)          # (core.hf_modeling) the KV cache a module was handed, by type
     check_cached_decoding(model)              # a few tokens, cached steps against one full pass; raises if wrong
 
 `TESTED` is the range of versions the test suite has passed on; importing `workbench` warns once when
@@ -72,15 +72,6 @@ def warn_untested_versions() -> None:
         warnings.warn(
             "prune-workbench: " + "; ".join(lines.values()) + ". Results may differ from the tested setup: "
             "`make setup` installs the locked environment (requirements.lock).", UserWarning, stacklevel=3)
-
-
-def find_cache(args: tuple, kwargs: dict) -> Cache | None:
-    """The KV cache among a module call's arguments, found by its type (transformers 5.24 renamed the
-    `past_key_values` keyword to `cache`; a positional cache counts too)."""
-    for value in (*kwargs.values(), *args):
-        if isinstance(value, Cache):
-            return value
-    return None
 
 
 def output_cache(output) -> Cache | None:

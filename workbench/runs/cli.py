@@ -5,6 +5,7 @@
     workbench consolidate SWEEP_DIR
     workbench best SWEEP_DIR [--objective ppl] [--direction minimize]
     workbench export-gguf DIR OUT.gguf [--dtype f16|f32|q8_0] [--overwrite]
+    workbench export-hf DIR OUT [--overwrite]              (a folder plain transformers loads, remote code inside)
     workbench calibrate CONFIG.yaml [key=value ...]      (also under torchrun: data-parallel, rank 0 caches)
 
 Every file and override is checked before a model is loaded; a bad one exits with status 2 and a message
@@ -30,6 +31,14 @@ from workbench.runs.consolidate import best, consolidate
 from workbench.runs.pipeline import calibrate, run_pruning
 from workbench.runs.sweep import DIRECTIONS, RUN_FILE, ModelPool, run_sweep
 from workbench.scoring.parallel import init_from_env
+from workbench.surgery.checkpoints import (
+    MODELING_FILE,
+    PLAN_FILE,
+    is_pruned_checkpoint,
+    load_model,
+    load_plan,
+    save_pruned,
+)
 
 
 def _run(args) -> int:
@@ -75,13 +84,31 @@ def _best(args) -> int:
     return 0
 
 
-def _export_gguf(args) -> int:
-    source = Path(args.source)
+def _model_folder(source: Path) -> Path:
+    """An experiment folder's `model/`, or the folder itself."""
     if (source / "model" / "config.json").is_file():  # an experiment folder: its pruned model
-        source = source / "model"
-    elif (source / RUN_FILE).is_file() or (source / "evaluation").is_dir():  # an experiment without a model
+        return source / "model"
+    if (source / RUN_FILE).is_file() or (source / "evaluation").is_dir():  # an experiment without a model
         raise ConfigError(f"experiment {source} has no saved model (it ran with save_model: false); run it again "
                           "with save_model: true, then export its model/")
+    return source
+
+
+def _export_hf(args) -> int:
+    source = _model_folder(Path(args.source))
+    if not is_pruned_checkpoint(source):
+        raise ConfigError(f"{source} is not a pruned checkpoint (its config.json has no per-layer widths); export "
+                          "the folder save_pruned wrote, or an experiment folder")
+    model, tokenizer = load_model(source)
+    plan = load_plan(source) if (source / PLAN_FILE).is_file() else None
+    out = save_pruned(model, args.out, tokenizer=tokenizer, plan=plan, overwrite=args.overwrite, self_contained=True)
+    print(f"{out}: self-contained ({MODELING_FILE}); load it with transformers alone:\n"
+          f"  AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)")
+    return 0
+
+
+def _export_gguf(args) -> int:
+    source = _model_folder(Path(args.source))
     tok: dict = {}
     if args.tokenizer:
         if args.tokenizer.endswith(".gguf"):
@@ -146,6 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--tokenizer", help="a HF tokenizer folder / hub id, or a .gguf file whose tokenizer is carried "
                                        "(default: the model's own)")
     g.set_defaults(fn=_export_gguf)
+    h = sub.add_parser("export-hf", help="write a pruned checkpoint (or an experiment's model) as a self-contained "
+                                         "Hugging Face folder: transformers loads it with trust_remote_code=True, "
+                                         "no workbench needed")
+    h.add_argument("source", help="a pruned checkpoint folder or an experiment folder")
+    h.add_argument("out", help="the folder to write (new, empty, or a pruned checkpoint to replace)")
+    h.add_argument("--overwrite", action="store_true", help="replace a folder that holds other files")
+    h.set_defaults(fn=_export_hf)
     k = sub.add_parser("calibrate", help="the importance pass of a run file, cached (data-parallel under torchrun)")
     k.add_argument("config")
     k.add_argument("overrides", nargs="*", help="dotted key=value, e.g. calibration.num_samples=128")

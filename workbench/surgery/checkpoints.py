@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from workbench.core import hf_modeling
 from workbench.core.arch import BLOCKS, decoder_layers, geometry, get_spec, spec_for_config
 from workbench.core.experiments import Experiment
 from workbench.core.models import as_dtype, verify_decoding
@@ -286,11 +287,12 @@ def _live_config_unchanged(model: nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
-        for key in set(model.config.__dict__) - set(before):
-            delattr(model.config, key)
+        state = model.config.__dict__  # restored as stored: properties (per_layer_config, ...) keep their state there
+        for key in set(state) - set(before):
+            del state[key]
         for key, value in before.items():
-            if model.config.__dict__.get(key, object()) != value:
-                setattr(model.config, key, value)
+            if state.get(key, object()) != value:
+                state[key] = value
 
 
 def _save_checked(model: nn.Module, tokenizer, target: Path, extra: dict[str, str] | None = None) -> Path:
@@ -371,8 +373,13 @@ def _sha256(path: Path) -> str:
 
 
 def save_pruned(model: nn.Module, directory: str | os.PathLike, *, tokenizer=None, plan: Plan | None = None,
-                report: PruneReport | None = None, overwrite: bool = False) -> Path:
+                report: PruneReport | None = None, overwrite: bool = False, self_contained: bool = False) -> Path:
     """Save safetensors weights + a config recording every layer's widths (+ plan, + checksums), atomically.
+
+    `self_contained=True` also writes the per-layer widths in transformers' heterogeneous form
+    (`per_layer_config`) and the modelling file that builds them (`modeling_pruned.py`, from
+    `core.hf_modeling`, named in the config's `auto_map`): `AutoModelForCausalLM.from_pretrained(directory,
+    trust_remote_code=True)` then loads it where only transformers is installed. `load_pruned` reads both forms.
 
     `directory` may be missing, empty, or an earlier pruned checkpoint (replaced once the new one is
     complete). A folder holding anything else is refused unless `overwrite=True`. Files in it that no save
@@ -391,9 +398,44 @@ def save_pruned(model: nn.Module, directory: str | os.PathLike, *, tokenizer=Non
     # the per-layer widths and the buffers' dtypes go into the saved config only: the live model's config (and so
     # its content fingerprint, the cache keys) is left as it was
     with _live_config_unchanged(model):
-        record_layer_config(model)
+        layers = record_layer_config(model)
         setattr(model.config, BUFFER_DTYPES_KEY, _buffer_dtypes(model))
+        if self_contained:
+            _make_self_contained(model, layers)
+            extra[MODELING_FILE] = Path(hf_modeling.__file__).read_text()
         return _save_checked(model, tokenizer, target, extra)
+
+
+MODELING_FILE = "modeling_pruned.py"  # the modelling code a self-contained checkpoint carries (core.hf_modeling)
+
+
+def _make_self_contained(model: nn.Module, layers: list[dict]) -> None:
+    """The live config (restored after the save) in transformers' heterogeneous form, with the `auto_map` to the
+    shipped modelling file: global attributes stay the dense model's, each layer overrides its widths, an
+    emptied block is skipped, an added output bias is flagged."""
+    spec = get_spec(model)
+    cls = f"Pruned{hf_modeling.FAMILIES[model.config.model_type]}ForCausalLM"
+    if (spec.attn, spec.mlp) != (hf_modeling.ATTN, hf_modeling.MLP):
+        raise CheckpointError(f"{spec.family}: its blocks are not named {hf_modeling.ATTN!r} / {hf_modeling.MLP!r}, "
+                              "which the shipped modelling file expects")
+    per_layer = {}
+    for i, lc in enumerate(layers):
+        entry: dict = {}
+        skip = [name for name, key in ((hf_modeling.ATTN, "num_key_value_heads"), (hf_modeling.MLP, "intermediate_size"))
+                if lc[key] == 0]
+        if lc["num_key_value_heads"]:
+            entry.update(num_attention_heads=lc["num_attention_heads"], num_key_value_heads=lc["num_key_value_heads"])
+        if lc["intermediate_size"]:
+            entry["intermediate_size"] = lc["intermediate_size"]
+        if skip:
+            entry["skip"] = skip
+        entry.update({k: True for k in ("attn_out_bias", "mlp_out_bias") if lc.get(k)})
+        per_layer[i] = entry
+    config = model.config
+    config.attn_out_bias = config.mlp_out_bias = False  # globals for the per-layer flags (transformers asks for them)
+    config.allow_global_per_layer_attribute_access = True  # the dense globals stay readable (family validation)
+    config.per_layer_config = per_layer
+    config.auto_map = {"AutoModelForCausalLM": f"{Path(MODELING_FILE).stem}.{cls}"}
 
 
 def _buffer_dtypes(model: nn.Module) -> dict[str, str]:
@@ -501,6 +543,9 @@ def load_pruned(directory: str | os.PathLike, *, dtype: str | torch.dtype = torc
         raise FileNotFoundError(f"{directory} has no config.json: not a checkpoint folder")
     files = verify_files(directory, require_manifest=verify)
     config = AutoConfig.from_pretrained(directory)
+    if getattr(config, "is_heterogeneous", False):  # a self-contained checkpoint: `pruned_layers` drives the shapes
+        config.per_layer_config = None
+        config.__dict__.pop("auto_map", None)
     layers_cfg = getattr(config, LAYERS_KEY, None)
     if layers_cfg is None:
         raise CheckpointError(f"{directory} is not a pruned checkpoint: config.json has no {LAYERS_KEY!r}")
