@@ -14,6 +14,7 @@ from torch import nn
 from workbench import plots
 from workbench.analysis.diagnosis import diagnose
 from workbench.baselines.registry import BASELINES, make_plan
+from workbench.core.cache import model_fingerprint
 from workbench.core.experiments import Experiment
 from workbench.core.models import anatomy, check_context, model_summary
 from workbench.core.timing import timed
@@ -145,9 +146,10 @@ def record_plan(experiment: Experiment, table: pd.DataFrame, plan: Plan) -> pd.D
 
 
 def save_and_check(model: nn.Module, experiment: Experiment, probe: torch.Tensor, *, tokenizer=None,
-                   plan: Plan | None = None, report: PruneReport | None = None) -> float:
-    """Save the pruned model into the experiment's `model/`, reload it, return max |Δlogit| on `probe`."""
-    save_pruned(model, experiment.model_dir, tokenizer=tokenizer, plan=plan, report=report)
+                   plan: Plan | None = None, report: PruneReport | None = None, card: dict | None = None) -> float:
+    """Save the pruned model into the experiment's `model/` (self-contained, with its model card: `card` as
+    `save_pruned` takes it), reload it, return max |Δlogit| on `probe`."""
+    save_pruned(model, experiment.model_dir, tokenizer=tokenizer, plan=plan, report=report, card=card)
     return reload_max_diff(model, experiment.model_dir, probe)
 
 
@@ -210,6 +212,9 @@ def run_pruning(model, tokenizer, cfg: PruneRunConfig, experiment: Experiment, *
         check_context(model, n, what)
 
     experiment.write_json("config.json", dict(run=asdict(cfg), model=model_summary(model)))
+    # the dense model the checkpoint's card names (its content fingerprint: the cache keys' hash of every weight)
+    base = dict(name=str(getattr(model.config, "name_or_path", "")),
+                fingerprint=model_fingerprint(model) if cfg.save_model else None)
     dense_figure = plots.export(plots.params_per_layer(anatomy(model), backend="paper"), "params_per_layer_dense",
                                 experiment)
     with step("perplexity_dense"):
@@ -253,20 +258,24 @@ def run_pruning(model, tokenizer, cfg: PruneRunConfig, experiment: Experiment, *
         with step("zero_shot"):
             record["zero_shot"] = zero_shot(model, tokenizer, cfg.zero_shot, progress=progress).to_dict()
         log(f"zero-shot mean acc {record['zero_shot']['mean_acc']:.4f}")
-    reload_diff = None
-    if cfg.save_model:
-        with step("save_reload"):
-            reload_diff = save_and_check(model, experiment, samples[:2], tokenizer=tokenizer, plan=plan, report=report)
-        log(f"reload check: max |Δlogit| = {reload_diff:.2e}")
-    if cfg.efficiency is not None:
-        with step("efficiency"):
-            record["efficiency"] = measure(model, cfg.efficiency,
-                                           checkpoint_dir=experiment.model_dir if cfg.save_model else None)
     with step("figures"):
         fig = plots.kept_fraction_per_layer(summary, backend="paper",
                                             title=f"{plan.provenance.label}, {cfg.selection.ratio:.0%} of "
                                                   f"{cfg.selection.ratio_of}")
         figure_paths = plots.export(fig, "kept_fraction_per_layer", experiment)
+    reload_diff = None
+    if cfg.save_model:
+        png = next((p for p in figure_paths if p.suffix == ".png"), None)
+        card = dict(base=base, results={k: record[k] for k in ("dense", "pruned", "finetuned") if k in record},
+                    figure={png.name: png.read_bytes()} if png is not None else None)
+        with step("save_reload"):
+            reload_diff = save_and_check(model, experiment, samples[:2], tokenizer=tokenizer, plan=plan, report=report,
+                                         card=card)
+        log(f"reload check: max |Δlogit| = {reload_diff:.2e}")
+    if cfg.efficiency is not None:
+        with step("efficiency"):
+            record["efficiency"] = measure(model, cfg.efficiency,
+                                           checkpoint_dir=experiment.model_dir if cfg.save_model else None)
     record.update(reload_max_abs_diff=reload_diff, timings=timings,
                   figures=[_relative(p, experiment.root) for p in [*dense_figure, *figure_paths]],
                   anatomy_after=anatomy(model).to_dict("records"))

