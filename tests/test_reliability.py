@@ -141,6 +141,7 @@ def test_resume_refuses_another_model_and_leaves_it_untouched(tmp_path, tokenize
         assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
 
 
+@pytest.mark.slow
 def test_resume_refuses_other_data(tmp_path, tokenizer):
     from workbench.data.recovery import text_examples
     from workbench.recovery.finetune import finetune
@@ -170,6 +171,7 @@ def test_a_stopped_runs_model_can_be_passed_back(tmp_path, tokenizer):
         assert torch.equal(a, b), n
 
 
+@pytest.mark.slow
 def test_a_damaged_state_file_is_named(tmp_path, tokenizer):
     from workbench.recovery.finetune import STATE_FILE, finetune
 

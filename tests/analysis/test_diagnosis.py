@@ -131,6 +131,7 @@ def test_diagnosis_on_real_pass():
     assert d["mean_ratio"] >= 1 and d["recommendation"]["rule"] and len(d["per_block"]) == 6
 
 
+@pytest.mark.slow
 def test_widget_callback_gives_the_function_plan():
     pytest.importorskip("ipywidgets")
     from workbench.lab.widgets import panel
@@ -158,6 +159,7 @@ def test_widget_callback_gives_the_function_plan():
     assert "warning: importance method 'wanda' is not comparable across layers" in status.value
 
 
+@pytest.mark.slow
 def test_panel_title_preset_table_reference_and_buttons(tmp_path):
     pytest.importorskip("ipywidgets")
     from workbench.lab.widgets import panel

@@ -245,6 +245,7 @@ def test_unknown_baseline_and_missing_layer_scores_are_errors():
 # ---------------------------------------------------------------------------------------------- x:y search and table
 
 
+@pytest.mark.slow
 def test_xy_search_resumes_from_cache_and_stops_after_three_rises(tmp_path):
     model, ids, r, _ = _setup("llama", seed=4)
     calls = []

@@ -41,6 +41,7 @@ def test_interrupted_write_leaves_old_file_intact(tmp_path, monkeypatch):
     assert json.loads(path.read_text()) == {"ppl": 10.0}
 
 
+@pytest.mark.slow
 def test_pipeline_on_tiny_model(tmp_path, tokenizer):
     from workbench.core.testing import tiny_model
     from workbench.data.text import CalibrationConfig

@@ -43,6 +43,7 @@ def test_perplexity_after_prunes_a_copy(tokenizer):
     assert got.ppl == pytest.approx(want.ppl, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_lm_eval_accuracy_matches_the_models_loglikelihoods(tokenizer):
     import json
 

@@ -21,6 +21,7 @@ def test_interactive_figures_carry_the_data(summary):
     assert list(kept.data[0].y) == summary[summary.block == "attn"].kept_fraction.tolist()
 
 
+@pytest.mark.slow
 def test_export_writes_each_format(tmp_path, summary):
     paths = plots.export(plots.kept_fraction_per_layer(summary, backend="paper"), "kf", tmp_path,
                          formats=("pdf", "png", "svg"))

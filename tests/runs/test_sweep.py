@@ -101,6 +101,7 @@ def test_grid_expands_in_file_order_with_presets(tmp_path):
     assert [r.calibration.num_samples for r in runs[:2]] == [2, 4]
 
 
+@pytest.mark.slow
 def test_cli_run_writes_one_experiment_with_its_resolved_config(tmp_path):
     run, _ = _files(tmp_path)
     text = tmp_path / "notes.txt"
@@ -230,6 +231,7 @@ def test_shipped_configs_are_valid():
     assert len(expand(study)) == 135 and study.objective == "acc_mean" and study.direction == "maximize"
 
 
+@pytest.mark.slow
 def test_a_run_with_a_baseline_uses_its_plan_and_compensation(tmp_path):
     from workbench.core.experiments import Experiment
     from workbench.core.testing import byte_tokenizer, tiny_model
@@ -387,6 +389,7 @@ def test_overrides_may_follow_options(tmp_path):
     assert cfg.selection.ratio == 0.25 and cfg.eval_windows == 2
 
 
+@pytest.mark.slow
 def test_joining_an_unprepared_folder_and_a_damaged_queue_are_named(tmp_path, capsys):
     _, sweep_file = _files(tmp_path, grid="  calibration.num_samples: [2]\n")
     assert main(["sweep", str(sweep_file), "--dir", str(tmp_path / "none"), "--join"]) == 2
@@ -402,6 +405,7 @@ def test_joining_an_unprepared_folder_and_a_damaged_queue_are_named(tmp_path, ca
     assert run_sweep(sweep_file, sweep_dir, log=lambda *_: None) == dict(stale=0, live=0, enqueued=0, complete=1)
 
 
+@pytest.mark.slow
 def test_a_killed_run_s_staging_folder_is_removed_by_the_next_start(tmp_path):
     from workbench.core.paths import clean_staging, staging_dir
     _, sweep_file = _files(tmp_path, grid="  calibration.num_samples: [2]\n")

@@ -204,6 +204,7 @@ def test_reconstructed_model_reloads_exactly(tmp_path, family, dtype):
     assert not loads_with_plain_transformers(again.config)  # biases a plain model would not create
 
 
+@pytest.mark.slow
 def test_pipeline_prunes_in_place_and_reconstructs(tmp_path):
     """`prune_and_reconstruct` on the dense model itself equals reconstructing a pruned copy; run_pruning saves
     the reconstructed model and it reloads exactly."""
