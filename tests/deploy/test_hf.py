@@ -41,8 +41,8 @@ def _pruned(family: str, kind: str):
     return model.eval()
 
 
-# Loads every folder with AutoModelForCausalLM(trust_remote_code=True) where `workbench` cannot be imported.
-_CHECK = textwrap.dedent("""
+# The start of every out-of-process check: `workbench` cannot be imported there, only torch and transformers.
+_NO_WORKBENCH = textwrap.dedent("""
     import importlib.abc, json, sys
     class NoWorkbench(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path, target=None):
@@ -51,6 +51,10 @@ _CHECK = textwrap.dedent("""
     sys.meta_path.insert(0, NoWorkbench())
     import torch
     from transformers import AutoModelForCausalLM
+""")
+
+# Loads every folder with AutoModelForCausalLM(trust_remote_code=True) where `workbench` cannot be imported.
+_CHECK = _NO_WORKBENCH + textwrap.dedent("""
     out = {}
     for folder in sys.argv[1:]:
         exp = torch.load(folder + ".expected.pt")
@@ -168,15 +172,7 @@ def test_the_model_card_says_how_the_model_was_made_and_a_user_s_card_is_kept(tm
     load_pruned(folder)  # and the folder still verifies
 
 
-_TOOLS = textwrap.dedent("""
-    import importlib.abc, json, sys
-    class NoWorkbench(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path, target=None):
-            if name == "workbench" or name.startswith("workbench."):
-                raise ImportError("workbench is not importable in this process")
-    sys.meta_path.insert(0, NoWorkbench())
-    import torch
-    from transformers import AutoModelForCausalLM
+_TOOLS = _NO_WORKBENCH + textwrap.dedent("""
     folder, task, merged_dir = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
     out = {}
     # lm-eval's own HFLM, given the folder's path
