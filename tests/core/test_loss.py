@@ -40,3 +40,23 @@ def test_perplexity_removal_loss_and_xy_points_share_the_loop():
 def test_batch_size_must_be_positive():
     with pytest.raises(ValueError, match="batch_size=0"):
         list(token_batches(torch.zeros(2, 4, dtype=torch.long), 0))
+
+
+def test_a_run_reads_every_weight_once_for_its_cache_keys(monkeypatch):
+    """Inside `fingerprint_once` the fingerprint is computed once (a run's calibration, per-layer measures,
+    selection and model card); outside, every call reads the weights again, so a changed model gets a new key."""
+    import workbench.core.cache as cache
+
+    calls = []
+    real = cache._fingerprint
+    monkeypatch.setattr(cache, "_fingerprint", lambda m: calls.append(1) or real(m))
+    model = tiny_model("llama", n_layers=2)
+    with cache.fingerprint_once(model):
+        first = cache.model_fingerprint(model)
+        with cache.fingerprint_once(model):  # nested: still the same one
+            assert cache.make_key(model=model) == cache.make_key(model=model)
+        assert cache.model_fingerprint(model) == first
+    assert len(calls) == 1
+    with torch.no_grad():
+        model.lm_head.weight.add_(1.0)
+    assert cache.model_fingerprint(model) != first and len(calls) == 2

@@ -10,11 +10,12 @@ cannot be read (truncated, another format) is named in a warning and recomputed,
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,8 +35,44 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).cpu().numpy())
 
 
+_ONCE: dict[int, str | None] = {}  # id(model) -> its fingerprint, inside `fingerprint_once(model)`
+
+
+@contextlib.contextmanager
+def fingerprint_once(model: nn.Module) -> Iterator[None]:
+    """Inside, `model_fingerprint(model)` reads every weight once and answers from memory after that: for the
+    steps of a run that read the model without changing it (calibration, per-layer measures, selection, the
+    model card), each cache key then costs no further pass over the weights. The model must not change inside.
+
+    >>> from workbench.core.testing import tiny_model
+    >>> m = tiny_model("llama", n_layers=1)
+    >>> with fingerprint_once(m):
+    ...     model_fingerprint(m) == model_fingerprint(m)
+    True
+    """
+    key = id(model)
+    outer = key in _ONCE
+    if not outer:
+        _ONCE[key] = None
+    try:
+        yield
+    finally:
+        if not outer:
+            _ONCE.pop(key, None)
+
+
 def model_fingerprint(model: nn.Module) -> str:
-    """Hash of the model's config and every byte of every parameter and persistent buffer (tied once)."""
+    """Hash of the model's config and every byte of every parameter and persistent buffer (tied once);
+    computed once inside `fingerprint_once(model)`."""
+    key = id(model)
+    if key in _ONCE:
+        if _ONCE[key] is None:
+            _ONCE[key] = _fingerprint(model)
+        return str(_ONCE[key])
+    return _fingerprint(model)
+
+
+def _fingerprint(model: nn.Module) -> str:
     cfg = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
     h = hashlib.blake2b(json.dumps(cfg, sort_keys=True, default=str).encode(), digest_size=16)
     seen: set[int] = set()

@@ -14,7 +14,7 @@ from torch import nn
 from workbench import plots
 from workbench.analysis.diagnosis import diagnose
 from workbench.baselines.registry import BASELINES, make_plan
-from workbench.core.cache import model_fingerprint
+from workbench.core.cache import fingerprint_once, model_fingerprint
 from workbench.core.experiments import Experiment
 from workbench.core.models import anatomy, check_context, model_summary
 from workbench.core.timing import timed
@@ -212,19 +212,20 @@ def run_pruning(model, tokenizer, cfg: PruneRunConfig, experiment: Experiment, *
         check_context(model, n, what)
 
     experiment.write_json("config.json", dict(run=asdict(cfg), model=model_summary(model)))
-    # the dense model the checkpoint's card names (its content fingerprint: the cache keys' hash of every weight)
-    base = dict(name=str(getattr(model.config, "name_or_path", "")),
-                fingerprint=model_fingerprint(model) if cfg.save_model else None)
-    dense_figure = plots.export(plots.params_per_layer(anatomy(model), backend="paper"), "params_per_layer_dense",
-                                experiment)
-    with step("perplexity_dense"):
-        dense = ppl(model)
-        dense_extra = {s: ppl(model, s).to_dict() for s in extra}
-    log(f"dense PPL {dense.ppl:.2f} ({dense.windows} windows × {dense.seq_len} tokens, {dense.source})")
-    with step("calibration_importance"):
-        samples, imp = calibrate(model, tokenizer, cfg.calibration, progress=progress)
-    with step("selection"):
-        table, plan, compensation = make_run_plan(model, cfg, samples, imp, progress=progress)
+    with fingerprint_once(model):  # up to the selection the dense model is only read: its fingerprint once
+        # the dense model the checkpoint's card names (its content fingerprint: the cache keys' hash of every weight)
+        base = dict(name=str(getattr(model.config, "name_or_path", "")),
+                    fingerprint=model_fingerprint(model) if cfg.save_model else None)
+        dense_figure = plots.export(plots.params_per_layer(anatomy(model), backend="paper"), "params_per_layer_dense",
+                                    experiment)
+        with step("perplexity_dense"):
+            dense = ppl(model)
+            dense_extra = {s: ppl(model, s).to_dict() for s in extra}
+        log(f"dense PPL {dense.ppl:.2f} ({dense.windows} windows × {dense.seq_len} tokens, {dense.source})")
+        with step("calibration_importance"):
+            samples, imp = calibrate(model, tokenizer, cfg.calibration, progress=progress)
+        with step("selection"):
+            table, plan, compensation = make_run_plan(model, cfg, samples, imp, progress=progress)
     summary = record_plan(experiment, table, plan)
     diagnosis = diagnose(imp, plan, cfg.method)
     experiment.write_json("analysis/gradient_diagnosis.json", diagnosis)
