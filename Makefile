@@ -33,7 +33,7 @@ $(STAMP): pyproject.toml $(LOCK) Makefile
 lock:
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q "uv==$(UV_VERSION)"
-	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --extra gguf --python-version 3.11 \
+	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --extra gguf --extra cluster --python-version 3.11 \
 		--python-platform x86_64-manylinux_2_28 $(if $(FIND_LINKS),--find-links $(FIND_LINKS)) \
 		--custom-compile-command "make lock" -o $(LOCK)
 

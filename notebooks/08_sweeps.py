@@ -17,7 +17,7 @@
 # # 08 · Sweeps: the study's matrix as one table, best configurations and correlations
 #
 # A sweep file (`configs/*.yaml`: a base run and a grid or an Optuna search) runs with
-# `workbench sweep FILE [--workers N]`; this notebook reads its consolidated table (or runs the sweep when
+# `workbench sweep FILE [--workers N]` (or as a cluster job array: `workbench launch`); this notebook reads its consolidated table (or runs the sweep when
 # `RUN = True`), plots PPL / accuracy against the calibration settings per method and model, compares the
 # methods, computes the correlations with their n and p-values, and shows the best configurations.
 # Expected runtime: seconds for an existing sweep; running `configs/smollm2-small-matrix.yaml` here takes
@@ -36,7 +36,7 @@ FACET_BY = "method"
 # %%
 from pathlib import Path
 
-from workbench import best, consolidate, correlations, experiments_root, plots, run_sweep
+from workbench import best, consolidate, correlations, experiments_root, plots, queue_status, run_sweep
 
 SWEEP = "../configs/smoke-sweep.yaml" if SMOKE else SWEEP
 RUN = RUN or SMOKE
@@ -46,6 +46,13 @@ if RUN:
 table = consolidate(sweep_dir)
 print(f"{sweep_dir}: {len(table)} runs, {(table.status == 'complete').sum()} complete, {(table.status == 'failed').sum()} failed")
 table[["key", "status", "model", "method", X, "cfg.selection.ratio", "ppl", "pruning_ratio_total"]].sort_values(["method", X])
+
+# %% [markdown]
+# ### The queue while a sweep runs (on many machines: `workbench launch`, README "On a Slurm cluster")
+# What waits and what runs where; a worker taken for dead has its run queued again. Empty when nothing is left.
+
+# %%
+queue_status(sweep_dir).query("state in ['waiting', 'running']")
 
 # %% [markdown]
 # ### The objective against the calibration setting, per method (one panel per model)

@@ -37,6 +37,7 @@ def _isolated_paths(tmp_path, monkeypatch):
     monkeypatch.setenv("WORKBENCH_FIGURES", str(tmp_path / "figures"))
     monkeypatch.setenv("WORKBENCH_EXPERIMENTS", str(tmp_path / "experiments"))
     monkeypatch.setenv("WORKBENCH_DATA_CACHE", str(tmp_path / "data_cache"))
+    monkeypatch.delenv("WORKBENCH_SWEEP_STORAGE", raising=False)  # a developer's database queue is never a test's
     monkeypatch.setattr(cache, "_MEMORY", {})
 
 

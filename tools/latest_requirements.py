@@ -1,4 +1,4 @@
-"""Prints pyproject.toml's requirements (with the dev and gguf extras) without their upper bounds: what
+"""Prints pyproject.toml's requirements (with the dev, gguf and cluster extras) without their upper bounds: what
 `make test-latest` installs to try the newest releases before a bound is raised.
 
 torch keeps the locked release unless LATEST_TORCH names another requirement (e.g. LATEST_TORCH=torch for
@@ -32,7 +32,7 @@ def locked(name: str) -> str:
 def main() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     reqs = list(project["dependencies"])
-    for extra in ("dev", "gguf"):
+    for extra in ("dev", "gguf", "cluster"):
         reqs += project["optional-dependencies"][extra]
     for req in reqs:
         if re.match(r"^torch\b", req):

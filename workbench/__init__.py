@@ -83,6 +83,7 @@ from workbench.runs.pipeline import (  # noqa: E402
     save_and_check,
     select_plan,
 )
+from workbench.runs.queue import queue_status  # noqa: E402
 from workbench.runs.sweep import run_sweep  # noqa: E402
 from workbench.scoring.activations import activation_stats  # noqa: E402
 from workbench.scoring.importance import importance_cached  # noqa: E402
@@ -123,7 +124,7 @@ __all__ = [
     "plots",
     # runs
     "best", "calibrate", "consolidate", "correlations", "experiment_models", "load_run_config", "pruned_model",
-    "record_plan", "run_pruning", "run_sweep", "save_and_check", "select_plan",
+    "queue_status", "record_plan", "run_pruning", "run_sweep", "save_and_check", "select_plan",
     # lab
     "panel",
 ]

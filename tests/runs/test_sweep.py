@@ -122,9 +122,8 @@ def test_cli_run_writes_one_experiment_with_its_resolved_config(tmp_path):
 
 @pytest.mark.slow
 def test_sweep_resumes_only_what_is_left_after_a_kill(tmp_path):
-    import optuna
 
-    from workbench.runs.sweep import _storage
+    from workbench.runs.queue import open_study
     _, sweep_file = _files(tmp_path)
     sweep_dir = tmp_path / "s"
     sweep = load_sweep(sweep_file)
@@ -132,7 +131,7 @@ def test_sweep_resumes_only_what_is_left_after_a_kill(tmp_path):
     assert work(sweep, sweep_dir, max_runs=3, log=lambda *_: None) == 3
     # the worker is "killed" in the middle of its fourth run: its trial stays RUNNING, held by a process that is
     # gone, and a staging folder is left
-    trial = optuna.load_study(study_name="sweep", storage=_storage(sweep_dir, None)).ask()
+    trial = open_study(sweep_dir).ask()
     trial.set_user_attr("worker", dict(host=platform.node(), pid=_dead_pid()))
     (sweep_dir / "runs" / ".abc.staging-x").mkdir()
     first = {p.name: (p / "status.json").read_text() for p in (sweep_dir / "runs").iterdir() if not p.name.startswith(".")}
@@ -150,13 +149,13 @@ def test_sweep_resumes_only_what_is_left_after_a_kill(tmp_path):
 def test_two_worker_processes_run_every_run_exactly_once(tmp_path):
     import optuna
 
-    from workbench.runs.sweep import _storage
+    from workbench.runs.queue import open_study
     _, sweep_file = _files(tmp_path)
     sweep_dir = tmp_path / "s"
     run_sweep(sweep_file, sweep_dir, workers=2, log=lambda *_: None)
     statuses = [run_status(p) for p in (sweep_dir / "runs").iterdir() if not p.name.startswith(".")]
     assert len(statuses) == 6 and all(s["status"] == "complete" for s in statuses)
-    study = optuna.load_study(study_name="sweep", storage=_storage(sweep_dir, None))
+    study = open_study(sweep_dir)
     ran = [t.user_attrs["run"] for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))]
     assert sorted(ran) == sorted(s["key"] for s in statuses)  # each run once
     assert len({s["pid"] for s in statuses}) == 2  # both workers took runs
@@ -268,13 +267,13 @@ def test_a_preset_axis_after_its_sub_keys_keeps_them(tmp_path):
 def test_a_second_sweep_leaves_a_live_worker_s_run_alone(tmp_path):
     import optuna
 
-    from workbench.runs.sweep import _storage
+    from workbench.runs.queue import open_study
     _, sweep_file = _files(tmp_path, grid="  calibration.num_samples: [2, 4]\n")
     sweep_dir = tmp_path / "s"
     assert run_sweep(sweep_file, sweep_dir, log=lambda *_: None)["enqueued"] == 2
     # a live worker (this process) holds a trial of a third point
     _, bigger = _files(tmp_path, grid="  calibration.num_samples: [2, 4, 6]\n")
-    study = optuna.load_study(study_name="sweep", storage=_storage(sweep_dir, None))
+    study = open_study(sweep_dir)
     counts = prepare(load_sweep(bigger), sweep_dir)
     assert counts == dict(stale=0, live=0, enqueued=1, complete=2)
     trial = study.ask()
@@ -289,11 +288,12 @@ def test_a_second_sweep_leaves_a_live_worker_s_run_alone(tmp_path):
 def test_a_reclaimed_trial_does_not_crash_its_worker_nor_overwrite_a_record(tmp_path):
     import optuna
 
-    from workbench.runs.sweep import _storage, _tell
+    from workbench.runs.queue import open_study
+    from workbench.runs.sweep import _tell
     _, sweep_file = _files(tmp_path, grid="  calibration.num_samples: [2]\n")
     sweep_dir = tmp_path / "s"
     run_sweep(sweep_file, sweep_dir, log=lambda *_: None)
-    study = optuna.load_study(study_name="sweep", storage=_storage(sweep_dir, None))
+    study = open_study(sweep_dir)
     study.enqueue_trial({}, user_attrs=dict(run="x"))
     trial = study.ask()
     study.tell(trial.number, state=optuna.trial.TrialState.FAIL)  # another invocation took it for dead

@@ -1,7 +1,9 @@
-"""The command line: `workbench run | sweep | consolidate | best` (also `python -m workbench ...`).
+"""The command line: `workbench run | sweep | launch | consolidate | best | ...` (also `python -m workbench ...`).
 
     workbench run CONFIG.yaml [key=value ...] [--name NAME] [--overwrite]
     workbench sweep SWEEP.yaml [key=value ...] [--dir DIR] [--workers N] [--storage URL] [--join]
+    workbench launch SWEEP.yaml [key=value ...] --dir SHARED_DIR --workers N [--partition P] [--hours H] [--wait]
+                                                         (a Slurm job array of sweep workers, or --executor local)
     workbench consolidate SWEEP_DIR
     workbench best SWEEP_DIR [--objective ppl] [--direction minimize]
     workbench export-gguf DIR OUT.gguf [--dtype f16|f32|q8_0] [--overwrite]
@@ -28,7 +30,9 @@ from workbench.deploy.gguf import GGUF_DTYPES, export_gguf
 from workbench.deploy.gguf_tokenizer import ExportError
 from workbench.runs.config import ConfigError, load_run_config, save_config
 from workbench.runs.consolidate import best, consolidate
+from workbench.runs.launch import EXECUTORS, LaunchConfig, launch
 from workbench.runs.pipeline import calibrate, run_pruning
+from workbench.runs.queue import STORAGE_ENV, check_command_line_storage, queue_status
 from workbench.runs.sweep import DIRECTIONS, RUN_FILE, ModelPool, run_sweep
 from workbench.scoring.parallel import init_from_env
 from workbench.surgery.checkpoints import (
@@ -64,6 +68,7 @@ def _run(args) -> int:
 
 
 def _sweep(args) -> int:
+    check_command_line_storage(args.storage)
     sweep_dir = Path(args.dir) if args.dir else experiments_root() / "sweeps" / Path(args.sweep).stem
     run_sweep(args.sweep, sweep_dir, overrides=args.overrides, workers=args.workers, storage=args.storage,
               join=args.join)
@@ -73,9 +78,30 @@ def _sweep(args) -> int:
     return 0 if not (table.status == "failed").any() else 1
 
 
+def _launch(args) -> int:
+    check_command_line_storage(args.storage)
+    cfg = LaunchConfig(workers=args.workers, executor=args.executor, partition=args.partition,
+                       gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker, mem_gb=args.mem_gb,
+                       hours=args.hours, account=args.account, qos=args.qos, setup=tuple(args.setup))
+    launch(args.sweep, args.dir, cfg, overrides=args.overrides, storage=args.storage, wait=args.wait)
+    if not args.wait:
+        return 0
+    table = consolidate(args.dir)
+    print(f"{args.dir}: {int((table.status == 'complete').sum())} of {len(table)} runs complete, "
+          f"{int((table.status == 'failed').sum())} failed; table: {Path(args.dir) / 'consolidated.csv'}")
+    return 0 if not (table.status == "failed").any() else 1
+
+
 def _consolidate(args) -> int:
     table = consolidate(args.sweep_dir)
     print(f"{len(table)} runs -> {Path(args.sweep_dir) / 'consolidated.csv'} (and .parquet)")
+    queue = queue_status(args.sweep_dir)
+    left = queue[queue.state.isin(["waiting", "running"])]
+    if len(left):  # a sweep still at work: what waits, and what runs where
+        running = left[left.state == "running"]
+        print(f"queue: {int((left.state == 'waiting').sum())} waiting, {len(running)} running"
+              + "".join(f"\n  {r.run} on {r.host} pid {r.pid} for {r.seconds} s{'' if r.alive else ' (worker gone)'}"
+                        for r in running.itertuples()))
     return 0
 
 
@@ -152,10 +178,30 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("overrides", nargs="*", help="dotted key=value applied to the base run")
     s.add_argument("--dir", help="sweep folder (default: experiments/sweeps/<file name>)")
     s.add_argument("--workers", type=int, default=1, help="local worker processes")
-    s.add_argument("--storage", help="Optuna storage URL shared by workers on many machines (default: a journal "
-                                     "file in the sweep folder)")
+    storage_help = (f"database URL of the queue shared by workers on many machines, without a password (PGPASSWORD, "
+                    f"~/.pgpass, or the whole URL in ${STORAGE_ENV}); default: ${STORAGE_ENV}, else a journal file in "
+                    "the sweep folder")
+    s.add_argument("--storage", help=storage_help)
     s.add_argument("--join", action="store_true", help="join a running sweep as extra workers (no preparation)")
     s.set_defaults(fn=_sweep)
+    la = sub.add_parser("launch", help="prepare a sweep, then submit its workers as a Slurm job array (one GPU each)")
+    la.add_argument("sweep")
+    la.add_argument("overrides", nargs="*", help="dotted key=value applied to the base run")
+    la.add_argument("--dir", required=True, help="sweep folder, on a file system every node shares")
+    la.add_argument("--workers", type=int, required=True, help="jobs in the array")
+    la.add_argument("--executor", default="slurm", choices=EXECUTORS, help="slurm, or local processes (a dry run)")
+    la.add_argument("--partition", help="Slurm partition (default: the cluster's)")
+    la.add_argument("--gpus-per-worker", type=int, default=1)
+    la.add_argument("--cpus-per-worker", type=int, default=8)
+    la.add_argument("--mem-gb", type=int, default=None)
+    la.add_argument("--hours", type=float, default=12.0, help="time limit of each job")
+    la.add_argument("--account")
+    la.add_argument("--qos")
+    la.add_argument("--setup", action="append", default=[], help="a shell line each job runs first (repeatable), "
+                                                                 "e.g. 'source ~/wb/bin/activate'")
+    la.add_argument("--storage", help=storage_help)
+    la.add_argument("--wait", action="store_true", help="wait for every job, then consolidate")
+    la.set_defaults(fn=_launch)
     c = sub.add_parser("consolidate", help="one table of a sweep's runs (CSV and Parquet)")
     c.add_argument("sweep_dir")
     c.set_defaults(fn=_consolidate)

@@ -11,7 +11,8 @@
              params: {selection.ratio: {low: 0.1, high: 0.3}, scoring.normalization: {choices: [none, log]}}}
 
 Layout: `<sweep_dir>/sweep.yaml` (the file as read), `runs/<key>/` one experiment per run (key = hash of the
-resolved run config; the resolved `run.yaml` and `status.json` inside), `optuna.journal` (the work queue).
+resolved run config; the resolved `run.yaml` and `status.json` inside), `optuna.journal` (the work queue), or
+`queue.json` naming the queue's study in a database (`workbench.runs.queue`).
 
 Who runs what is Optuna's storage, not a home-made queue: `prepare` enqueues every grid run that is not
 complete on disk, and each worker pops waiting trials (`study.ask`), which the storage hands to exactly one
@@ -19,8 +20,9 @@ worker. A run is written into a staging folder and moved under its key only when
 raises is recorded as failed with its traceback, and the sweep goes on. A killed sweep loses only the runs in
 progress: the next `workbench sweep` marks running trials whose worker is gone (its process on this host no
 longer exists) failed and enqueues their runs again; a live worker's trial is left to it, and its run is not
-enqueued twice. A complete run's record is never overwritten. Workers on other machines that share the folder (or an
-RDB storage URL) join with `join=True`.
+enqueued twice. A complete run's record is never overwritten. Workers on other machines that share the folder (and a
+database URL, whose heartbeats tell a dead worker on another machine) join with `join=True`; a worker with
+nothing left to take stays while others hold runs it could take over if their worker died.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ from pathlib import Path
 import torch
 
 from workbench.core.experiments import Experiment
-from workbench.core.paths import clean_staging, process_alive, write_atomic
+from workbench.core.paths import clean_staging, write_atomic
 from workbench.core.registry import Registry, check_choice, choice_error
 from workbench.plans.normalize import PRESETS
 from workbench.runs.config import (
@@ -53,6 +55,17 @@ from workbench.runs.config import (
     with_overrides,
 )
 from workbench.runs.pipeline import run_pruning
+from workbench.runs.queue import (
+    JOURNAL,
+    has_heartbeat,
+    heartbeat,
+    masked,
+    open_study,
+    reclaim,
+    recoverable,
+    storage_url,
+    take,
+)
 from workbench.surgery.checkpoints import load_model
 
 STATUS = "status.json"
@@ -139,6 +152,11 @@ class SweepConfig:
         search: an Optuna search instead of the grid.
         objective: the consolidated column a search optimizes and `best` ranks by.
         direction: "minimize" or "maximize".
+        heartbeat_s: on a database queue, how often a worker records that it is alive (seconds).
+        stale_after_s: on a database queue, a running trial whose last heartbeat is older than this is taken
+            for dead: failed, and its run queued again (at least twice `heartbeat_s`; a run outlives a short
+            database outage, since only the time since the last recorded beat counts).
+        poll_s: how often a worker with nothing left to take looks again while others still hold runs.
     """
 
     base: dict = field(default_factory=dict)
@@ -146,9 +164,21 @@ class SweepConfig:
     search: SearchConfig | None = None
     objective: str = "ppl"
     direction: str = "minimize"
+    heartbeat_s: int = 30
+    stale_after_s: int = 300
+    poll_s: float = 5.0
 
     def __post_init__(self):
         check_choice("direction", self.direction, DIRECTIONS)
+        for name in ("heartbeat_s", "stale_after_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive whole number of seconds")
+        if self.stale_after_s < 2 * self.heartbeat_s:
+            raise ValueError(f"stale_after_s={self.stale_after_s} must be at least twice heartbeat_s={self.heartbeat_s}, "
+                             "or one late beat would make a live worker's run look dead")
+        if not _number(self.poll_s) or self.poll_s <= 0:
+            raise ValueError(f"poll_s={self.poll_s!r} must be a positive number of seconds")
         if self.search is not None and self.grid:
             raise ValueError("a sweep has either a grid or a search, not both (put one of them in a second sweep)")
         if self.search is None:
@@ -320,64 +350,35 @@ def _objective_values(record: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# The queue (Optuna storage) and the workers
+# The queue (Optuna storage, workbench.runs.queue) and the workers
 
 
-def _storage(sweep_dir: Path, storage: str | None):
-    if storage:
-        return storage
-    from optuna.storages import JournalStorage  # deferred: only sweeps need it
-    from optuna.storages.journal import JournalFileBackend  # deferred: only sweeps need it
-
-    return JournalStorage(JournalFileBackend(str(sweep_dir / "optuna.journal")))
-
-
-def _study(sweep: SweepConfig, sweep_dir: Path, storage: str | None, *, must_exist: bool = False):
+def _open(sweep: SweepConfig, sweep_dir: Path, storage: str | None, *, create: bool):
     import optuna  # deferred: only sweeps need it
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    journal = sweep_dir / "optuna.journal"
-    where = storage or journal
-    if must_exist and storage is None and not journal.is_file():
-        raise ConfigError(f"sweep folder {sweep_dir} is not prepared (no optuna.journal): start the sweep there "
-                          "without --join first, then join further workers")
     sampler = None
     if sweep.search is not None:
         sampler = (optuna.samplers.TPESampler(seed=sweep.search.seed) if sweep.search.sampler == "tpe"
                    else optuna.samplers.RandomSampler(seed=sweep.search.seed))
-    try:
-        if must_exist:
-            return optuna.load_study(study_name="sweep", storage=_storage(sweep_dir, storage), sampler=sampler)
-        return optuna.create_study(study_name="sweep", storage=_storage(sweep_dir, storage), load_if_exists=True,
-                                   direction=sweep.direction, sampler=sampler)  # type: ignore[arg-type]
-    except KeyError:
-        raise ConfigError(f"the storage {where} holds no sweep: start it without --join first") from None
-    except Exception as e:  # a damaged journal or database: say which, and that the runs are safe
-        raise ConfigError(f"the sweep's queue {where} cannot be read ({type(e).__name__}: {e}). The finished runs in "
-                          f"{sweep_dir / 'runs'} are kept: move the queue aside and run `workbench sweep` again "
-                          "(without --join) to rebuild it from them") from None
+    return open_study(sweep_dir, storage, create=create, direction=sweep.direction, sampler=sampler,
+                      heartbeat_s=sweep.heartbeat_s, stale_after_s=sweep.stale_after_s)
 
 
 def prepare(sweep: SweepConfig, sweep_dir: str | os.PathLike, *, storage: str | None = None) -> dict:
-    """Make the sweep folder and the queue: running trials whose worker is gone are marked failed, and every
-    grid run that is neither complete on disk, nor waiting, nor running in a live worker is enqueued.
-    Returns counts."""
+    """Make the sweep folder and the queue: running trials whose worker is gone are failed and their runs queued
+    again, and every grid run that is neither complete on disk, nor waiting, nor running in a live worker is
+    enqueued. `storage`: a database URL, or None for the folder's journal. Returns counts."""
     import optuna  # deferred: only sweeps need it
 
     sweep_dir = Path(sweep_dir)
+    study = _open(sweep, sweep_dir, storage, create=True)  # a bad storage stops here, before anything is written
     (sweep_dir / "runs").mkdir(parents=True, exist_ok=True)
     clean_staging(sweep_dir / "runs")  # staging folders of runs whose worker was killed (whole checkpoints)
     write_atomic(sweep_dir / "sweep.yaml", dump_yaml(to_dict(sweep)))
-    study = _study(sweep, sweep_dir, storage)
-    stale = live = 0
-    running = set()
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        if _worker_alive(t):
-            live += 1
-            running.add(t.user_attrs.get("run"))
-        else:
-            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
-            stale += 1
+    stale = reclaim(study, requeue=False)  # their runs are queued with the missing ones below
+    running = {t.user_attrs.get("run") for t in study.get_trials(deepcopy=False,
+                                                                 states=(optuna.trial.TrialState.RUNNING,))}
+    live = len(running)
     if sweep.search is not None:
         return dict(stale=stale, live=live, enqueued=0, complete=0)
     waiting = {t.user_attrs.get("run") for t in study.get_trials(deepcopy=False,
@@ -394,31 +395,27 @@ def prepare(sweep: SweepConfig, sweep_dir: str | os.PathLike, *, storage: str | 
     return dict(stale=stale, live=live, enqueued=enqueued, complete=complete)
 
 
-CLAIM_GRACE_S = 120.0  # a trial asked for this recently may not carry its worker's name yet
+def _others_running(study) -> bool:
+    """Whether another worker holds a trial that this one would take over if that worker died (see `recoverable`)."""
+    import optuna  # deferred: only sweeps need it
 
-
-def _claim(trial) -> None:
-    """Name the worker that holds a trial (host and pid), so a later `prepare` can tell live from dead."""
-    trial.set_user_attr("worker", dict(host=platform.node(), pid=os.getpid()))
-
-
-def _worker_alive(trial) -> bool:
-    """Whether the worker holding a running trial may still be at work: on this host, its process exists; on
-    another host, it cannot be told from here, so it is taken as alive (never run twice)."""
-    worker = trial.user_attrs.get("worker")
-    if worker is None:
-        started = trial.datetime_start.timestamp() if trial.datetime_start else 0.0
-        return time.time() - started < CLAIM_GRACE_S
-    return worker.get("host") != platform.node() or process_alive(int(worker["pid"]))
+    beats = has_heartbeat(study)
+    return any(recoverable(t, beats) for t in study.get_trials(deepcopy=False,
+                                                               states=(optuna.trial.TrialState.RUNNING,)))
 
 
 def work(sweep: SweepConfig, sweep_dir: str | os.PathLike, *, storage: str | None = None, log=print,
          max_runs: int | None = None) -> int:
-    """One worker: pop waiting grid runs (or ask the search for trials) until none is left; returns runs done."""
+    """One worker: pop waiting grid runs (or ask the search for trials) until none is left; returns runs done.
+
+    Before each run the worker reclaims the trials of dead workers (their runs go back in the queue). With
+    nothing waiting, it stays while another worker holds a run it could take over (one on this host, or any on
+    a database, whose heartbeats tell), polling every `poll_s`; so a killed worker's run is still done by the
+    workers that remain."""
     import optuna  # deferred: only sweeps need it
 
     sweep_dir = Path(sweep_dir)
-    study = _study(sweep, sweep_dir, storage, must_exist=True)
+    study = _open(sweep, sweep_dir, storage, create=False)
     runs_dir = sweep_dir / "runs"
     pool = ModelPool()
     done = 0
@@ -426,18 +423,26 @@ def work(sweep: SweepConfig, sweep_dir: str | os.PathLike, *, storage: str | Non
         return _search(sweep, study, runs_dir, pool, log, max_runs)
     by_key = {config_hash(c): c for c in expand(sweep)}
     while max_runs is None or done < max_runs:
+        if reclaim(study):
+            log("runs of a stopped worker are back in the queue")
         if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
-            break
-        trial = study.ask()
-        _claim(trial)
+            if not _others_running(study):
+                break
+            time.sleep(sweep.poll_s)
+            continue
+        trial = take(study)
         key = trial.user_attrs.get("run")
         if key not in by_key:  # another worker took the last waiting run meanwhile
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            break
-        status = run_one(by_key[key], runs_dir, pool=pool, log=log)
+            continue
+        with heartbeat(study, trial):
+            status = run_one(by_key[key], runs_dir, pool=pool, log=log)
         _tell(study, trial, status, sweep.objective)
         done += 1
-        log(f"run {key}: {status['status']} ({done} by this worker)")
+        if (status.get("host"), status.get("pid")) == (platform.node(), os.getpid()):
+            log(f"run {key}: {status['status']} ({done} by this worker)")
+        else:  # a run another worker finished before its trial was told: found on disk, not run again
+            log(f"run {key}: found {status['status']} on disk (run by {status.get('host')} pid {status.get('pid')})")
     return done
 
 
@@ -463,8 +468,7 @@ def _search(sweep: SweepConfig, study, runs_dir: Path, pool: ModelPool, log, max
     while max_runs is None or done < max_runs:
         if len(study.get_trials(deepcopy=False, states=states)) >= sweep.search.trials:
             break
-        trial = study.ask()
-        _claim(trial)
+        trial = take(study)
         values = {}
         for key, spec in sweep.search.params.items():
             if "choices" in spec:
@@ -481,7 +485,9 @@ def _search(sweep: SweepConfig, study, runs_dir: Path, pool: ModelPool, log, max
             log(f"trial {trial.number}: {e}")
             continue
         trial.set_user_attr("run", config_hash(cfg))
-        _tell(study, trial, run_one(cfg, runs_dir, pool=pool, log=log), sweep.objective)
+        with heartbeat(study, trial):
+            status = run_one(cfg, runs_dir, pool=pool, log=log)
+        _tell(study, trial, status, sweep.objective)
         done += 1
     return done
 
@@ -493,13 +499,18 @@ def _worker_main(sweep_path: str, overrides: list[str], sweep_dir: str, storage:
 
 def run_sweep(sweep_path: str | os.PathLike, sweep_dir: str | os.PathLike, *, overrides: list[str] | tuple = (),
               workers: int = 1, storage: str | None = None, join: bool = False, log=print) -> dict:
-    """`workbench sweep`: prepare the queue (unless joining a running sweep), then run `workers` local workers."""
+    """`workbench sweep`: prepare the queue (unless joining a running sweep), then run `workers` local workers.
+
+    `storage`: a database URL; None takes `$WORKBENCH_SWEEP_STORAGE`, and without it the sweep folder's journal.
+    """
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers={workers!r} must be a positive integer")
     sweep = load_sweep(sweep_path, overrides)
+    storage = storage_url(storage)
     counts = {} if join else prepare(sweep, sweep_dir, storage=storage)
     if counts:
-        log(f"sweep {sweep_dir}: {counts['complete']} complete, {counts['enqueued']} to run, "
+        log(f"sweep {sweep_dir} (queue: {masked(storage) if storage else JOURNAL}): {counts['complete']} complete, "
+            f"{counts['enqueued']} to run, "
             f"{counts['stale']} stale trials of a stopped worker marked failed and run again, "
             f"{counts['live']} running in live workers (left to them)")
     if workers == 1:
