@@ -32,6 +32,7 @@ HELD_OUT = 16            # calibration windows (not used for importance) that sc
 XY_START = 2.0
 RECONSTRUCT = True       # also report each plan's PPL after closed-form reconstruction
 EVAL_WINDOWS = 50
+OUT_OF_DOMAIN = ["jargon"]  # sources no calibration sees (jargon: `apt-get install jargon-text`); [] for none
 EXPERIMENT = "nb07-layerwise-and-baselines"
 
 # %%
@@ -107,12 +108,13 @@ plots.publish(plots.xy_curve, search, name="xy_search", to=exp)
 
 # %% [markdown]
 # ### One table at the same budget (PPL on the evaluation part; FLAP with its bias compensation)
+# `ppl_<source>` columns: the same models on text out of the calibration domain (`OUT_OF_DOMAIN`).
 
 # %%
 plans = baseline_plans(rescorer, RATIO, layer_scores=layer_scores, variants=study_variants(best))
 with timed("comparison table"):
     table = compare_plans(model, tokenizer, plans, samples, reconstruction=ReconstructConfig() if RECONSTRUCT else None,
-                          seq_len=SEQ_LEN, max_windows=EVAL_WINDOWS)
+                          seq_len=SEQ_LEN, max_windows=EVAL_WINDOWS, extra_sources=tuple(OUT_OF_DOMAIN))
 plots.styled(table.sort_values("ppl"))
 
 # %%

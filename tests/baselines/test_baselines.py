@@ -14,6 +14,7 @@ from workbench.analysis.distribution import best_split, xy_search
 from workbench.baselines.registry import BASELINES, default_llm_pruner_range, make_plan, shortgpt_plan
 from workbench.core.arch import BLOCKS, decoder_layers, get_spec, layer_parts
 from workbench.core.testing import TINY_FAMILIES, byte_tokenizer, tiny_model
+from workbench.evaluation.evaluate import perplexity
 from workbench.plans.allocation import ALLOCATIONS, LayerwiseConfig, allocate, kind_rates, layerwise_plan
 from workbench.plans.normalize import ScoringConfig
 from workbench.plans.rescore import Rescorer
@@ -22,7 +23,7 @@ from workbench.scoring.importance import compute_importance
 from workbench.scoring.layer_importance import LAYER_IMPORTANCE, block_influence, layer_importance, layer_removal_loss
 from workbench.surgery.checkpoints import CheckpointError, load_pruned, loads_with_plain_transformers, save_pruned
 from workbench.surgery.prune import apply_plan, mask_plan
-from workbench.surgery.reconstruct import prune_and_reconstruct, solve_reconstruction
+from workbench.surgery.reconstruct import ReconstructConfig, prune_and_reconstruct, solve_reconstruction
 
 N_LAYERS = 6
 
@@ -272,12 +273,21 @@ def test_xy_search_resumes_from_cache_and_stops_after_three_rises(tmp_path):
         xy_search(model, plan_of, held_out, settings=settings, start=11)
 
 
-def test_comparison_table_has_every_method():
+def test_comparison_table_has_every_method(tmp_path):
     model, ids, r, scores = _setup("llama", seed=5)
     plans = baseline_plans(r, 0.15, layer_scores=scores)
-    table = compare_plans(model, byte_tokenizer(), plans, ids, seq_len=32, max_windows=3, progress=False)
+    other = tmp_path / "other.txt"  # a second source, as an out-of-domain one is used
+    other.write_text("\n\n".join(f"Paragraph {i} of plain English prose, unlike the calibration text." for i in range(60)))
+    table = compare_plans(model, byte_tokenizer(), plans, ids, seq_len=32, max_windows=3, progress=False,
+                          reconstruction=ReconstructConfig(), extra_sources=(str(other),))
     assert list(table.index) == ["dense", *BASELINES]
     assert table.loc["flap", "compensation"] and (table["ppl"] > 0).all()
+    for column in (f"ppl_{other}", f"ppl_reconstructed_{other}"):  # the same models on the other source
+        assert (table[column].drop("dense" if "reconstructed" in column else []) > 0).all()
+    pruned = copy.deepcopy(model)
+    prune_and_reconstruct(pruned, plans["global_taylor"][0], ids, None)
+    direct = perplexity(pruned, byte_tokenizer(), str(other), seq_len=32, max_windows=3, progress=False).ppl
+    assert table.loc["global_taylor", f"ppl_{other}"] == pytest.approx(direct, rel=1e-6)
     assert table.loc["dense", "params"] > table.loc["global_taylor", "params"]
 
 

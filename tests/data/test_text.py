@@ -87,3 +87,34 @@ def test_local_text_folder(tmp_path):
     (tmp_path / "a.txt").write_text("\n\n".join(f"paragraph {i} " * 5 for i in range(20)))
     cal, ev = load_text(str(tmp_path), "calibration"), load_text(str(tmp_path), "evaluation")
     assert "paragraph 18" not in cal and "paragraph 17" in cal and "paragraph 19" in ev and "paragraph 0" in cal
+
+
+def _jargon_fixture(path):
+    """A file laid out as Debian's jargon.txt.gz: a title, a table of contents, headwords and wrapped prose."""
+    import gzip
+
+    entries = ["   The Jargon File\n\n   Table of Contents\n\n   cruft\n\n   crufty"]
+    for i in range(96):
+        entries.append(f"   :word{i}: n.\n\n   Entry {i} says that a hacker's cruft number {i} is\n   wrapped over two "
+                       f"lines of plain English prose, as the File does.")
+    entries.append("   :common: n.\n\n   This paragraph appears twice in the file, once early and once late, "
+                   "on both sides.")
+    entries.insert(5, entries[-1])
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write("\n\n".join(entries) + "\n")
+
+
+def test_the_out_of_domain_source_splits_prose_paragraphs_into_disjoint_parts(tmp_path, monkeypatch):
+    import workbench.data.text as text
+
+    monkeypatch.setattr(text, "JARGON_FILE", tmp_path / "jargon.txt.gz")
+    with pytest.raises(FileNotFoundError, match=r"source 'jargon' reads .*jargon.txt.gz, from Debian's jargon-text "
+                                                r"package .*apt-get install jargon-text"):
+        text.load_text("jargon", "evaluation")
+    _jargon_fixture(tmp_path / "jargon.txt.gz")
+    cal, ev = (text.load_text("jargon", s).split("\n\n") for s in text.SPLITS)
+    assert not set(cal) & set(ev) and len(set(cal)) + len(ev) == 97  # 96 entries + the repeated one
+    assert all(len(p.split()) >= 8 and "\n" not in p for p in cal + ev)  # prose only, wrapped lines joined
+    assert not any(p.startswith((":", "The Jargon File", "Table of")) for p in cal + ev)
+    assert len(ev) == 24 and ev[0].startswith("Entry 35 says")  # every 4th block of 12 paragraphs
+    assert "jargon" in text.SOURCES and text.OUT_OF_DOMAIN_SOURCE == "jargon"

@@ -70,18 +70,27 @@ def study_variants(best_xy: tuple[float, float] | None = None) -> dict[str, tupl
 def compare_plans(model: nn.Module, tokenizer, plans: dict[str, tuple[Plan, ReconstructConfig | None]],
                   samples: torch.Tensor, *, reconstruction: ReconstructConfig | None = None,
                   source: str = OFFLINE_SOURCE, seq_len: int = 128, max_windows: int | None = 50,
-                  progress: bool = True) -> pd.DataFrame:
+                  extra_sources: tuple[str, ...] = (), progress: bool = True) -> pd.DataFrame:
     """One row per plan (and the dense model): PPL (with the plan's own compensation), PPL after closed-form
     reconstruction instead (when `reconstruction` is given), parameters, achieved ratio, attention / MLP rates;
-    a `Refused` method gets a row with its reason in `refused` and no numbers.
+    a `Refused` method gets a row with its reason in `refused` and no numbers. Each of `extra_sources` (e.g.
+    "jargon", out of the calibration domain) adds `ppl_<source>` (and `ppl_reconstructed_<source>`), measured
+    on the same models with the same window count and length.
 
     `model` is left unchanged; `samples` (calibration token ids) feed compensation and reconstruction.
     """
-    def ppl(m):
-        return perplexity(m, tokenizer, source, seq_len=seq_len, max_windows=max_windows, progress=False).ppl
+    extra_sources = tuple(s for s in extra_sources if s != source)
+
+    def ppl(m, suffix=""):
+        out = {f"ppl{suffix}": perplexity(m, tokenizer, source, seq_len=seq_len, max_windows=max_windows,
+                                          progress=False).ppl}
+        for extra in extra_sources:
+            out[f"ppl{suffix}_{extra}"] = perplexity(m, tokenizer, extra, seq_len=seq_len, max_windows=max_windows,
+                                                     progress=False).ppl
+        return out
 
     budget = Budget.of(model)
-    rows = [dict(method="dense", ppl=ppl(model), params=parameter_count(model), achieved_ratio=0.0)]
+    rows = [dict(method="dense", **ppl(model), params=parameter_count(model), achieved_ratio=0.0)]
     for label, (plan, compensation) in tqdm(plans.items(), desc="methods", disable=not progress, leave=False):
         if isinstance(plan, Refused):
             rows.append(dict(method=label, refused=plan.reason))
@@ -89,7 +98,7 @@ def compare_plans(model: nn.Module, tokenizer, plans: dict[str, tuple[Plan, Reco
         rates = kind_rates(plan, budget)
         pruned = copy.deepcopy(model)
         prune_and_reconstruct(pruned, plan, samples, compensation, progress=False)
-        row = dict(method=label, ppl=ppl(pruned), params=parameter_count(pruned),
+        row = dict(method=label, **ppl(pruned), params=parameter_count(pruned),
                    achieved_ratio=plan.achieved_ratio, attn_rate=rates["attn_rate"],
                    mlp_rate=rates["mlp_rate"], removed_layers=len(plan.removed_layers()),
                    emptied_blocks=len(plan.emptied_blocks()), compensation=compensation is not None)
@@ -97,7 +106,7 @@ def compare_plans(model: nn.Module, tokenizer, plans: dict[str, tuple[Plan, Reco
         if reconstruction is not None:
             rebuilt = copy.deepcopy(model)
             prune_and_reconstruct(rebuilt, plan, samples, reconstruction, progress=False)
-            row["ppl_reconstructed"] = ppl(rebuilt)
+            row.update(ppl(rebuilt, "_reconstructed"))
             del rebuilt
         rows.append(row)
     table = pd.DataFrame(rows).set_index("method")

@@ -1,4 +1,8 @@
-"""Calibration and evaluation text: named hub sources, local files, and an offline default.
+"""Calibration and evaluation text: named hub sources, local files, and two offline sources.
+
+Offline: `pydoc` (the default: CPython's language reference, shipped with Python) and `jargon` (the Jargon
+File 4.4.7, public domain, 1.7 MB of English prose on hacker culture from Debian's `jargon-text` package): the
+second is out of the default's domain, to measure what pruning calibrated on one text costs on another.
 
 Every source yields two disjoint parts, `calibration` and `evaluation`. Calibration batches are
 drawn reproducibly (seed) from the calibration part only; evaluation windows from the evaluation
@@ -6,6 +10,7 @@ part only. Asking for more tokens than a part has is an error, never a silent re
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
 from dataclasses import dataclass
@@ -57,9 +62,13 @@ HUB_SOURCES: Registry[HubSource] = Registry("source", {
 })
 
 OFFLINE_SOURCE = "pydoc"
-SOURCES = (OFFLINE_SOURCE, *HUB_SOURCES)
+OUT_OF_DOMAIN_SOURCE = "jargon"  # general English prose that no default calibration sees
+JARGON_FILE = Path("/usr/share/doc/jargon-text/jargon.txt.gz")  # Debian's jargon-text package
+SOURCES = (OFFLINE_SOURCE, OUT_OF_DOMAIN_SOURCE, *HUB_SOURCES)
 # Every k-th pydoc topic (in sorted key order) goes to the evaluation part.
 _PYDOC_EVAL_EVERY = 4
+# The Jargon File in blocks of consecutive paragraphs; every k-th block goes to the evaluation part.
+_JARGON_BLOCK, _JARGON_EVAL_EVERY, _JARGON_MIN_WORDS = 12, 4, 8
 
 
 def _pydoc_text(split: str) -> str:
@@ -77,6 +86,26 @@ def _pydoc_text(split: str) -> str:
         return "\n\n".join(p for k, e in zip(keys, is_eval) if not e for p in paras[k])
     seen = {p.strip() for k, e in zip(keys, is_eval) if not e for p in paras[k]}
     return "\n\n".join(p for k, e in zip(keys, is_eval) if e for p in paras[k] if p.strip() not in seen)
+
+
+def _jargon_text(split: str, path: Path | None = None) -> str:
+    """The Jargon File's prose: paragraphs of at least 8 words with their wrapped lines joined (headwords, the
+    table of contents and pronunciations fall out), in blocks of 12 consecutive paragraphs, every 4th block on
+    the evaluation side; a paragraph that recurs stays on the calibration side only."""
+    path = path or JARGON_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"source 'jargon' reads {path}, from Debian's jargon-text package (the Jargon File "
+                                "4.4.7, public domain): `apt-get install jargon-text`")
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        raw = f.read()
+    paras = [" ".join(line.strip() for line in p.splitlines()) for p in raw.split("\n\n")]
+    paras = [p for p in paras if len(p.split()) >= _JARGON_MIN_WORDS]
+    is_eval = [(i // _JARGON_BLOCK) % _JARGON_EVAL_EVERY == _JARGON_EVAL_EVERY - 1 for i in range(len(paras))]
+    calibration = [p for p, e in zip(paras, is_eval) if not e]
+    if split == "calibration":
+        return "\n\n".join(calibration)
+    seen = set(calibration)
+    return "\n\n".join(p for p, e in zip(paras, is_eval) if e and p not in seen)
 
 
 def _hub_text(src: HubSource, split: str, hub_root: str | os.PathLike | None) -> str:
@@ -113,6 +142,8 @@ def load_text(source: str = OFFLINE_SOURCE, split: str = "calibration", *, hub_r
     check_choice("split", split, SPLITS)
     if source == OFFLINE_SOURCE:
         return _pydoc_text(split)
+    if source == OUT_OF_DOMAIN_SOURCE:
+        return _jargon_text(split)
     if source in HUB_SOURCES:
         return _hub_text(HUB_SOURCES[source], split, hub_root)
     path = Path(source)
