@@ -72,9 +72,14 @@ def _sweep(args) -> int:
     sweep_dir = Path(args.dir) if args.dir else experiments_root() / "sweeps" / Path(args.sweep).stem
     run_sweep(args.sweep, sweep_dir, overrides=args.overrides, workers=args.workers, storage=args.storage,
               join=args.join)
+    return _consolidated(sweep_dir)
+
+
+def _consolidated(sweep_dir: str | os.PathLike) -> int:
+    """Consolidate a finished sweep and say so; exit status 1 when a run failed."""
     table = consolidate(sweep_dir)
     print(f"{sweep_dir}: {int((table.status == 'complete').sum())} of {len(table)} runs complete, "
-          f"{int((table.status == 'failed').sum())} failed; table: {sweep_dir / 'consolidated.csv'}")
+          f"{int((table.status == 'failed').sum())} failed; table: {Path(sweep_dir) / 'consolidated.csv'}")
     return 0 if not (table.status == "failed").any() else 1
 
 
@@ -84,12 +89,7 @@ def _launch(args) -> int:
                        gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker, mem_gb=args.mem_gb,
                        hours=args.hours, account=args.account, qos=args.qos, setup=tuple(args.setup))
     launch(args.sweep, args.dir, cfg, overrides=args.overrides, storage=args.storage, wait=args.wait)
-    if not args.wait:
-        return 0
-    table = consolidate(args.dir)
-    print(f"{args.dir}: {int((table.status == 'complete').sum())} of {len(table)} runs complete, "
-          f"{int((table.status == 'failed').sum())} failed; table: {Path(args.dir) / 'consolidated.csv'}")
-    return 0 if not (table.status == "failed").any() else 1
+    return _consolidated(args.dir) if args.wait else 0
 
 
 def _consolidate(args) -> int:
