@@ -118,3 +118,24 @@ def test_the_out_of_domain_source_splits_prose_paragraphs_into_disjoint_parts(tm
     assert not any(p.startswith((":", "The Jargon File", "Table of")) for p in cal + ev)
     assert len(ev) == 24 and ev[0].startswith("Entry 35 says")  # every 4th block of 12 paragraphs
     assert "jargon" in text.SOURCES and text.OUT_OF_DOMAIN_SOURCE == "jargon"
+
+
+def test_a_calibration_mixture_draws_equal_interleaved_shares_disjoint_from_its_held_out_windows(tmp_path, tokenizer):
+    from workbench.data.text import held_out_samples
+
+    other = tmp_path / "other.txt"
+    other.write_text("\n\n".join(f"Paragraph {i}: plain English prose about gardens and rivers." for i in range(400)))
+    mix = CalibrationConfig(source=f"pydoc+{other}", num_samples=5, seq_len=16)
+    samples = calibration_samples(tokenizer, mix)
+    a = calibration_samples(tokenizer, CalibrationConfig(source="pydoc", num_samples=3, seq_len=16))
+    b = calibration_samples(tokenizer, CalibrationConfig(source=str(other), num_samples=2, seq_len=16))
+    assert torch.equal(samples, torch.stack([a[0], b[0], a[1], b[1], a[2]]))  # 3 + 2, interleaved
+    held = held_out_samples(tokenizer, mix, 4)
+    rows = {tuple(r.tolist()) for r in samples}
+    assert len(held) == 4 and not rows & {tuple(r.tolist()) for r in held}
+    with pytest.raises(ValueError, match="is a mixture, which only calibration samples are drawn from"):
+        evaluation_windows(tokenizer, "pydoc+jargon", seq_len=16)
+    with pytest.raises(ValueError, match="cannot give each of the 2 sources"):
+        calibration_samples(tokenizer, CalibrationConfig(source=f"pydoc+{other}", num_samples=1, seq_len=16))
+    with pytest.raises(ValueError, match="two or more different sources"):
+        calibration_samples(tokenizer, CalibrationConfig(source="pydoc+pydoc", num_samples=2, seq_len=16))

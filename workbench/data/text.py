@@ -3,6 +3,7 @@
 Offline: `pydoc` (the default: CPython's language reference, shipped with Python) and `jargon` (the Jargon
 File 4.4.7, public domain, 1.7 MB of English prose on hacker culture from Debian's `jargon-text` package): the
 second is out of the default's domain, to measure what pruning calibrated on one text costs on another.
+A calibration source may be a mixture, `"pydoc+jargon"`: equal shares of windows from each part, interleaved.
 
 Every source yields two disjoint parts, `calibration` and `evaluation`. Calibration batches are
 drawn reproducibly (seed) from the calibration part only; evaluation windows from the evaluation
@@ -13,7 +14,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -137,9 +138,30 @@ def _local_text(path: Path, split: str) -> str:
     return "\n\n".join(part)
 
 
+MIXTURE = "+"  # "pydoc+jargon": a calibration mixture of named sources or paths
+
+
+def mixture_parts(source: str) -> list[str]:
+    """The sources of a calibration mixture ("a+b"), or [source] for one source (a path that exists is one).
+
+    >>> mixture_parts("pydoc+jargon"), mixture_parts("pydoc")
+    (['pydoc', 'jargon'], ['pydoc'])
+    """
+    if MIXTURE not in source or Path(source).exists():
+        return [source]
+    parts = source.split(MIXTURE)
+    if any(not p for p in parts) or len(set(parts)) != len(parts):
+        raise ValueError(f"source={source!r}: a mixture names two or more different sources joined by "
+                         f"'{MIXTURE}', e.g. 'pydoc{MIXTURE}jargon'")
+    return parts
+
+
 def load_text(source: str = OFFLINE_SOURCE, split: str = "calibration", *, hub_root=None) -> str:
     """Raw text of one part (`calibration` or `evaluation`) of a named source or local path."""
     check_choice("split", split, SPLITS)
+    if len(mixture_parts(source)) > 1:
+        raise ValueError(f"source={source!r} is a mixture, which only calibration samples are drawn from (equal "
+                         "shares, `calibration_samples`); evaluate each source on its own (`extra_eval_sources`)")
     if source == OFFLINE_SOURCE:
         return _pydoc_text(split)
     if source == OUT_OF_DOMAIN_SOURCE:
@@ -173,7 +195,8 @@ class CalibrationConfig:
     """The calibration samples of an importance pass.
 
     Args:
-        source: a named source (`SOURCES`) or a local text file / folder; only its calibration part is read.
+        source: a named source (`SOURCES`) or a local text file / folder; only its calibration part is read. A
+            mixture "a+b" draws equal shares of windows from each source, interleaved.
         num_samples: how many windows.
         seq_len: tokens per window (>= 2: a window of one token has nothing to predict).
         seed: which windows (a seeded permutation of the disjoint windows of the part).
@@ -220,6 +243,16 @@ def calibration_samples(tokenizer, cfg: CalibrationConfig, *, hub_root=None) -> 
     >>> calibration_samples(tokenizer, CalibrationConfig(num_samples=2, seq_len=16)).shape
     torch.Size([2, 16])
     """
+    parts = mixture_parts(cfg.source)
+    if len(parts) > 1:  # equal shares (the first parts take the remainder), interleaved: a prefix of a larger
+        # draw is the smaller draw, so `held_out_samples` stays disjoint from the calibration samples
+        if cfg.num_samples < len(parts):
+            raise ValueError(f"num_samples={cfg.num_samples} cannot give each of the {len(parts)} sources of "
+                             f"{cfg.source!r} a window")
+        counts = [cfg.num_samples // len(parts) + (i < cfg.num_samples % len(parts)) for i in range(len(parts))]
+        each = [calibration_samples(tokenizer, replace(cfg, source=p, num_samples=n), hub_root=hub_root)
+                for p, n in zip(parts, counts)]
+        return torch.stack([e[i] for i in range(max(counts)) for e in each if i < len(e)])
     tokens = token_stream(tokenizer, cfg.source, "calibration", hub_root=hub_root)
     n_windows = tokens.numel() // cfg.seq_len
     if cfg.num_samples > n_windows:
