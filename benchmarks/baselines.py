@@ -1,9 +1,11 @@
 """The README's comparison table: every method at the same budget on the default model, no fine-tuning.
 
     python benchmarks/baselines.py [--model default|tiny|<path>] [--ratios 0.2 0.25] [--reconstruct]
+                                   [--extra-sources jargon] [--methods flap global_taylor ...]
 
 Calibration 64 × 128 (pydoc calibration part), layer-removal loss on 16 of those samples, the x:y search on
-16 held-out calibration windows, PPL on the evaluation part (50 × 128). The same calls as notebook 07.
+16 held-out calibration windows, PPL on the evaluation part (50 × 128), and on each of `--extra-sources`
+(e.g. `jargon`, out of the calibration domain) with the same windows. The same calls as notebook 07.
 """
 from __future__ import annotations
 
@@ -29,6 +31,8 @@ def main() -> None:
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.25])
     ap.add_argument("--reconstruct", action="store_true", help="add PPL after closed-form reconstruction")
     ap.add_argument("--no-search", action="store_true", help="skip the x:y search")
+    ap.add_argument("--extra-sources", nargs="*", default=[], help="more evaluation sources, e.g. jargon")
+    ap.add_argument("--methods", nargs="*", default=[], help="only these rows (default: every method)")
     args = ap.parse_args()
 
     model, tok = bench_model(args)
@@ -48,7 +52,11 @@ def main() -> None:
             best = best_split(search)
             print(f"\nx:y search at {ratio:.0%}:", " ".join(f"{r.x:g}→{r.ppl:.2f}" for r in search.itertuples()))
         plans = baseline_plans(rescorer, ratio, layer_scores=scores, variants=study_variants(best))
-        table = compare_plans(model, tok, plans, samples, progress=False,
+        unknown = sorted(set(args.methods) - set(plans))
+        if unknown:
+            raise SystemExit(f"--methods {unknown}: not among {sorted(plans)}")
+        plans = {k: v for k, v in plans.items() if not args.methods or k in args.methods}
+        table = compare_plans(model, tok, plans, samples, progress=False, extra_sources=tuple(args.extra_sources),
                               reconstruction=ReconstructConfig() if args.reconstruct else None)
         print(f"\n{ratio:.0%} of all parameters")
         print(table.round(4).to_markdown())

@@ -384,3 +384,32 @@ def test_checkpointing_and_accumulation_share_the_plain_cache_entry(tmp_path, to
     checkpointed = CalibrationConfig(num_samples=4, seq_len=16, batch_size=2, gradient_checkpointing=True)
     _, b = calibrate(model, tokenizer, checkpointed, progress=False)
     assert a.key == b.key and b.calibration["gradient_checkpointing"] is False  # served from the first pass
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_flap_and_wanda_sp_statistics_are_what_their_code_computes(family):
+    """FLAP's statistic recomputed as its code does (An et al., 2024: a forward hook on o_proj / down_proj that
+    keeps each input column's mean and variance, WIFV = variance × squared weight-column norm, squared for
+    attention; each layer's columns standardized with the unbiased std; a head group's columns averaged)."""
+    model = tiny_model(family, n_layers=2)
+    samples = torch.randint(0, 256, (4, 12))
+    imp = compute_importance(model, samples, batch_size=2, progress=False)
+    inputs: dict = {}
+    hooks = [m.register_forward_hook(lambda mod, inp, out, k=(i, b): inputs.setdefault(k, []).append(inp[0].detach()))
+             for i, layer in enumerate(model.model.layers)
+             for b, m in (("attn", layer.self_attn.o_proj), ("mlp", layer.mlp.down_proj))]
+    with torch.no_grad():
+        model(input_ids=samples)
+    for h in hooks:
+        h.remove()
+    for (i, block), xs in inputs.items():
+        x = torch.cat(xs).reshape(-1, xs[0].shape[-1]).double()
+        w = (model.model.layers[i].self_attn.o_proj if block == "attn" else model.model.layers[i].mlp.down_proj).weight
+        wifv = x.var(0, unbiased=False) * w.detach().double().square().sum(0)
+        metric = wifv.square() if block == "attn" else wifv
+        z = (metric - metric.mean()) / metric.std()
+        n = imp.acc.flap[block][i].numel()
+        torch.testing.assert_close(imp.scores("flap")[block][i].double(), z.reshape(n, -1).mean(1), rtol=1e-4, atol=1e-6)
+        # Wanda-sp as its code scores units: |W|·sqrt(Σ x²) of the output projection, the row mean, per unit's columns
+        wanda_sp = (w.detach().double().abs() * x.square().sum(0).sqrt()).mean(0).reshape(n, -1).sum(1)
+        torch.testing.assert_close(imp.scores("wanda_sp")[block][i].double(), wanda_sp, rtol=1e-4, atol=1e-9)

@@ -11,11 +11,17 @@ Sources:
 - `layerwise`: the GAQ-Aware-Prune study's v1.0 per-layer strategies (`allocation.LayerwiseConfig`).
 - `llm_pruner`: LLM-Pruner (Ma et al., 2023), block-wise: first-order Taylor importance, the same ratio in
   every layer of a middle range (its Llama-7B setting prunes layers 4–29 of 32; here the range scales with
-  depth and is a parameter).
-- `wanda_sp`: Wanda-sp, the structured Wanda of An et al. (2024) (Wanda: Sun et al., 2024): |W|·‖x‖ summed
-  per group / channel, the same ratio in every layer.
-- `flap`: FLAP (An et al., 2024): the fluctuation metric (input variance × squared output-weight column norm),
-  standardized per layer and block, one global ranking (adaptive structure), and bias compensation.
+  depth and is a parameter). As its code (`param_first`): |w·g| summed over every weight of a head group
+  (q, k, v, o) or channel (gate, up, down). Its g is one gradient of the loss over all its examples at once;
+  here the pass sums |w·g| over batches, which is the same with `batch_size` equal to `num_samples`.
+- `wanda_sp`: Wanda-sp, the structured Wanda of An et al. (2024) (Wanda: Sun et al., 2024), as its code scores
+  units: |W|·‖x‖ of the output projection's columns (o_proj / down_proj), averaged over rows, summed per group /
+  channel; the same ratio in every layer. Its code feeds each layer the already pruned layers' outputs; here
+  every method scores from one dense calibration pass.
+- `flap`: FLAP (An et al., 2024), as its code computes it: the fluctuation metric per input column of
+  o_proj / down_proj (input variance × squared weight-column norm; squared again for attention), standardized
+  over each layer's attention columns and MLP channels, a head group's columns averaged; one global ranking
+  by that statistic (adaptive structure, AL-AM), and the bias compensation.
 - `shortgpt`: ShortGPT (Men et al., 2024): remove the whole layers of lowest Block Influence.
 - `owl`: OWL (Yin et al., 2024), structured: each layer's ratio falls with its outlier ratio (the share of Wanda
   scores |w|·‖x‖ above m × the layer mean), within ±λ of the budget's share, mean equal to it; each layer's
@@ -31,7 +37,7 @@ import numpy as np
 from workbench.core.arch import BLOCKS
 from workbench.core.registry import Registry
 from workbench.plans.allocation import LayerwiseConfig, layerwise_plan, owl_plan, uniform_plan
-from workbench.plans.normalize import ScoringConfig, score_table
+from workbench.plans.normalize import ScoringConfig
 from workbench.plans.plan import Plan, PlanProvenance, check_achieved
 from workbench.plans.rescore import Rescorer
 from workbench.plans.selection import SelectionConfig, select
@@ -101,15 +107,18 @@ def _llm_pruner(r: Rescorer, layer_scores, ratio, ratio_of, first: int | None = 
 
 
 def _wanda_sp(r: Rescorer, layer_scores, ratio, ratio_of):
-    return uniform_plan(r.table("wanda"), r.budget, ratio, ratio_of,
-                        provenance=PlanProvenance("baseline", method="wanda", baseline="wanda_sp"))
+    return uniform_plan(r.table("wanda_sp"), r.budget, ratio, ratio_of,
+                        provenance=PlanProvenance("baseline", method="wanda_sp", baseline="wanda_sp"))
 
 
 def _flap(r: Rescorer, layer_scores, ratio, ratio_of):
-    scoring = ScoringConfig(method="fluctuation", normalization="zscore", level="block")
-    scored = score_table(r.table("fluctuation"), scoring, None)
+    """FLAP as its code does it: one list of every attention group and MLP channel ranked by FLAP's statistic
+    (already standardized per layer; not divided by cost), the lowest removed until the budget is met (its
+    compression weights are the units' parameter counts: exact costs here)."""
+    table = r.table("flap")
+    scored = table.assign(final_score=table["importance"])
     plan = select(scored, r.budget, SelectionConfig(ratio=ratio, ratio_of=ratio_of), score_column="final_score")
-    return plan.made_by(source="baseline", baseline="flap", method="fluctuation", scoring=scoring.to_dict())
+    return plan.made_by(source="baseline", baseline="flap", method="flap")
 
 
 def shortgpt_plan(budget, block_influence, ratio: float, ratio_of: str = "total") -> Plan:

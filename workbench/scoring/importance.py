@@ -43,7 +43,7 @@ from workbench.scoring.hooks import (
 from workbench.scoring.methods import Accumulators, Importance
 
 CACHE_KIND = "importance"
-CACHE_FORMAT = 4  # 3: FLAP fluctuation added to the accumulators; 4: per-sequence Fisher (optional)
+CACHE_FORMAT = 6  # 3: FLAP fluctuation; 4: per-sequence Fisher (optional); 6: FLAP's and Wanda-sp's own statistics
 
 
 # ----------------------------------------------------------------------------------------------
@@ -60,13 +60,18 @@ _WANDA_SITE = {"q.weight": "attn_input", "k.weight": "attn_input", "v.weight": "
 # The pass
 
 
-def _wanda_scores(model: nn.Module, norms: dict[tuple[int, str], torch.Tensor]) -> dict[str, list[torch.Tensor]]:
-    """Σ_e |w_e|·‖x_j(e)‖₂ per unit, from accumulated squared input norms."""
+def _wanda_scores(model: nn.Module, norms: dict[tuple[int, str], torch.Tensor]
+                  ) -> tuple[dict[str, list[torch.Tensor]], dict[str, list[torch.Tensor]]]:
+    """Σ_e |w_e|·‖x_j(e)‖₂ per unit over all of its weights, from accumulated squared input norms; and Wanda-sp's
+    own statistic (An et al., 2024, its code's `prune_wanda_sp`): the output projection's columns only, each
+    column's |w|·‖x‖ averaged over its rows, summed over the unit's columns."""
     geo = geometry(model.config)
     out: dict[str, list[torch.Tensor]] = {b: [] for b in BLOCKS}
+    out_proj: dict[str, list[torch.Tensor]] = {b: [] for b in BLOCKS}
     for i, block, parts in iter_blocks(model):
         n = block_units(parts, block, geo.head_dim)
         total = torch.zeros(n, dtype=torch.float32)
+        columns = torch.zeros(n, dtype=torch.float32)
         if n:
             for up in block_params(parts, block):
                 if up.name not in _WANDA_SITE:  # biases see no input
@@ -74,20 +79,26 @@ def _wanda_scores(model: nn.Module, norms: dict[tuple[int, str], torch.Tensor]) 
                 xnorm = norms[(i, _WANDA_SITE[up.name])].sqrt().to(up.param.device)
                 w = up.param.detach().float().abs()
                 total += reduce_to_units(w * xnorm[None, :], up.axis, n).cpu()
+                if up.name in ("o.weight", "down.weight"):
+                    columns = ((w * xnorm[None, :]).mean(0).reshape(n, -1).sum(1)).cpu()
         out[block].append(total)
-    return out
+        out_proj[block].append(columns)
+    return out, out_proj
 
 
 def _fluctuation_scores(model: nn.Module, norms: dict[tuple[int, str], torch.Tensor],
-                        tokens: int) -> dict[str, list[torch.Tensor]]:
+                        tokens: int) -> tuple[dict[str, list[torch.Tensor]], dict[str, list[torch.Tensor]]]:
     """FLAP's fluctuation metric (An et al., 2024) per unit: Σ_j Var(x_j)·‖W[:, j]‖² over the unit's input
-    columns j of o_proj / down_proj (how much the output moves when the column is replaced by its mean)."""
+    columns j of o_proj / down_proj (how much the output moves when the column is replaced by its mean); and
+    FLAP's own unit statistic from the same columns (`_flap_units`)."""
     geo = geometry(model.config)
     out: dict[str, list[torch.Tensor]] = {b: [] for b in BLOCKS}
+    flap: dict[str, list[torch.Tensor]] = {b: [] for b in BLOCKS}
     for i, block, parts in iter_blocks(model):
         n = block_units(parts, block, geo.head_dim)
         if not n:
             out[block].append(torch.zeros(0))
+            flap[block].append(torch.zeros(0))
             continue
         site = CHANNEL_SITES[block]
         mean = norms[(i, f"sum:{site}")].double() / tokens
@@ -95,7 +106,19 @@ def _fluctuation_scores(model: nn.Module, norms: dict[tuple[int, str], torch.Ten
         w = parts.out_proj(block).weight.detach().double()
         per_column = var.to(w.device) * w.square().sum(0)
         out[block].append(per_column.reshape(n, -1).sum(1).float().cpu())
-    return out
+        flap[block].append(_flap_units(per_column, n, block).float().cpu())
+    return out, flap
+
+
+def _flap_units(per_column: torch.Tensor, n: int, block: str) -> torch.Tensor:
+    """FLAP's adaptive-structure statistic of a layer's units, as its code computes it (`prune_flap`, structure
+    AL-AM): the attention columns' fluctuation squared, each layer's columns standardized (mean 0, unbiased std
+    1; all of a layer's attention columns together, its MLP channels together), a head's (here: a KV group's)
+    columns averaged. Comparable across layers and blocks, as FLAP ranks them in one list."""
+    col = per_column.square() if block == "attn" else per_column
+    std = col.std() if col.numel() > 1 else col.new_zeros(())
+    z = (col - col.mean()) / std if std > 0 else torch.zeros_like(col)
+    return z.reshape(n, -1).mean(1)
 
 
 def compute_importance(
@@ -153,11 +176,11 @@ def compute_importance(
             if world > 1:
                 run.n_batches, run.n_tokens = _all_reduce_parts(run.first, run.fisher_b, run.fisher_s, run.stats,
                                                                 norms, run.n_batches, run.n_tokens)
-        wanda = _wanda_scores(model, norms)
-        fluctuation = _fluctuation_scores(model, norms, run.n_tokens)
+        wanda, wanda_sp = _wanda_scores(model, norms)
+        fluctuation, flap = _fluctuation_scores(model, norms, run.n_tokens)
     finally:
         model.zero_grad(set_to_none=True)
-    return run.result(wanda, fluctuation, seconds=time.perf_counter() - t0, calibration=calibration,
+    return run.result(wanda, wanda_sp, fluctuation, flap, seconds=time.perf_counter() - t0, calibration=calibration,
                       sequences=len(samples))
 
 
@@ -252,7 +275,7 @@ class ImportancePass:
         self.n_batches += 1
         self.n_tokens += batch.numel()
 
-    def result(self, wanda: dict, fluctuation: dict, *, seconds: float, calibration: dict | None,
+    def result(self, wanda: dict, wanda_sp: dict, fluctuation: dict, flap: dict, *, seconds: float, calibration: dict | None,
                sequences: int) -> Importance:
         """The accumulated pass as an `Importance` (accumulators on the CPU, the gradient-statistics table)."""
         blocks, n_units = self.blocks, self.n_units
@@ -275,8 +298,8 @@ class ImportancePass:
             return {b: [acc[(i, b)].cpu() for i, bb, _ in blocks if bb == b] for b in BLOCKS}
 
         acc = Accumulators(
-            first=per_block(self.first), fisher=per_block(self.fisher_b), magnitude=magnitude, wanda=wanda,
-            fluctuation=fluctuation, batches=self.n_batches, tokens=self.n_tokens,
+            first=per_block(self.first), fisher=per_block(self.fisher_b), magnitude=magnitude, wanda=wanda, wanda_sp=wanda_sp,
+            fluctuation=fluctuation, flap=flap, batches=self.n_batches, tokens=self.n_tokens,
             fisher_seq=per_block(self.fisher_s) if self.fisher_s is not None else None,
             sequences=sequences if self.per_sequence else 0,
         )

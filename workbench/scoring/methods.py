@@ -23,7 +23,11 @@ class Accumulators:
     fisher: dict[str, list[torch.Tensor]]  # block -> per layer [units]: Σ_batches Σ_e (w·g)²
     magnitude: dict[str, list[torch.Tensor]]  # block -> per layer [units]: Σ_e |w|
     wanda: dict[str, list[torch.Tensor]]  # block -> per layer [units]: Σ_e |w|·‖x_in(e)‖₂
+    # block -> per layer [units]: Wanda-sp's Σ_columns mean_rows |w|·‖x‖ of o_proj / down_proj only
+    wanda_sp: dict[str, list[torch.Tensor]]
     fluctuation: dict[str, list[torch.Tensor]]  # block -> per layer [units]: Σ_j Var(x_j)·‖W_out[:, j]‖² (FLAP)
+    # block -> per layer [units]: FLAP's standardized statistic (attention columns squared, z per layer, unit mean)
+    flap: dict[str, list[torch.Tensor]]
     batches: int
     tokens: int
     # Only from a pass with fisher="sequence": Σ_sequences Σ_e (w·g_s)², g_s the gradient of one sequence's loss.
@@ -124,8 +128,18 @@ IMPORTANCE_METHODS: Registry[ImportanceMethod] = Registry.of("importance method"
         _per_block(lambda a, b, i: a.wanda[b][i]), layer_local=True,
     ),
     ImportanceMethod(
+        "wanda_sp", "Wanda-sp's own statistic (An et al., 2024): the output projection's columns only, |w|·‖x‖ "
+        "averaged over each column's rows, summed over the unit's columns",
+        _per_block(lambda a, b, i: a.wanda_sp[b][i]), layer_local=True,
+    ),
+    ImportanceMethod(
         "fluctuation", "FLAP's fluctuation: Σ Var(x_j)·‖W_out[:, j]‖² over the unit's output-projection inputs",
         _per_block(lambda a, b, i: a.fluctuation[b][i]), layer_local=True,
+    ),
+    ImportanceMethod(
+        "flap", "FLAP's own unit statistic (An et al., 2024, structure AL-AM): the fluctuation per input column "
+        "(squared for attention), standardized over each layer's columns, averaged over the unit's columns",
+        _per_block(lambda a, b, i: a.flap[b][i]),
     ),
     ImportanceMethod(
         "magnitude", "weight magnitude Σ|w| (baseline; no data needed)",
