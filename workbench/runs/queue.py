@@ -259,11 +259,11 @@ def reclaim(study, requeue: bool = True) -> int:
 def heartbeat(study, trial):
     """Record the trial's heartbeat every interval while the block runs (databases only; a no-op otherwise).
     A failed beat (a database blip) is retried at the next one: the trial goes stale only after `stale_after_s`."""
-    storage = study._storage
-    interval = storage.get_heartbeat_interval() if has_heartbeat(study) else None
-    if not interval:
+    if not has_heartbeat(study):
         yield
         return
+    storage = study._storage
+    interval = storage.get_heartbeat_interval()
     stop = threading.Event()
 
     def beat() -> None:

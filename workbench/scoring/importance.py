@@ -77,10 +77,10 @@ def _wanda_scores(model: nn.Module, norms: dict[tuple[int, str], torch.Tensor]
                 if up.name not in _WANDA_SITE:  # biases see no input
                     continue
                 xnorm = norms[(i, _WANDA_SITE[up.name])].sqrt().to(up.param.device)
-                w = up.param.detach().float().abs()
-                total += reduce_to_units(w * xnorm[None, :], up.axis, n).cpu()
+                terms = up.param.detach().float().abs() * xnorm[None, :]  # one product for both statistics
+                total += reduce_to_units(terms, up.axis, n).cpu()
                 if up.name in ("o.weight", "down.weight"):
-                    columns = ((w * xnorm[None, :]).mean(0).reshape(n, -1).sum(1)).cpu()
+                    columns = terms.mean(0).reshape(n, -1).sum(1).cpu()
         out[block].append(total)
         out_proj[block].append(columns)
     return out, out_proj
