@@ -36,7 +36,7 @@ def main() -> None:
     args = ap.parse_args()
 
     model, tok = bench_model(args)
-    calibration = CalibrationConfig(num_samples=64, seq_len=128)
+    calibration = CalibrationConfig(num_samples=64, seq_len=128, refit=True)
     samples, imp = calibrate(model, tok, calibration, progress=False)
     rescorer = Rescorer(imp, Budget.of(model))
     scores = {m: layer_importance(model, samples[:16], m, progress=False).to_numpy() for m in LAYER_IMPORTANCE}

@@ -6,7 +6,8 @@
 
 Prints, in this order:
   importance  time and peak memory of forward-only, bare forward+backward and the importance pass (eager,
-              compiled, checkpointed), the overhead (target ≤ 1.10×) and compiled-vs-eager agreement;
+              compiled, checkpointed, with the re-fit scores), the overhead (target ≤ 1.10×), compiled-vs-eager
+              agreement, and the re-fit scores' pass against the plain one (target ≤ 2×);
   cache key   the model fingerprint's time (what every cached result is keyed by);
   selection   unit table build, and re-score + selection per scoring setting (target < 50 ms);
   decode      dense vs pruned prefill and decode, eager loop and static cache (compiled by transformers on CUDA),
@@ -97,9 +98,12 @@ def importance_section(model, samples, args, device):
         lambda: compute_importance(model, samples, gradient_checkpointing=True, **opts), device)
     report("importance", "importance pass, gradient checkpointing", t_ckpt, "s")
     report("importance", "checkpointed vs plain, max relative difference", max_rel_diff(ckpt, eager))
+    _, t_refit, m_refit = measured(lambda: compute_importance(model, samples, refit=True, **opts), device)
+    report("importance", "importance pass with the re-fit scores (refit=True)", t_refit, "s")
+    report("importance", "re-fit scores: pass with / without (target <= 2)", t_refit / t_eager, "x")
     kind = "peak allocated" if device.type == "cuda" else "peak RSS"
     for name, m in (("forward only", m_fwd), ("bare forward+backward", m_bare), ("importance pass", m_eager),
-                    ("importance pass, checkpointed", m_ckpt)):
+                    ("importance pass, checkpointed", m_ckpt), ("importance pass with the re-fit scores", m_refit)):
         report("importance", f"{kind}: {name}", m / 2**30, "GiB")
     return eager
 

@@ -18,7 +18,9 @@
 #
 # Every method here makes a `Plan` from the same calibration pass (cached), so pruning, reconstruction,
 # checkpoints and evaluation treat them alike: the GAQ-Aware-Prune study's layer-wise (v1.0) strategies,
-# its x:y search, and LLM-Pruner, Wanda-sp, FLAP and ShortGPT beside the global knapsack, at one budget.
+# its x:y search, and LLM-Pruner, Wanda-sp, FLAP and ShortGPT beside the global knapsack, at one budget. The
+# re-fit score (`refit`: what a unit costs once the kept units are re-fitted) makes three more plans, each
+# re-fitted: its global knapsack, ratios rising with depth (SlimGPT's schedule) and Taylor's allocation.
 # Expected runtime on 2 CPU cores with SmolLM2-135M: ≈ 15 min (≈ 1 min cached); smoke mode: seconds.
 
 # %% tags=["parameters"]
@@ -33,6 +35,7 @@ XY_START = 2.0
 RECONSTRUCT = True       # also report each plan's PPL after closed-form reconstruction
 EVAL_WINDOWS = 50
 OUT_OF_DOMAIN = ["jargon"]  # sources no calibration sees (jargon: `apt-get install jargon-text`); [] for none
+REFIT_SCORES = True      # the pass also computes the re-fit score (≈ 1.6× the pass's time) for its three plans
 EXPERIMENT = "nb07-layerwise-and-baselines"
 
 # %%
@@ -70,7 +73,7 @@ pd.DataFrame([(b.name, b.source, b.description) for b in BASELINES.values()], co
 # %%
 model, tokenizer = load(MODEL, SMOKE)  # SMOKE: a tiny random model (seconds; what the tests run)
 exp = Experiment.create(EXPERIMENT, exist_ok=True)
-calibration = CalibrationConfig(num_samples=NUM_SAMPLES, seq_len=SEQ_LEN)
+calibration = CalibrationConfig(num_samples=NUM_SAMPLES, seq_len=SEQ_LEN, refit=REFIT_SCORES)
 with timed("importance pass"):
     samples, imp = calibrate(model, tokenizer, calibration)
 rescorer = Rescorer(imp, Budget.of(model))

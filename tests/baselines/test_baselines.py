@@ -9,9 +9,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from workbench.analysis.comparison import baseline_plans, compare_plans
+from workbench.analysis.comparison import Refused, baseline_plans, compare_plans
 from workbench.analysis.distribution import best_split, xy_search
-from workbench.baselines.registry import BASELINES, default_llm_pruner_range, make_plan, shortgpt_plan
+from workbench.baselines.registry import (
+    BASELINES,
+    REFIT_BASELINES,
+    default_llm_pruner_range,
+    depth_ratios,
+    make_plan,
+    shortgpt_plan,
+)
 from workbench.core.arch import BLOCKS, decoder_layers, get_spec, layer_parts
 from workbench.core.testing import TINY_FAMILIES, byte_tokenizer, tiny_model
 from workbench.evaluation.evaluate import perplexity
@@ -31,7 +38,7 @@ N_LAYERS = 6
 def _setup(family="llama", seed=0, **kw):
     model = tiny_model(family, n_layers=N_LAYERS, seed=seed, **kw)
     ids = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(seed))
-    imp = compute_importance(model, ids, progress=False)
+    imp = compute_importance(model, ids, progress=False, refit=True)
     scores = {m: layer_importance(model, ids, m, cache=False, progress=False).to_numpy() for m in LAYER_IMPORTANCE}
     return model, ids, Rescorer(imp, Budget.of(model)), scores
 
@@ -301,6 +308,22 @@ def test_a_method_that_refuses_the_budget_gets_a_row_with_its_reason():
     assert table.loc["global_taylor", "refused"] == "" and table.loc["global_taylor", "ppl"] > 0
     with pytest.raises(ValueError, match="not registered"):
         baseline_plans(r, 0.05, layer_scores=scores, variants={"x": ("magic", {})})
+    # after a pass without the re-fit scores, their plans are refused with the reason, the others made
+    plain = Rescorer(compute_importance(model, ids, progress=False), r.budget)
+    plans = baseline_plans(plain, 0.15, layer_scores=scores)
+    for name in REFIT_BASELINES:
+        assert "needs the re-fit scores; calibrate with refit=True" in plans[name][0].reason
+    assert not isinstance(plans["global_taylor"][0], Refused)
+
+
+def test_depth_ratios_rise_and_meet_the_budget():
+    ratios = depth_ratios(np.full(30, 1000.0), 6000, 0.5)
+    assert (np.diff(ratios) > 0).all() and ratios[0] == pytest.approx(0.1) and (ratios * 1000).sum() == pytest.approx(6000)
+    assert depth_ratios(np.full(30, 1000.0), 6000, 0.0) == pytest.approx(np.full(30, 0.2))
+    with pytest.raises(ValueError, match="spread=1.5 must be in"):
+        depth_ratios(np.full(30, 1000.0), 6000, 1.5)
+    with pytest.raises(ValueError, match="lower the spread or the ratio"):
+        depth_ratios(np.full(4, 1000.0), 3000, 1.0)
 
 
 def test_owl_is_a_plan_maker_a_baseline_and_a_run_setting():

@@ -22,7 +22,8 @@ def test_two_processes_compute_what_one_computes(fisher, tmp_path):
     one = compute_importance(make(), samples, batch_size=4, fisher=fisher, progress=False)
     two = importance_data_parallel(make, samples, 2, batch_size=4, fisher=fisher, cache=tmp_path)
     assert (two.acc.batches, two.acc.tokens, two.acc.sequences) == (one.acc.batches, one.acc.tokens, one.acc.sequences)
-    methods = [m for m in IMPORTANCE_METHODS if fisher == "sequence" or not IMPORTANCE_METHODS[m].needs_sequence_fisher]
+    methods = [m for m in IMPORTANCE_METHODS if IMPORTANCE_METHODS[m].needs is None
+               or (fisher == "sequence" and IMPORTANCE_METHODS[m].needs == "sequence_fisher")]
     for method in methods:
         for block, per_layer in one.scores(method).items():
             for a, b in zip(two.scores(method)[block], per_layer):

@@ -8,16 +8,10 @@ import torch
 from workbench.core.arch import BLOCKS, decoder_layers, get_spec, layer_parts, layer_widths
 from workbench.core.testing import TINY_FAMILIES, tiny_model
 from workbench.plans.plan import Plan, random_plan
+from workbench.scoring.refit import NormalEquations, solve_ridge
 from workbench.surgery.checkpoints import load_pruned, loads_with_plain_transformers, save_pruned
 from workbench.surgery.prune import apply_plan
-from workbench.surgery.reconstruct import (
-    MODES,
-    NormalEquations,
-    ReconstructConfig,
-    apply_reconstruction,
-    reconstruct,
-    solve_ridge,
-)
+from workbench.surgery.reconstruct import MODES, ReconstructConfig, apply_reconstruction, reconstruct
 
 
 def _samples(n=8, seq=24, seed=0):
@@ -95,7 +89,7 @@ def test_duplicate_channels_stay_finite_with_damping():
     ne = NormalEquations(9)
     ne.add(x)
     w = torch.randn(4, 9)
-    sol = ne.solve(w, None, torch.arange(9), ReconstructConfig(damping=0.01))
+    sol = ne.solve(w, None, torch.arange(9), damping=0.01)
     assert torch.isfinite(sol["weight"]).all() and torch.isfinite(sol["bias"]).all()
     pred, y = x @ sol["weight"].T + sol["bias"], x @ w.T
     assert (pred - y).norm() / y.norm() < 0.02  # the duplicated inputs share the weight; the output is kept

@@ -48,7 +48,8 @@ def baseline_plans(rescorer: Rescorer, ratio: float, ratio_of: str = "total", *,
 
 def study_variants(best_xy: tuple[float, float] | None = None) -> dict[str, tuple[str, dict]]:
     """The comparison the GAQ-Aware-Prune study asks for: {label: (baseline, params)}, the x:y search's best
-    split included when given."""
+    split included when given, and the plans of the re-fit score (refused, saying why, after a pass without
+    refit=True)."""
     variants = {
         "global_taylor": ("global_taylor", {}),
         "global_taylor2": ("global_taylor2", {}),
@@ -61,6 +62,9 @@ def study_variants(best_xy: tuple[float, float] | None = None) -> dict[str, tupl
         "flap": ("flap", {}),
         "shortgpt": ("shortgpt", {}),
         "owl": ("owl", {}),
+        "global_refit": ("global_refit", {}),
+        "depth_refit": ("depth_refit", {}),
+        "taylor_counts": ("taylor_counts", {}),
     }
     if best_xy is not None:
         variants[f"global_taylor {best_xy[0]:g}:{best_xy[1]:g} (x:y search)"] = ("global_taylor", dict(attn_mlp=best_xy))
@@ -103,7 +107,9 @@ def compare_plans(model: nn.Module, tokenizer, plans: dict[str, tuple[Plan, Reco
                    mlp_rate=rates["mlp_rate"], removed_layers=len(plan.removed_layers()),
                    emptied_blocks=len(plan.emptied_blocks()), compensation=compensation is not None)
         del pruned
-        if reconstruction is not None:
+        if reconstruction is not None and compensation == reconstruction:  # the same model: measured once
+            row.update({f"ppl_reconstructed{k[3:]}": v for k, v in row.items() if k.startswith("ppl")})
+        elif reconstruction is not None:
             rebuilt = copy.deepcopy(model)
             prune_and_reconstruct(rebuilt, plan, samples, reconstruction, progress=False)
             row.update(ppl(rebuilt, "_reconstructed"))

@@ -23,6 +23,12 @@ Sources:
   over each layer's attention columns and MLP channels, a head group's columns averaged; one global ranking
   by that statistic (adaptive structure, AL-AM), and the bias compensation.
 - `shortgpt`: ShortGPT (Men et al., 2024): remove the whole layers of lowest Block Influence.
+- `global_refit`: this workbench's global knapsack on the reconstruction-aware score (`scoring.refit`: the
+  loss a unit costs once the kept units are re-fitted), re-fitted afterwards (its compensation).
+- `depth_refit`: per-layer ratios rising with depth on a logarithmic curve, the shape of SlimGPT's incremental
+  pruning ratio (Ling et al., 2024); units by the re-fit score within each layer, re-fitted afterwards.
+- `taylor_counts`: today's Taylor allocation (the per-block unit counts of the global Taylor plan) with the
+  units chosen by the re-fit score, re-fitted afterwards: which units, apart from how many where.
 - `owl`: OWL (Yin et al., 2024), structured: each layer's ratio falls with its outlier ratio (the share of Wanda
   scores |w|·‖x‖ above m × the layer mean), within ±λ of the budget's share, mean equal to it; each layer's
   lowest-Wanda units (one best unit of each block kept by default).
@@ -33,14 +39,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
 from workbench.core.arch import BLOCKS
 from workbench.core.registry import Registry
-from workbench.plans.allocation import LayerwiseConfig, layerwise_plan, owl_plan, uniform_plan
+from workbench.plans.allocation import LayerwiseConfig, layerwise_plan, owl_plan, plan_from_counts, uniform_plan
 from workbench.plans.normalize import ScoringConfig
 from workbench.plans.plan import Plan, PlanProvenance, check_achieved
 from workbench.plans.rescore import Rescorer
-from workbench.plans.selection import SelectionConfig, select
+from workbench.plans.selection import (
+    Budget,
+    SelectionConfig,
+    block_codes,
+    check_table_widths,
+    select,
+    stable_argsort,
+)
 from workbench.surgery.reconstruct import ReconstructConfig
 
 
@@ -121,6 +135,80 @@ def _flap(r: Rescorer, layer_scores, ratio, ratio_of):
     return plan.made_by(source="baseline", baseline="flap", method="flap")
 
 
+def depth_ratios(layer_params: np.ndarray, target: int, spread: float = 0.5) -> np.ndarray:
+    """Per-layer ratios (share of each layer's attention + MLP parameters) rising with depth on a logarithmic
+    curve, the shape of SlimGPT's incremental pruning ratio (Ling et al., 2024): r_i = r̄·(1 − spread) +
+    c·ln(1 + i)/ln(n), with c such that the removed parameters sum to `target` (r̄ = target / all of them).
+
+    >>> depth_ratios(np.full(4, 100.0), 100, 0.5).round(3).tolist()
+    [0.125, 0.234, 0.298, 0.343]
+    """
+    p = np.asarray(layer_params, dtype=np.float64)
+    if isinstance(spread, bool) or not 0 <= spread <= 1:
+        raise ValueError(f"spread={spread!r} must be in [0, 1] (0: the same ratio in every layer)")
+    n = len(p)
+    if n == 0 or p.sum() <= 0:
+        raise ValueError("depth_ratios needs at least one layer with parameters")
+    mean = target / p.sum()
+    shape = np.log1p(np.arange(n)) / np.log(n) if n > 1 else np.zeros(1)
+    rise = (spread * mean * p.sum() / (shape * p).sum()) if (shape * p).sum() > 0 else 0.0
+    ratios = mean * (1 - spread) + rise * shape
+    if ratios.max() >= 1:
+        raise ValueError(f"spread={spread} asks the last layer for {ratios.max():.3f} of its parameters at this budget; "
+                         "lower the spread or the ratio")
+    return ratios
+
+
+def plan_from_layer_targets(table: pd.DataFrame, budget: Budget, targets: np.ndarray, *, score_column: str = "score",
+                            target: int = 0, denominator: int = 0, provenance: PlanProvenance | None = None) -> Plan:
+    """Within each layer, the lowest-score units until the layer's parameter target is met, skipping a unit that
+    would pass it by more than the layer's smallest unit (a whole KV group when a few channels are owed), so each
+    layer overshoots by less than one of its smallest units."""
+    check_table_widths(table, budget.widths)
+    removed: dict[str, dict[int, list[int]]] = {b: {} for b in BLOCKS}
+    selected = 0
+    for layer, part in table.groupby("layer", sort=True):
+        want = int(np.ceil(targets[int(layer)]))
+        part = part.iloc[stable_argsort(part[score_column].to_numpy(dtype=np.float64))]
+        cost, block, unit = part["cost"].to_numpy(), block_codes(part), part["unit"].to_numpy()
+        slack = int(cost.min()) if len(cost) else 0
+        got = 0
+        for c, k, u in zip(cost, block, unit):
+            if got >= want:
+                break
+            if got + c > want + slack:
+                continue
+            removed[BLOCKS[k]].setdefault(int(layer), []).append(int(u))
+            got += int(c)
+        selected += got
+    plan = Plan.from_units(budget.widths, {b: {i: sorted(u) for i, u in d.items()} for b, d in removed.items()},
+                           target_params=int(target), selected_params=selected, denominator=int(denominator),
+                           provenance=provenance or PlanProvenance("per_layer", method=table.attrs.get("method")))
+    cost_max = max(max(c) for c in budget.costs.values())
+    return check_achieved(plan, plan.provenance.label, int(cost_max))
+
+
+def _depth(r: Rescorer, layer_scores, ratio, ratio_of, method="refit", spread=0.5):
+    target, denominator = r.budget.target(ratio, ratio_of)
+    layer_params = r.budget.layer_params()
+    ratios = depth_ratios(layer_params, target, spread)
+    return plan_from_layer_targets(r.table(method), r.budget, ratios * layer_params, target=target,
+                                   denominator=denominator,
+                                   provenance=PlanProvenance("baseline", method=method, baseline="depth_refit",
+                                                             selection=dict(ratio=ratio, ratio_of=ratio_of,
+                                                                            layer_ratios=ratios.round(6).tolist()),
+                                                             params=dict(spread=spread)))
+
+
+def _taylor_counts(r: Rescorer, layer_scores, ratio, ratio_of, method="refit", allocation="taylor"):
+    ref = r.plan(ScoringConfig(method=allocation), SelectionConfig(ratio=ratio, ratio_of=ratio_of))[1]
+    counts = np.array([[len(ref.removed[b][i]) for b in BLOCKS] for i in range(len(r.budget.widths))])
+    return plan_from_counts(r.table(method), r.budget, counts, target=ref.target_params, denominator=ref.denominator,
+                            provenance=PlanProvenance("baseline", method=method, baseline="taylor_counts",
+                                                      selection=dict(ratio=ratio, ratio_of=ratio_of),
+                                                      params=dict(allocation=allocation)))
+
+
 def shortgpt_plan(budget, block_influence, ratio: float, ratio_of: str = "total") -> Plan:
     """Remove the n layers of lowest Block Influence, n the whole-layer count closest to the budget (≥ 1 layer
     kept); the achieved ratio is `plan.achieved_ratio`."""
@@ -173,9 +261,20 @@ BASELINES: Registry[Baseline] = Registry.of("baseline", [
              ReconstructConfig(weights=False, bias=True), _flap),
     Baseline("shortgpt", "ShortGPT (Men et al., 2024)", "remove the layers of lowest Block Influence",
              ("activation",), None, _shortgpt),
+    Baseline("global_refit", "this workbench", "global fractional knapsack on the re-fit score, re-fitted", (),
+             ReconstructConfig(), _global("refit")),
+    Baseline("depth_refit", "SlimGPT's schedule (Ling et al., 2024)",
+             "ratios rising with depth (logarithmic), re-fit score within layers, re-fitted", (), ReconstructConfig(),
+             _depth),
+    Baseline("taylor_counts", "this workbench", "Taylor's per-block unit counts, units by the re-fit score, re-fitted",
+             (), ReconstructConfig(), _taylor_counts),
     Baseline("owl", "OWL (Yin et al., 2024)", "per-layer ratios from outlier ratios, Wanda units within layers",
              ("outlier_ratio",), None, _owl),
 ])
+
+
+# The baselines whose default importance method is the re-fit score (their pass needs refit=True).
+REFIT_BASELINES = ("global_refit", "depth_refit", "taylor_counts")
 
 
 def make_plan(name: str, rescorer: Rescorer, ratio: float, ratio_of: str = "total", *,

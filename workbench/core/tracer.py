@@ -9,6 +9,8 @@ Sites are named from the family's `ArchSpec`, so no caller touches module paths 
     mlp_input       the input of the gate projection (what gate and up read)
     mlp_block       the input of the MLP block itself (the same tensor; also there for an emptied MLP)
     mlp_channels    the input of down_proj (the intermediate channels)
+    attn_output     the output of o_proj (the attention block's contribution to the residual stream)
+    mlp_output      the output of down_proj (the MLP block's contribution to the residual stream)
     outputs         the output of every leaf module of every layer, reported as "output:<module path>"
 
 `layer_calls(model, fn)` hands over what each decoder layer is called with (its positional and keyword
@@ -27,8 +29,10 @@ from torch import nn
 
 from workbench.core.arch import decoder_layers, get_spec, layer_parts
 
-SITES = ("residual", "layer_output", "attn_input", "attn_channels", "mlp_input", "mlp_block", "mlp_channels", "outputs")
+SITES = ("residual", "layer_output", "attn_input", "attn_channels", "mlp_input", "mlp_block", "mlp_channels",
+         "attn_output", "mlp_output", "outputs")
 _PROJECTION_OF = {"attn_input": "q", "attn_channels": "o", "mlp_input": "gate", "mlp_channels": "down"}
+_OUTPUT_OF = {"attn_output": "o", "mlp_output": "down"}
 
 Callback = Callable[[int, str, torch.Tensor], None]
 
@@ -73,6 +77,10 @@ def trace(model: nn.Module, sites: Iterable[str], fn: Callback) -> Iterator[None
                     for name, mod in layer.named_modules():
                         if name and not list(mod.children()):
                             handles.append(mod.register_forward_hook(_output_hook(fn, i, f"output:{name}")))
+                elif site in _OUTPUT_OF:
+                    module = getattr(parts, _OUTPUT_OF[site])
+                    if module is not None:
+                        handles.append(module.register_forward_hook(_output_hook(fn, i, site)))
                 else:
                     module = getattr(parts, _PROJECTION_OF[site])
                     if module is not None:

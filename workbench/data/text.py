@@ -207,6 +207,9 @@ class CalibrationConfig:
             more forward pass of time; same scores, so not part of the cache key).
         accumulation: "eager" or "compiled" (the per-parameter reduction under `torch.compile`: faster on GPUs,
             a compile on the first batch; same scores, not part of the cache key).
+        refit: also compute the reconstruction-aware scores (the `refit` importance method): the pass reads the
+            blocks' output gradients, then the dense model is replayed layer by layer for the re-fit order (on
+            the default model about 1.6× the plain pass's time in all).
     """
 
     source: str = OFFLINE_SOURCE
@@ -217,6 +220,7 @@ class CalibrationConfig:
     fisher: str = "batch"
     gradient_checkpointing: bool = False
     accumulation: str = "eager"
+    refit: bool = False
 
     def __post_init__(self):
         for name in ("num_samples", "seq_len", "batch_size", "seed"):
@@ -230,8 +234,9 @@ class CalibrationConfig:
             raise ValueError(f"seq_len={self.seq_len} must be at least 2: the loss predicts each token from the "
                              "ones before it, so a single token has no target")
         check_choice("fisher", self.fisher, FISHER_MODES)
-        if not isinstance(self.gradient_checkpointing, bool):
-            raise TypeError(f"gradient_checkpointing={self.gradient_checkpointing!r} must be True or False")
+        for name in ("gradient_checkpointing", "refit"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name}={getattr(self, name)!r} must be True or False")
         check_choice("accumulation", self.accumulation, ACCUMULATIONS)
 
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from workbench import plots
 from workbench.analysis.diagnosis import diagnose
-from workbench.baselines.registry import BASELINES, make_plan
+from workbench.baselines.registry import BASELINES, REFIT_BASELINES, make_plan
 from workbench.core.cache import fingerprint_once, model_fingerprint
 from workbench.core.experiments import Experiment
 from workbench.core.models import anatomy, check_context, model_summary
@@ -30,7 +30,7 @@ from workbench.plans.selection import Budget, SelectionConfig
 from workbench.recovery.finetune import FinetuneConfig, finetune
 from workbench.scoring.importance import importance_cached
 from workbench.scoring.layer_importance import layer_importance
-from workbench.scoring.methods import Importance
+from workbench.scoring.methods import IMPORTANCE_METHODS, Importance
 from workbench.scoring.removal import block_removal_loss
 from workbench.surgery.checkpoints import EXPERIMENT_PREFIX, load_model, load_plan, reload_max_diff, save_pruned
 from workbench.surgery.prune import PruneReport
@@ -94,6 +94,11 @@ class PruneRunConfig:
             raise ValueError(f"layer_importance_samples={self.layer_importance_samples!r} must be a positive integer")
         if self.baseline_params and self.baseline is None:
             raise ValueError(f"baseline_params={self.baseline_params} without a baseline; set baseline too")
+        method = self.scoring.method if self.baseline is None else self.baseline_params.get(
+            "method", "refit" if self.baseline in REFIT_BASELINES else None)
+        if method in IMPORTANCE_METHODS and IMPORTANCE_METHODS[method].needs == "refit" and not self.calibration.refit:
+            made = f"scoring.method={method}" if self.baseline is None else f"baseline={self.baseline}"
+            raise ValueError(f"{made} needs the re-fit scores of the calibration pass: set calibration.refit=true")
 
     @property
     def method(self) -> str:
@@ -126,7 +131,7 @@ def calibrate(model: nn.Module, tokenizer, calibration: CalibrationConfig, *,
     imp = importance_cached(model, samples, batch_size=calibration.batch_size, fisher=calibration.fisher,
                             progress=progress, calibration=asdict(calibration), data_parallel=data_parallel,
                             gradient_checkpointing=calibration.gradient_checkpointing,
-                            accumulation=calibration.accumulation)
+                            accumulation=calibration.accumulation, refit=calibration.refit)
     return samples, imp
 
 

@@ -44,6 +44,20 @@ from workbench.scoring.methods import (
     global_warning,
 )
 from workbench.scoring.parallel import importance_data_parallel, init_from_env
+from workbench.scoring.refit import (
+    REFIT_DAMPING,
+    REFIT_STEPS,
+    NormalEquations,
+    augmented,
+    call_layer,
+    damped,
+    layer_grams,
+    pooled,
+    recorded_inputs,
+    refit_scores,
+    removal_order,
+    solve_ridge,
+)
 from workbench.scoring.removal import INPUT_CACHE_BYTES, block_removal_loss, bypassed, mean_loss, removal_losses
 
 __all__ = [
@@ -73,6 +87,18 @@ __all__ = [
     "save_importance",
     "load_importance",
     "importance_cached",
+    "REFIT_DAMPING",
+    "REFIT_STEPS",
+    "NormalEquations",
+    "augmented",
+    "damped",
+    "solve_ridge",
+    "recorded_inputs",
+    "call_layer",
+    "layer_grams",
+    "removal_order",
+    "pooled",
+    "refit_scores",
     "init_from_env",
     "importance_data_parallel",
     "bypassed",

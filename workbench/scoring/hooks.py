@@ -1,6 +1,7 @@
 """The calibration pass's hooks, each only inside its context manager: input-norm sums through the tracer,
-gradients only for prunable weights, per-window gradient taps, and each parameter's gradient reduced to
-per-unit terms as soon as backward has accumulated it (`param_terms`, eager or under `torch.compile`)."""
+the squared gradients of the blocks' outputs, gradients only for prunable weights, per-window gradient taps,
+and each parameter's gradient reduced to per-unit terms as soon as backward has accumulated it
+(`param_terms`, eager or under `torch.compile`)."""
 from __future__ import annotations
 
 import contextlib
@@ -41,6 +42,36 @@ def input_sq_norms(model: nn.Module, when: Callable[[], bool] | None = None):
             put((layer, f"sum:{site}"), x.sum(0))
 
     with trace(model, ("attn_input", "attn_channels", "mlp_input", "mlp_channels"), add):
+        yield sums
+
+
+# The traced output of each block's output projection (the block's contribution to the residual stream).
+OUTPUT_SITES = {"attn_output": "attn", "mlp_output": "mlp"}
+
+
+@contextlib.contextmanager
+def output_grad_squares(model: nn.Module, scale: Callable[[], float], when: Callable[[], bool] | None = None):
+    """Accumulate Σ_tokens (scale()·∂loss/∂y)² per output dimension of every block's output projection y.
+
+    Yields {(layer, block): tensor[hidden]} (float64, on the gradients' device), filled during backward by
+    hooks on the output tensors of forward passes inside the block. `scale()` turns the loss's gradient into
+    the gradient of the summed NLL (the number of predicted tokens the loss averages over); `when()` False
+    skips a forward (a checkpointed layer's recomputation, whose tensors are not the graph's).
+    """
+    sums: dict[tuple[int, str], torch.Tensor] = {}
+
+    def on_output(layer: int, site: str, y: torch.Tensor) -> None:
+        if (when is not None and not when()) or not y.requires_grad:
+            return
+        key, factor = (layer, OUTPUT_SITES[site]), scale()
+
+        def on_grad(g: torch.Tensor) -> None:
+            s = (g.detach().float() * factor).square().reshape(-1, g.shape[-1]).sum(0).double()
+            sums[key] = s if key not in sums else sums[key] + s
+
+        y.register_hook(on_grad)
+
+    with trace(model, tuple(OUTPUT_SITES), on_output):
         yield sums
 
 

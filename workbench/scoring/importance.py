@@ -10,7 +10,9 @@ gradients read by tensor hooks before they are summed into the batch gradient):
 and, through forward hooks, the squared input-activation norm of every prunable linear layer
 (Wanda). Σ_e runs over the parameters the unit owns (`workbench.core.units`). Gradient statistics per
 layer, block and module are gathered in the same pass for the diagnosis. Methods are then cheap
-functions of these accumulators, so switching methods never re-runs the model.
+functions of these accumulators, so switching methods never re-runs the model. With refit=True the pass
+also reads the squared gradient of every block's output, then replays the dense model layer by layer for the
+reconstruction-aware scores (`workbench.scoring.refit`).
 """
 from __future__ import annotations
 
@@ -38,12 +40,15 @@ from workbench.scoring.hooks import (
     gradient_taps,
     input_sq_norms,
     only_prunable_grads,
+    output_grad_squares,
     terms_fn,
 )
 from workbench.scoring.methods import Accumulators, Importance
+from workbench.scoring.refit import refit_scores
 
 CACHE_KIND = "importance"
-CACHE_FORMAT = 6  # 3: FLAP fluctuation; 4: per-sequence Fisher (optional); 6: FLAP's and Wanda-sp's own statistics
+# 3: FLAP fluctuation; 4: per-sequence Fisher (optional); 6: FLAP's and Wanda-sp's own statistics; 7: re-fit scores
+CACHE_FORMAT = 7
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,6 +137,7 @@ def compute_importance(
     data_parallel: bool = False,
     gradient_checkpointing: bool = False,
     accumulation: str = "eager",
+    refit: bool = False,
 ) -> Importance:
     """Run one forward+backward pass over `samples` ([N, seq_len] token ids) and accumulate everything.
 
@@ -150,6 +156,10 @@ def compute_importance(
     gradient_checkpointing=True recomputes each decoder layer's forward during backward (activations of one
     layer at a time: bigger batches in less memory); the results are the same. accumulation="compiled" runs
     the per-parameter reduction under `torch.compile` (worth it on GPUs; the first batch pays the compile).
+
+    refit=True adds the reconstruction-aware scores (the `refit` importance method): the pass also sums the
+    squared gradient of every block's output, then the dense model is replayed one layer at a time for the
+    Gram matrices and the greedy re-fit order (`workbench.scoring.refit`; not with data_parallel yet).
     """
     if samples.ndim != 2 or samples.numel() == 0:
         raise ValueError(f"samples must be a non-empty [num_samples, seq_len] tensor, got shape {tuple(samples.shape)}")
@@ -159,6 +169,11 @@ def compute_importance(
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be a positive integer")
     check_choice("fisher", fisher, FISHER_MODES)
+    if not isinstance(refit, bool):
+        raise TypeError(f"refit={refit!r} must be True or False")
+    if refit and data_parallel:
+        raise ValueError("refit=True does not run data-parallel yet (its layer-by-layer replay is one process's): "
+                         "calibrate with refit on one process, or set refit=False")
     terms = terms_fn(accumulation)
     check_token_ids(samples, model, "calibration token ids")
     rank, world = _rank_and_world(data_parallel)
@@ -166,7 +181,7 @@ def compute_importance(
     if n_batches_total < world:
         raise ValueError(f"{n_batches_total} batches of {batch_size} cannot feed {world} processes; "
                          f"use at least {world * batch_size} samples or a smaller batch_size")
-    run = ImportancePass(model, per_sequence=fisher == "sequence", terms=terms)
+    run = ImportancePass(model, per_sequence=fisher == "sequence", terms=terms, outputs=refit)
     t0 = time.perf_counter()
     try:
         with run.hooks(gradient_checkpointing) as norms:
@@ -180,8 +195,10 @@ def compute_importance(
         fluctuation, flap = _fluctuation_scores(model, norms, run.n_tokens)
     finally:
         model.zero_grad(set_to_none=True)
+    refitted = refit_scores(model, samples, run.checked_output_sums(), run.n_tokens, batch_size=batch_size,
+                            progress=progress) if refit else None
     return run.result(wanda, wanda_sp, fluctuation, flap, seconds=time.perf_counter() - t0, calibration=calibration,
-                      sequences=len(samples))
+                      sequences=len(samples), refit=refitted)
 
 
 class ImportancePass:
@@ -191,8 +208,10 @@ class ImportancePass:
     `compute_importance` is the way to run one; this class holds what its hooks share between batches.
     """
 
-    def __init__(self, model: nn.Module, *, per_sequence: bool, terms: Callable):
-        self.model, self.per_sequence, self.terms = model, per_sequence, terms
+    def __init__(self, model: nn.Module, *, per_sequence: bool, terms: Callable, outputs: bool = False):
+        self.model, self.per_sequence, self.terms, self.outputs = model, per_sequence, terms, outputs
+        self.output_sums: dict[tuple[int, str], torch.Tensor] = {}  # Σ (∂ΣNLL/∂y)² per block output (outputs=True)
+        self.predicted = 1  # tokens the current batch's loss averages over
         geo = geometry(model.config)
         self.device = model.get_input_embeddings().weight.device  # where the token ids go in
         self.blocks = list(iter_blocks(model))
@@ -240,17 +259,31 @@ class ImportancePass:
         gradient hooks; everything is removed on exit."""
         params = [up.param for _, _, up in self.taps]
         taps_on = gradient_taps(params, self._tap) if self.per_sequence else contextlib.nullcontext()
+        outputs_on = (output_grad_squares(self.model, lambda: self.predicted, when=lambda: self.in_forward)
+                      if self.outputs else contextlib.nullcontext({}))
         with (eval_mode(self.model), only_prunable_grads(self.model),
               checkpointed_layers(self.model, gradient_checkpointing),
               input_sq_norms(self.model, when=lambda: self.in_forward) as norms, taps_on,
-              accumulate_in_backward(params, self._reduce_grad)):
+              outputs_on as self.output_sums, accumulate_in_backward(params, self._reduce_grad)):
             yield norms
+
+    def checked_output_sums(self) -> dict[tuple[int, str], torch.Tensor]:
+        """The blocks' squared output gradients, each block's present (a clear error when one never got any)."""
+        missing = [f"layer {i} {b}" for i, b, parts in self.blocks
+                   if self.n_units[(i, b)] and (i, b) not in self.output_sums]
+        if missing:
+            raise RuntimeError(f"no gradient reached the output of {len(missing)} block(s) ({', '.join(missing[:5])}); "
+                               "the re-fit scores need every block's output gradient")
+        return {k: v.cpu() for k, v in self.output_sums.items()}
 
     def batch(self, batch: torch.Tensor) -> None:
         """Forward and backward over one batch of token windows (inside `hooks`)."""
         batch = batch.to(self.device)
         # one window at a time with fisher="sequence": each loss / len(batch), so .grad sums to the batch's
         windows = batch.split(1) if self.per_sequence else (batch,)
+        # the loss of a window averages over its predicted tokens and is weighted by its share of the batch: the
+        # gradient of the batch's summed NLL is the loss's times the batch's predicted tokens
+        self.predicted = len(batch) * (batch.shape[1] - 1)
         for w, part in enumerate(windows):
             self.in_forward = True
             loss = self.model(input_ids=part, labels=part, use_cache=False).loss
@@ -276,7 +309,7 @@ class ImportancePass:
         self.n_tokens += batch.numel()
 
     def result(self, wanda: dict, wanda_sp: dict, fluctuation: dict, flap: dict, *, seconds: float, calibration: dict | None,
-               sequences: int) -> Importance:
+               sequences: int, refit: tuple[dict, dict] | None = None) -> Importance:
         """The accumulated pass as an `Importance` (accumulators on the CPU, the gradient-statistics table)."""
         blocks, n_units = self.blocks, self.n_units
         magnitude: dict[str, list[torch.Tensor]] = {b: [] for b in BLOCKS}
@@ -302,6 +335,7 @@ class ImportancePass:
             fluctuation=fluctuation, flap=flap, batches=self.n_batches, tokens=self.n_tokens,
             fisher_seq=per_block(self.fisher_s) if self.fisher_s is not None else None,
             sequences=sequences if self.per_sequence else 0,
+            refit=refit[0] if refit is not None else None, refit_raw=refit[1] if refit is not None else None,
         )
         return Importance(
             acc=acc, grad_stats=grad_stats, widths=layer_widths(self.model),
@@ -420,21 +454,23 @@ def importance_cached(
     data_parallel: bool = False,
     gradient_checkpointing: bool = False,
     accumulation: str = "eager",
+    refit: bool = False,
 ) -> Importance:
-    """`compute_importance`, cached (`workbench.core.cache`) by the model's content, the samples, the batch size and
-    the Fisher mode (not by the number of processes, gradient checkpointing or the accumulation: they give the
+    """`compute_importance`, cached (`workbench.core.cache`) by the model's content, the samples, the batch size,
+    the Fisher mode and `refit` (not by the number of processes, gradient checkpointing or the accumulation: they give the
     same result).
 
     `cache=True`: memory + `data_cache/importance/`; a folder: memory + that folder; False: always computed.
     With `data_parallel=True` every process reads the cache and only rank 0 writes it.
     """
-    key = make_key(model=model, data=samples, settings=dict(batch_size=batch_size, fisher=fisher))
+    key = make_key(model=model, data=samples, settings=dict(batch_size=batch_size, fisher=fisher, refit=refit))
     rank, _ = _rank_and_world(data_parallel)
 
     def compute() -> Importance:
         imp = compute_importance(model, samples, batch_size=batch_size, fisher=fisher, progress=progress,
                                  calibration=calibration, data_parallel=data_parallel,
-                                 gradient_checkpointing=gradient_checkpointing, accumulation=accumulation)
+                                 gradient_checkpointing=gradient_checkpointing, accumulation=accumulation,
+                                 refit=refit)
         imp.key = key
         return imp
 

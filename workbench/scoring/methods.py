@@ -33,6 +33,21 @@ class Accumulators:
     # Only from a pass with fisher="sequence": Σ_sequences Σ_e (w·g_s)², g_s the gradient of one sequence's loss.
     fisher_seq: dict[str, list[torch.Tensor]] | None = None
     sequences: int = 0
+    # Only from a pass with refit=True (`workbench.scoring.refit`): block -> per layer [units], the increase of the
+    # mean calibration loss once the kept units are re-fitted, pooled along each block's greedy removal order;
+    # and the raw marginals along that order.
+    refit: dict[str, list[torch.Tensor]] | None = None
+    refit_raw: dict[str, list[torch.Tensor]] | None = None
+
+
+# What a method may need beyond every pass's accumulators: whether the pass has it, and how to get it.
+NEEDS: dict[str, tuple[Callable[[Accumulators], bool], str]] = {
+    "sequence_fisher": (lambda a: a.fisher_seq is not None,
+                        "the per-sequence Fisher; calibrate with fisher='sequence' (CalibrationConfig(fisher='sequence'))"),
+    "refit": (lambda a: a.refit is not None,
+              "the re-fit scores; calibrate with refit=True (CalibrationConfig(refit=True), or calibration.refit=true "
+              "in a run file)"),
+}
 
 
 @dataclass
@@ -50,16 +65,15 @@ class Importance:
     def scores(self, method: str) -> dict[str, list[torch.Tensor]]:
         """Per-unit importance of one registered method: block -> per-layer tensors."""
         m = IMPORTANCE_METHODS[method]
-        if m.needs_sequence_fisher and self.acc.fisher_seq is None:
-            raise ValueError(f"importance method {method!r} needs the per-sequence Fisher, which this pass did not "
-                             "compute; calibrate with fisher='sequence' (CalibrationConfig(fisher='sequence')). "
+        if m.needs is not None and not NEEDS[m.needs][0](self.acc):
+            raise ValueError(f"importance method {method!r} needs {NEEDS[m.needs][1]}; this pass did not compute it. "
                              f"Methods this pass supports: {available_methods(self)}")
         return m.fn(self.acc)
 
 
 def available_methods(imp: Importance) -> list[str]:
     """The registered methods this importance result can score (per-sequence ones only after such a pass)."""
-    return [n for n, m in IMPORTANCE_METHODS.items() if not m.needs_sequence_fisher or imp.acc.fisher_seq is not None]
+    return [n for n, m in IMPORTANCE_METHODS.items() if m.needs is None or NEEDS[m.needs][0](imp.acc)]
 
 
 def global_warning(method: str, normalization: str) -> str | None:
@@ -85,15 +99,20 @@ class ImportanceMethod:
         name: registry key (widgets, configs, tests).
         description: one line for tables and dropdowns.
         fn: the per-unit scores from the accumulators.
-        needs_sequence_fisher: only a pass with fisher="sequence" can score it.
+        needs: what the pass must have computed beyond the default (a key of `NEEDS`: "sequence_fisher" for a
+            pass with fisher="sequence", "refit" for one with refit=True), or None.
         layer_local: its scale is only meaningful within a layer (a global plan from raw scores is warned about).
     """
 
     name: str
     description: str
     fn: Callable[[Accumulators], dict[str, list[torch.Tensor]]]
-    needs_sequence_fisher: bool = False
+    needs: str | None = None
     layer_local: bool = False
+
+    def __post_init__(self):
+        if self.needs is not None and self.needs not in NEEDS:
+            raise ValueError(f"needs={self.needs!r}: one of {list(NEEDS)} or None")
 
 
 def _per_block(fn) -> Callable[[Accumulators], dict[str, list[torch.Tensor]]]:
@@ -115,13 +134,13 @@ IMPORTANCE_METHODS: Registry[ImportanceMethod] = Registry.of("importance method"
     ImportanceMethod(
         "taylor2_seq", "second-order Taylor with the empirical Fisher over sequences: Σ|w·g| + ½·Σw²·E_s[g_s²]",
         _per_block(lambda a, b, i: a.first[b][i] / a.batches + 0.5 * a.fisher_seq[b][i] / a.sequences),
-        needs_sequence_fisher=True,
+        needs="sequence_fisher",
     ),
     ImportanceMethod(
         "fisher_seq", "second-order term only (Optimal Brain Damage's saliency, LeCun et al., 1990): "
         "½·Σw²·E_s[g_s²], per-sequence Fisher",
         _per_block(lambda a, b, i: 0.5 * a.fisher_seq[b][i] / a.sequences),
-        needs_sequence_fisher=True,
+        needs="sequence_fisher",
     ),
     ImportanceMethod(
         "wanda", "Wanda: Σ|w|·‖x‖₂ with ‖x‖₂ the input-activation norm over calibration tokens",
@@ -140,6 +159,12 @@ IMPORTANCE_METHODS: Registry[ImportanceMethod] = Registry.of("importance method"
         "flap", "FLAP's own unit statistic (An et al., 2024, structure AL-AM): the fluctuation per input column "
         "(squared for attention), standardized over each layer's columns, averaged over the unit's columns",
         _per_block(lambda a, b, i: a.flap[b][i]),
+    ),
+    ImportanceMethod(
+        "refit", "reconstruction-aware: the loss increase once the kept units are re-fitted (Optimal Brain Surgeon's "
+        "update per block, greedy; the block's output error weighted by its Fisher diagonal, so comparable across "
+        "layers)",
+        _per_block(lambda a, b, i: a.refit[b][i]), needs="refit",
     ),
     ImportanceMethod(
         "magnitude", "weight magnitude Σ|w| (baseline; no data needed)",

@@ -41,14 +41,12 @@ from workbench.surgery.prune import (
 )
 from workbench.surgery.reconstruct import (
     MODES,
-    NormalEquations,
     ReconstructConfig,
     Reconstruction,
     apply_reconstruction,
     prune_and_reconstruct,
     reconstruct,
     solve_reconstruction,
-    solve_ridge,
 )
 
 __all__ = [
@@ -91,8 +89,6 @@ __all__ = [
     "reload_max_diff",
     "MODES",
     "ReconstructConfig",
-    "NormalEquations",
-    "solve_ridge",
     "Reconstruction",
     "solve_reconstruction",
     "reconstruct",

@@ -46,9 +46,10 @@ from workbench.core.arch import BLOCKS, decoder_layers, geometry, get_spec, laye
 from workbench.core.cache import cached, make_key
 from workbench.core.models import check_token_ids, eval_mode
 from workbench.core.registry import check_choice
-from workbench.core.tracer import layer_calls, trace
+from workbench.core.tracer import trace
 from workbench.core.units import unit_rows
 from workbench.plans.plan import Plan
+from workbench.scoring.refit import NormalEquations, call_layer, recorded_inputs
 from workbench.surgery.prune import PruneReport, add_output_bias, apply_plan, check_plan
 
 MODES = ("sequential", "one_shot")
@@ -98,84 +99,6 @@ class ReconstructConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# Normal equations
-
-
-class NormalEquations:
-    """Streaming Gram matrix G = Σ x̃ x̃ᵀ of one block's full activations, x̃ = [x, 1]; float64 sums of float32
-    per-batch products.
-
-    With targets y = W x + b from the dense weights, both sides of every least-squares problem on a subset
-    of x's columns follow from G: Σ x̃_S x̃_Sᵀ = G[S, S] and Σ x̃_S yᵀ = G[S, :] [W, b]ᵀ.
-    """
-
-    def __init__(self, n_in: int, device: torch.device | str = "cpu"):
-        self.gram = torch.zeros(n_in + 1, n_in + 1, dtype=torch.float64, device=device)
-
-    @property
-    def tokens(self) -> int:
-        return int(self.gram[-1, -1])
-
-    def add(self, x: torch.Tensor) -> None:
-        """Add tokens x [..., n_in]."""
-        x = x.reshape(-1, x.shape[-1])
-        x = x.float() if x.dtype != torch.float64 else x  # one batch's product in float32, the sum in float64
-        xt = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], dim=1)
-        self.gram += (xt.T @ xt).double()
-
-    def solve(self, weight: torch.Tensor, bias: torch.Tensor | None, kept: torch.Tensor,
-              cfg: ReconstructConfig) -> dict:
-        """Solve for the kept columns `kept` of the output projection (weight [n_out, n_in], bias or None).
-
-        Returns {"weight": [n_out, len(kept)] or None (unchanged), "bias": [n_out] or None (unchanged)}.
-        """
-        n = self.gram.shape[0] - 1
-        if self.tokens == 0:
-            raise ValueError("no tokens were accumulated for this block")
-        if not bool(torch.isfinite(self.gram).all()):
-            raise FloatingPointError(
-                "the calibration activations entering this block's output projection hold inf/NaN: the model "
-                "overflows on these samples (e.g. in float16) or its weights hold NaN. No damping fixes that: "
-                "check the model, or reconstruct in float32 / bfloat16")
-        w_aug = torch.cat([weight.double().T, (bias.double() if bias is not None else
-                           weight.new_zeros(weight.shape[0], dtype=torch.float64))[None]], dim=0)
-        kept = kept.to(self.gram.device)
-        const = torch.tensor([n], device=self.gram.device)
-        if not len(kept) or not cfg.weights:  # the bias alone: b' = mean(y) − W_kept·mean(x_kept)
-            mean = self.gram[n] / self.tokens
-            w_kept = w_aug[kept] if len(kept) else None
-            b = mean @ w_aug - (mean[kept] @ w_kept if w_kept is not None else 0)
-            return dict(weight=None, bias=b.float().cpu() if cfg.bias else None)
-        idx = torch.cat([kept, const]) if cfg.bias else kept
-        gram = self.gram[idx][:, idx]
-        cross = self.gram[idx] @ w_aug if cfg.bias else self.gram[idx][:, :n] @ w_aug[:n]  # no bias: b stays
-        sol_w, sol_b = solve_ridge(gram, cross, cfg.damping, cfg.bias)
-        return dict(weight=sol_w.float().cpu(), bias=sol_b.float().cpu() if sol_b is not None else None)
-
-
-def solve_ridge(gram: torch.Tensor, cross: torch.Tensor, damping: float,
-                bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Solve (G + λ·mean(diag G)·I) W̃ = C; with `bias` the last row/column is the constant, never damped.
-
-    Returns (W' [n_out, n], b' [n_out] or None).
-    """
-    if isinstance(damping, bool) or not damping >= 0 or not math.isfinite(damping):
-        raise ValueError(f"damping={damping!r} must be a finite number >= 0")
-    n = gram.shape[0] - (1 if bias else 0)
-    g = gram.clone()
-    if n:
-        diag = torch.diagonal(g)[:n]
-        diag += damping * float(diag.mean().clamp_min(1e-12))
-    try:
-        w = torch.linalg.solve(g, cross)
-    except RuntimeError:  # singular without damping: the least-norm solution
-        w = torch.linalg.lstsq(g.cpu(), cross.cpu(), driver="gelsd").solution.to(g.device)
-    if not bool(torch.isfinite(w).all()):
-        raise FloatingPointError(f"the reconstruction solve gave inf/NaN (damping={damping}); raise the damping")
-    return w[:n].T.contiguous(), (w[n].contiguous() if bias else None)
-
-
-# ----------------------------------------------------------------------------------------------
 # Mapping the plan onto the two models
 
 
@@ -208,7 +131,8 @@ def _solve(ne: NormalEquations, dense_layer: nn.Module, spec, plan: Plan, layer:
            cfg: ReconstructConfig) -> dict:
     proj = _out_proj(dense_layer, spec, block)
     try:
-        return ne.solve(proj.weight, proj.bias, _kept_columns(plan, layer, block, proj.in_features), cfg)
+        return ne.solve(proj.weight, proj.bias, _kept_columns(plan, layer, block, proj.in_features),
+                        damping=cfg.damping, fit_bias=cfg.bias, fit_weights=cfg.weights)
     except FloatingPointError as e:
         raise FloatingPointError(f"layer {layer} {block}: {e}") from None
 
@@ -246,19 +170,8 @@ def _sequential(dense: nn.Module, pruned: nn.Module, plan: Plan, samples: torch.
     spec, geo = get_spec(dense), geometry(dense.config)
     device = next(dense.parameters()).device
     dense_layers, pruned_layers = decoder_layers(dense, spec), decoder_layers(pruned, spec)
-    hidden: list[torch.Tensor] = []
-    calls: list[list] = []  # per batch: the residual stream (the pruned model's), what every dense layer is given
-
-    def record(i: int, args: tuple, kw: dict) -> None:  # the layer's mask may depend on its attention type
-        if i == 0:
-            hidden.append(args[0] if args else kw["hidden_states"])
-            calls.append([])
-        calls[-1].append({k: v for k, v in kw.items() if k != "hidden_states"})
-
+    hidden, calls = recorded_inputs(dense, samples, cfg.batch_size)  # the pruned model's stream, from its first layer
     with eval_mode(dense), eval_mode(pruned):
-        for s in range(0, len(samples), cfg.batch_size):
-            with layer_calls(dense, record):
-                dense(input_ids=samples[s : s + cfg.batch_size].to(device), use_cache=False)
         out: dict[tuple[int, str], dict] = {}
         for i, j in tqdm(_layer_map(plan), desc="reconstruction (layer by layer)", disable=not progress,
                          leave=False):
@@ -269,22 +182,17 @@ def _sequential(dense: nn.Module, pruned: nn.Module, plan: Plan, samples: torch.
                 for h, kw in zip(hidden, (c[i] for c in calls)):
                     if block == "attn":  # the dense layer on the pruned stream: its full attention heads
                         with trace(dense, ["attn_channels"], add):
-                            _call(dense_layer, h, kw)
+                            call_layer(dense_layer, h, kw)
                     else:  # the dense MLP on the pruned layer's (reconstructed) MLP input
                         got = []
                         with trace(pruned, ["mlp_block"], lambda l, s, x: got.append(x) if l == j else None):
-                            _call(layer, h, kw)
+                            call_layer(layer, h, kw)
                         with trace(dense, ["mlp_channels"], add):
                             layer_parts(dense_layer, spec).mlp(got[0])
                 out[(i, block)] = _solve(ne, dense_layer, spec, plan, i, block, cfg)
                 _apply_block(layer, spec, block, out[(i, block)], geo.hidden)
-            hidden = [_call(layer, h, c[i]) for h, c in zip(hidden, calls)]
+            hidden = [call_layer(layer, h, c[i]) for h, c in zip(hidden, calls)]
     return out
-
-
-def _call(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    out = layer(hidden, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
 
 
 def _apply_block(layer: nn.Module, spec, block: str, sol: dict, hidden: int) -> None:

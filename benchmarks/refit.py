@@ -1,0 +1,78 @@
+"""The reconstruction-aware score (`refit`) against Taylor, in and out of the calibration domain, and its cost.
+
+    python benchmarks/refit.py [--model default] [--ratios 0.2 0.25] [--calibrations pydoc pydoc+jargon]
+                               [--methods global_taylor global_refit depth_refit taylor_counts] [--timing]
+
+For each calibration (64 × 128 windows) and ratio of all parameters: PPL on the pydoc evaluation part and on
+`jargon` (50 × 128 windows each), for global Taylor without and with the closed-form re-fit (one_shot,
+λ = 1e-4) and for the plans made from the re-fit score (each re-fitted). `--timing` first times the plain
+importance pass against the pass with refit=True, interleaved A B A B (uncached), and prints the medians and
+the memory the layer-by-layer replay holds. The same calls as notebook 07.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import pandas as pd
+from _models import add_model_args, bench_model
+
+from workbench.analysis.comparison import baseline_plans, compare_plans
+from workbench.core.arch import geometry
+from workbench.data.text import CalibrationConfig, calibration_samples
+from workbench.plans.rescore import Rescorer
+from workbench.plans.selection import Budget
+from workbench.runs.pipeline import calibrate
+from workbench.scoring.importance import compute_importance
+from workbench.surgery.reconstruct import ReconstructConfig
+
+
+def timing(model, tok, repeats: int) -> None:
+    samples = calibration_samples(tok, CalibrationConfig(num_samples=64, seq_len=128))
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(repeats):
+        for refit in (False, True):  # A B A B: a busy machine slows both alike
+            t0 = time.perf_counter()
+            compute_importance(model, samples, batch_size=4, refit=refit, progress=False)
+            times[refit].append(time.perf_counter() - t0)
+    plain, with_refit = statistics.median(times[False]), statistics.median(times[True])
+    print(f"importance pass, 64 × 128 tokens, median of {repeats}: plain {plain:.1f} s, with refit {with_refit:.1f} s "
+          f"({with_refit / plain:.2f}×; pairs: " + ", ".join(f"{b / a:.2f}" for a, b in zip(times[False], times[True]))
+          + ")")
+    geo = geometry(model.config)
+    d_attn, d_mlp = geo.n_heads * geo.head_dim, geo.intermediate
+    gram_gb = 8 * ((d_attn + 1) ** 2 + (d_mlp + 1) ** 2) / 1e9
+    print(f"layer-by-layer memory: one layer's Grams 8·((d_attn+1)² + (d_mlp+1)²) = {gram_gb:.2f} GB "
+          f"(d_attn={d_attn}, d_mlp={d_mlp}), plus the hidden states 64·128·{geo.hidden} values")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(ap)
+    ap.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.25])
+    ap.add_argument("--calibrations", nargs="+", default=["pydoc", "pydoc+jargon"])
+    ap.add_argument("--methods", nargs="+", default=["global_taylor", "global_refit", "depth_refit", "taylor_counts"])
+    ap.add_argument("--extra-sources", nargs="*", default=["jargon"])
+    ap.add_argument("--timing", action="store_true", help="time the pass with and without refit first")
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+
+    model, tok = bench_model(args)
+    if args.timing:
+        timing(model, tok, args.repeats)
+    pd.set_option("display.width", 200)
+    for source in args.calibrations:
+        calibration = CalibrationConfig(source=source, num_samples=64, seq_len=128, refit=True)
+        samples, imp = calibrate(model, tok, calibration, progress=False)
+        rescorer = Rescorer(imp, Budget.of(model))
+        for ratio in args.ratios:
+            plans = baseline_plans(rescorer, ratio, variants={m: (m, {}) for m in args.methods})
+            table = compare_plans(model, tok, plans, samples, progress=False, extra_sources=tuple(args.extra_sources),
+                                  reconstruction=ReconstructConfig())
+            print(f"\ncalibration {source}, {ratio:.0%} of all parameters")
+            print(table.round(4).to_markdown())
+
+
+if __name__ == "__main__":
+    main()
