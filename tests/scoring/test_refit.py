@@ -175,3 +175,12 @@ def test_a_run_file_prunes_by_the_refit_score_and_refuses_without_its_pass(tmp_p
     assert "scoring.method=refit needs the re-fit scores of the calibration pass: set calibration.refit=true" in \
         capsys.readouterr().err
     assert not (tmp_path / "experiments" / "no").exists()
+
+
+def test_the_refit_sweep_file_expands_to_valid_runs():
+    from pathlib import Path
+
+    from workbench.runs.sweep import expand, load_sweep
+    runs = expand(load_sweep(Path(__file__).resolve().parents[2] / "configs" / "refit.yaml"))
+    assert len(runs) == 8 and all(r.calibration.refit and r.reconstruction is not None for r in runs)
+    assert {r.scoring.method for r in runs} == {"taylor", "refit"}

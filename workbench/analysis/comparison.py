@@ -81,7 +81,9 @@ def compare_plans(model: nn.Module, tokenizer, plans: dict[str, tuple[Plan, Reco
     "jargon", out of the calibration domain) adds `ppl_<source>` (and `ppl_reconstructed_<source>`), measured
     on the same models with the same window count and length.
 
-    `model` is left unchanged; `samples` (calibration token ids) feed compensation and reconstruction.
+    `model` is left unchanged; `samples` (calibration token ids) feed compensation and reconstruction. A plan whose
+    own compensation is the reconstruction asked (the re-fit score's plans) is one model: measured once, both
+    column sets hold it.
     """
     extra_sources = tuple(s for s in extra_sources if s != source)
 
