@@ -184,3 +184,15 @@ def test_the_refit_sweep_file_expands_to_valid_runs():
     runs = expand(load_sweep(Path(__file__).resolve().parents[2] / "configs" / "refit.yaml"))
     assert len(runs) == 8 and all(r.calibration.refit and r.reconstruction is not None for r in runs)
     assert {r.scoring.method for r in runs} == {"taylor", "refit"}
+
+
+@pytest.mark.parametrize("fisher", ["batch", "sequence"])
+def test_refit_scores_are_the_same_with_checkpointing_and_per_sequence_passes(fisher):
+    model = tiny_model("qwen2", n_layers=3, seed=6)
+    samples = torch.randint(0, 256, (6, 16), generator=torch.Generator().manual_seed(3))
+    plain = compute_importance(model, samples, batch_size=3, refit=True, progress=False)
+    other = compute_importance(model, samples, batch_size=3, refit=True, progress=False, fisher=fisher,
+                               gradient_checkpointing=True)
+    for block in BLOCKS:
+        for a, b in zip(plain.acc.refit[block], other.acc.refit[block]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-9)
