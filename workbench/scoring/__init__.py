@@ -9,11 +9,14 @@ from workbench.scoring.activations import (
     recording,
 )
 from workbench.scoring.hooks import (
+    CHANNEL_BLOCKS,
     CHANNEL_SITES,
+    OUTPUT_SITES,
     accumulate_in_backward,
     gradient_taps,
     input_sq_norms,
     only_prunable_grads,
+    output_grad_squares,
     param_terms,
     terms_fn,
 )
@@ -69,7 +72,10 @@ __all__ = [
     "recording",
     "activation_stats",
     "CHANNEL_SITES",
+    "CHANNEL_BLOCKS",
     "input_sq_norms",
+    "OUTPUT_SITES",
+    "output_grad_squares",
     "only_prunable_grads",
     "gradient_taps",
     "param_terms",

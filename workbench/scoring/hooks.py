@@ -17,6 +17,7 @@ from workbench.data.text import ACCUMULATIONS
 
 # The traced input of each block's output projection (FLAP's fluctuation and the channel sums).
 CHANNEL_SITES = {"attn": "attn_channels", "mlp": "mlp_channels"}
+CHANNEL_BLOCKS = {site: block for block, site in CHANNEL_SITES.items()}  # the other way: traced site -> block
 
 
 @contextlib.contextmanager

@@ -47,10 +47,10 @@ from workbench.core.arch import BLOCKS, decoder_layers, geometry, get_spec, laye
 from workbench.core.models import eval_mode
 from workbench.core.tracer import layer_calls, trace
 from workbench.core.units import block_units
+from workbench.scoring.hooks import CHANNEL_BLOCKS
 
 REFIT_DAMPING = 1e-4  # λ of the ridge re-fit the scores assume (the reconstruction's default)
 REFIT_STEPS = 64  # greedy batches per MLP block (attention: one KV group at a time)
-_CHANNELS = {"attn_channels": "attn", "mlp_channels": "mlp"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,12 +193,12 @@ def layer_grams(model: nn.Module, samples: torch.Tensor, batch_size: int = 4, *,
 
             def add(layer: int, site: str, x: torch.Tensor) -> None:
                 if layer == i:
-                    block = _CHANNELS[site]
+                    block = CHANNEL_BLOCKS[site]
                     if block not in grams:
                         grams[block] = NormalEquations(x.shape[-1], device)
                     grams[block].add(x)
 
-            with trace(model, tuple(_CHANNELS), add):
+            with trace(model, tuple(CHANNEL_BLOCKS), add):
                 hidden = [call_layer(layers[i], h, c[i]) for h, c in zip(hidden, calls)]
             yield i, grams
 

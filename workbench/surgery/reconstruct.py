@@ -49,12 +49,12 @@ from workbench.core.registry import check_choice
 from workbench.core.tracer import trace
 from workbench.core.units import unit_rows
 from workbench.plans.plan import Plan
+from workbench.scoring.hooks import CHANNEL_BLOCKS, CHANNEL_SITES
 from workbench.scoring.refit import NormalEquations, call_layer, recorded_inputs
 from workbench.surgery.prune import PruneReport, add_output_bias, apply_plan, check_plan
 
 MODES = ("sequential", "one_shot")
 CACHE_FORMAT = 2
-_SITE = {"attn": "attn_channels", "mlp": "mlp_channels"}
 
 
 @dataclass(frozen=True)
@@ -151,13 +151,13 @@ def _one_shot(dense: nn.Module, plan: Plan, samples: torch.Tensor, cfg: Reconstr
     sums: dict[tuple[int, str], NormalEquations] = {}
 
     def add(layer: int, site: str, x: torch.Tensor) -> None:
-        key = (layer, "attn" if site == "attn_channels" else "mlp")
+        key = (layer, CHANNEL_BLOCKS[site])
         if key in wanted:
             if key not in sums:
                 sums[key] = NormalEquations(x.shape[-1], device)
             sums[key].add(x)
 
-    with eval_mode(dense), trace(dense, [_SITE[b] for b in cfg.blocks], add):
+    with eval_mode(dense), trace(dense, [CHANNEL_SITES[b] for b in cfg.blocks], add):
         for s in tqdm(range(0, len(samples), cfg.batch_size), desc="reconstruction (dense pass)",
                       disable=not progress, leave=False):
             dense(input_ids=samples[s : s + cfg.batch_size].to(device), use_cache=False)
