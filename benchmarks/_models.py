@@ -55,6 +55,11 @@ def add_calibration_args(ap, samples: int = 64) -> None:
     ap.add_argument("--seq-len", type=int, default=128)
 
 
+def add_eval_args(ap, extra: tuple[str, ...] = ()) -> None:
+    ap.add_argument("--extra-sources", nargs="*", default=list(extra),
+                    help="more evaluation sources (their evaluation parts), e.g. jargon: out of the calibration domain")
+
+
 def calibration(args, num_samples: int | None = None) -> CalibrationConfig:
     """The calibration setting of `--samples` / `--seq-len` (or another sample count at the same length)."""
     return CalibrationConfig(num_samples=num_samples or args.samples, seq_len=args.seq_len)

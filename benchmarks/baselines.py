@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 import pandas as pd
-from _models import add_model_args, bench_model
+from _models import add_eval_args, add_model_args, bench_model
 
 from workbench.analysis.comparison import baseline_plans, compare_plans, study_variants
 from workbench.analysis.distribution import best_split, xy_search
@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.25])
     ap.add_argument("--reconstruct", action="store_true", help="add PPL after closed-form reconstruction")
     ap.add_argument("--no-search", action="store_true", help="skip the x:y search")
-    ap.add_argument("--extra-sources", nargs="*", default=[], help="more evaluation sources, e.g. jargon")
+    add_eval_args(ap)
     ap.add_argument("--methods", nargs="*", default=[], help="only these rows (default: every method)")
     args = ap.parse_args()
 

@@ -6,7 +6,8 @@
 The global Taylor plan of `ratio` of all parameters (importance from the calibration part), exported
 with `export_gguf` in each dtype; llama.cpp's perplexity on the same evaluation windows (50 × 128) as the
 workbench's own (float32, PyTorch) figure, and llama.cpp's prompt (128 tokens) and generation (64 tokens)
-speed, best of 5. The source GGUF file (Q4_1) of the default model is run too, for reference.
+speed, best of 5; `--extra-sources` (default: jargon) adds each text's PPL in both, out of the calibration
+domain. The source GGUF file (Q4_1) of the default model is run too, for reference.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _models import add_calibration_args, add_model_args, bench_model, calibration
+from _models import add_calibration_args, add_eval_args, add_model_args, bench_model, calibration
 
 from workbench.data.text import evaluation_windows
 from workbench.deploy import llamacpp
@@ -38,6 +39,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: all cores)")
     ap.add_argument("--repeats", type=int, default=5, help="speed: best of this many runs")
     ap.add_argument("--out", default=None, help="folder for the GGUF files (default: a temporary one)")
+    add_eval_args(ap, ("jargon",))
     args = ap.parse_args()
 
     model, tok = bench_model(args)
@@ -45,10 +47,11 @@ def main() -> None:
     _, plan = select_plan(model, imp, "taylor", SelectionConfig(ratio=args.ratio))
     pruned = copy.deepcopy(model)
     apply_plan(pruned, plan)
-    ppl = {name: perplexity(m, tok, seq_len=args.seq_len, max_windows=args.eval_windows, progress=False).ppl
-           for name, m in (("dense", model), ("pruned", pruned))}
-    print(f"PyTorch float32 PPL: dense {ppl['dense']:.2f}, pruned {ppl['pruned']:.2f} "
-          f"(global Taylor, {args.ratio:.0%} of all parameters)")
+    for source in ("pydoc", *args.extra_sources):
+        ppl = {name: perplexity(m, tok, source, seq_len=args.seq_len, max_windows=args.eval_windows, progress=False).ppl
+               for name, m in (("dense", model), ("pruned", pruned))}
+        print(f"PyTorch float32 PPL on {source}: dense {ppl['dense']:.2f}, pruned {ppl['pruned']:.2f} "
+              f"(global Taylor, {args.ratio:.0%} of all parameters)")
 
     out = Path(args.out or tempfile.mkdtemp(prefix="gguf-bench-"))
     out.mkdir(parents=True, exist_ok=True)
@@ -64,7 +67,9 @@ def main() -> None:
                   f"{time.perf_counter() - t:.1f} s; tokenizer {rep.tokenizer_source}")
             files[f"{name} {dtype}"] = rep.path
     windows = evaluation_windows(tok, seq_len=args.seq_len, max_windows=args.eval_windows).tolist()
-    table = llamacpp.compare(files, windows, n_threads=args.threads, repeats=args.repeats)
+    extra = {source: evaluation_windows(tok, source, seq_len=args.seq_len, max_windows=args.eval_windows).tolist()
+             for source in args.extra_sources}
+    table = llamacpp.compare(files, windows, n_threads=args.threads, repeats=args.repeats, extra_windows=extra)
     print(table.to_string(float_format=lambda v: f"{v:,.2f}"))
     for dtype in args.dtypes:
         d, p = table.loc[f"dense {dtype}"], table.loc[f"pruned {dtype}"]

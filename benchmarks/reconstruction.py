@@ -15,7 +15,7 @@ import argparse
 import copy
 import time
 
-from _models import add_calibration_args, add_model_args, bench_model, calibration
+from _models import add_calibration_args, add_eval_args, add_model_args, bench_model, calibration
 
 from workbench.data.text import calibration_samples
 from workbench.evaluation.evaluate import perplexity
@@ -36,7 +36,7 @@ def main() -> None:
                     help="calibration samples for the reconstruction (default: the importance pass's)")
     ap.add_argument("--no-bias-variant", action="store_true", help="also run each mode without the bias")
     ap.add_argument("--eval-windows", type=int, default=50)
-    ap.add_argument("--extra-sources", nargs="*", default=[], help="more evaluation sources, e.g. jargon")
+    add_eval_args(ap)
     args = ap.parse_args()
 
     model, tok = bench_model(args)

@@ -2,10 +2,12 @@
 
     python benchmarks/refit.py [--model default] [--ratios 0.2 0.25] [--calibrations pydoc pydoc+jargon]
                                [--methods global_taylor global_refit depth_refit taylor_counts] [--timing]
+                               [--damping 1e-4] [--toward zero|dense]
 
 For each calibration (64 × 128 windows) and ratio of all parameters: PPL on the pydoc evaluation part and on
 `jargon` (50 × 128 windows each), for global Taylor without and with the closed-form re-fit (one_shot,
-λ = 1e-4) and for the plans made from the re-fit score (each re-fitted). `--timing` first times the plain
+λ = `--damping`, its ridge pulling toward `--toward`) and for the plans made from the re-fit score (each
+re-fitted with the ridge its scores assumed). `--timing` first times the plain
 importance pass against the pass with refit=True, interleaved A B A B (uncached), and prints the medians and
 the memory the layer-by-layer replay holds. The same calls as notebook 07.
 """
@@ -16,7 +18,7 @@ import statistics
 import time
 
 import pandas as pd
-from _models import add_model_args, bench_model
+from _models import add_eval_args, add_model_args, bench_model
 
 from workbench.analysis.comparison import baseline_plans, compare_plans
 from workbench.core.arch import geometry
@@ -53,7 +55,9 @@ def main() -> None:
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.25])
     ap.add_argument("--calibrations", nargs="+", default=["pydoc", "pydoc+jargon"])
     ap.add_argument("--methods", nargs="+", default=["global_taylor", "global_refit", "depth_refit", "taylor_counts"])
-    ap.add_argument("--extra-sources", nargs="*", default=["jargon"])
+    add_eval_args(ap, ("jargon",))
+    ap.add_argument("--damping", type=float, default=1e-4, help="λ of the re-fit (scores and reconstruction)")
+    ap.add_argument("--toward", default="zero", choices=["zero", "dense"], help="what the re-fit's ridge pulls toward")
     ap.add_argument("--timing", action="store_true", help="time the pass with and without refit first")
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
@@ -63,14 +67,16 @@ def main() -> None:
         timing(model, tok, args.repeats)
     pd.set_option("display.width", 200)
     for source in args.calibrations:
-        calibration = CalibrationConfig(source=source, num_samples=64, seq_len=128, refit=True)
+        calibration = CalibrationConfig(source=source, num_samples=64, seq_len=128, refit=True,
+                                        refit_damping=args.damping, refit_toward=args.toward)
         samples, imp = calibrate(model, tok, calibration, progress=False)
         rescorer = Rescorer(imp, Budget.of(model))
         for ratio in args.ratios:
             plans = baseline_plans(rescorer, ratio, variants={m: (m, {}) for m in args.methods})
             table = compare_plans(model, tok, plans, samples, progress=False, extra_sources=tuple(args.extra_sources),
-                                  reconstruction=ReconstructConfig())
-            print(f"\ncalibration {source}, {ratio:.0%} of all parameters")
+                                  reconstruction=ReconstructConfig(damping=args.damping, toward=args.toward))
+            print(f"\ncalibration {source}, {ratio:.0%} of all parameters; re-fit λ = {args.damping:g} toward "
+                  f"{args.toward}")
             print(table.round(4).to_markdown())
 
 

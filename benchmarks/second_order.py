@@ -6,7 +6,8 @@ the plan (and PPL) each score gives at the same budget.
 One importance pass with fisher="batch" and one with fisher="sequence" over the same calibration windows
 (timed, not cached); then global plans from taylor, taylor2 (batch-mean Fisher), taylor2_seq (per-sequence
 Fisher) and fisher_seq (the second-order term alone), each compared with the taylor plan (units in common) and
-measured by PPL on the evaluation part (50 × 128), no fine-tuning.
+measured by PPL on the evaluation part (50 × 128) and on each of `--extra-sources` (default: jargon, out of
+the calibration domain), no fine-tuning.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import copy
 import time
 
 import pandas as pd
-from _models import add_calibration_args, add_model_args, bench_model, calibration
+from _models import add_calibration_args, add_eval_args, add_model_args, bench_model, calibration
 
 from workbench.analysis.diagnosis import taylor_terms
 from workbench.data.text import calibration_samples
@@ -37,6 +38,7 @@ def main() -> None:
     ap.add_argument("--ratio", type=float, default=0.2)
     add_calibration_args(ap)
     ap.add_argument("--batch-size", type=int, default=4)
+    add_eval_args(ap, ("jargon",))
     args = ap.parse_args()
 
     model, tok = bench_model(args)
@@ -63,12 +65,16 @@ def main() -> None:
         pruned = copy.deepcopy(model)
         apply_plan(pruned, plan)
         rows.append(dict(method=method, ppl=perplexity(pruned, tok, seq_len=128, max_windows=50, progress=False).ppl,
+                         **{f"ppl_{source}": perplexity(pruned, tok, source, seq_len=128, max_windows=50,
+                                                        progress=False).ppl for source in args.extra_sources},
                          same_units_as_taylor=len(units & reference) / max(1, len(units | reference)),
                          removed_units=len(units), emptied_blocks=len(plan.emptied_blocks()),
                          removed_layers=len(plan.removed_layers())))
         del pruned
+    dense = {source: perplexity(model, tok, source, seq_len=128, max_windows=50, progress=False).ppl
+             for source in ("pydoc", *args.extra_sources)}
     print(f"\nglobal plans at {args.ratio:.0%} of all parameters (dense PPL "
-          f"{perplexity(model, tok, seq_len=128, max_windows=50, progress=False).ppl:.2f}):")
+          + ", ".join(f"{source} {ppl:.2f}" for source, ppl in dense.items()) + "):")
     print(pd.DataFrame(rows).set_index("method").round(4).to_markdown())
 
 

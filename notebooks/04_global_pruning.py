@@ -28,7 +28,7 @@
 MODEL = None
 SMOKE = False
 METHOD = "taylor"       # see IMPORTANCE_METHODS below; "refit": the loss a unit costs once the kept units are re-fitted
-REFIT_SCORES = True     # the pass also computes the re-fit score (≈ 1.6× its time), so the panel offers "refit"
+REFIT_SCORES = True     # the pass also computes the re-fit score (≈ 1.8× its time), so the panel offers "refit"
 RATIO = 0.2
 RATIO_OF = "total"      # "total": all parameters; "prunable": attention + MLP parameters
 MIN_UNITS_PER_BLOCK = 0 # 0 lets blocks empty (depth pruning)
@@ -37,6 +37,8 @@ SEQ_LEN = 128
 EVAL_WINDOWS = 50
 RECONSTRUCT = True      # re-fit o_proj / down_proj of pruned blocks in closed form after pruning (no training)
 DAMPING = 1e-4          # ridge λ of the reconstruction (× mean diagonal of the normal equations)
+TOWARD = "zero"         # what that ridge pulls the re-fit toward: "zero", or "dense" (with DAMPING = 0.1: carries
+                        # better out of the calibration domain; the re-fit scores assume the same ridge)
 RECONSTRUCT_SAMPLES = 128  # calibration samples of the reconstruction (more tokens: a better fit)
 BLOCK_LOSS_SAMPLES = 16  # calibration samples for the block-removal loss the panel measures on request
 USE_PANEL_PLAN = False  # True: prune with the plan the panel below shows (after trying settings there)
@@ -89,7 +91,8 @@ dense_ppl
 # %%
 with timed("importance pass"):
     samples, imp = calibrate(model, tokenizer, CalibrationConfig(num_samples=NUM_SAMPLES, seq_len=SEQ_LEN,
-                                                                 refit=REFIT_SCORES))
+                                                                 refit=REFIT_SCORES, refit_damping=DAMPING,
+                                                                 refit_toward=TOWARD))
 print(f"{imp.acc.batches} batches, {imp.acc.tokens} tokens; the pass took {imp.seconds:.1f} s (cached since)")
 
 # %% [markdown]
@@ -144,7 +147,7 @@ plan = state["plan"] if USE_PANEL_PLAN else plan
 # statistics are taken before the model is pruned in place, and cached. Set `RECONSTRUCT = False` to compare.
 
 # %%
-rec_cfg = ReconstructConfig(damping=DAMPING) if RECONSTRUCT else None
+rec_cfg = ReconstructConfig(damping=DAMPING, toward=TOWARD) if RECONSTRUCT else None
 rec_samples = calibration_samples(tokenizer, CalibrationConfig(num_samples=RECONSTRUCT_SAMPLES, seq_len=SEQ_LEN))
 report, rec = prune_and_reconstruct(model, plan, rec_samples, rec_cfg)
 pruned_ppl = perplexity(model, tokenizer, seq_len=SEQ_LEN, max_windows=EVAL_WINDOWS)

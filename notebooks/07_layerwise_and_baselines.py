@@ -33,9 +33,11 @@ LAYER_SAMPLES = 16       # calibration samples for the layer-removal loss (one p
 HELD_OUT = 16            # calibration windows (not used for importance) that score x:y candidates
 XY_START = 2.0
 RECONSTRUCT = True       # also report each plan's PPL after closed-form reconstruction
+DAMPING = 1e-4           # its ridge λ (the re-fit scores assume the same ridge)
+TOWARD = "zero"          # what that ridge pulls toward: "zero", or "dense" (with DAMPING = 0.1: better out of domain)
 EVAL_WINDOWS = 50
 OUT_OF_DOMAIN = ["jargon"]  # sources no calibration sees (jargon: `apt-get install jargon-text`); [] for none
-REFIT_SCORES = True      # the pass also computes the re-fit score (≈ 1.6× the pass's time) for its three plans
+REFIT_SCORES = True      # the pass also computes the re-fit score (≈ 1.8× the pass's time) for its three plans
 EXPERIMENT = "nb07-layerwise-and-baselines"
 
 # %%
@@ -73,7 +75,8 @@ pd.DataFrame([(b.name, b.source, b.description) for b in BASELINES.values()], co
 # %%
 model, tokenizer = load(MODEL, SMOKE)  # SMOKE: a tiny random model (seconds; what the tests run)
 exp = Experiment.create(EXPERIMENT, exist_ok=True)
-calibration = CalibrationConfig(num_samples=NUM_SAMPLES, seq_len=SEQ_LEN, refit=REFIT_SCORES)
+calibration = CalibrationConfig(num_samples=NUM_SAMPLES, seq_len=SEQ_LEN, refit=REFIT_SCORES, refit_damping=DAMPING,
+                                refit_toward=TOWARD)
 with timed("importance pass"):
     samples, imp = calibrate(model, tokenizer, calibration)
 rescorer = Rescorer(imp, Budget.of(model))
@@ -116,7 +119,8 @@ plots.publish(plots.xy_curve, search, name="xy_search", to=exp)
 # %%
 plans = baseline_plans(rescorer, RATIO, layer_scores=layer_scores, variants=study_variants(best))
 with timed("comparison table"):
-    table = compare_plans(model, tokenizer, plans, samples, reconstruction=ReconstructConfig() if RECONSTRUCT else None,
+    table = compare_plans(model, tokenizer, plans, samples,
+                          reconstruction=ReconstructConfig(damping=DAMPING, toward=TOWARD) if RECONSTRUCT else None,
                           seq_len=SEQ_LEN, max_windows=EVAL_WINDOWS, extra_sources=tuple(OUT_OF_DOMAIN))
 plots.styled(table.sort_values("ppl"))
 

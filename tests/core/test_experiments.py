@@ -64,6 +64,32 @@ def test_pipeline_on_tiny_model(tmp_path, tokenizer):
     assert diag["plan_settings"]["ratio"] == 0.2
 
 
+@pytest.mark.slow
+def test_other_texts_are_measured_on_the_pruned_model_before_recovery_and_after(tmp_path, tokenizer):
+    from workbench.core.testing import tiny_model
+    from workbench.data.text import CalibrationConfig
+    from workbench.evaluation.evaluate import perplexity_after
+    from workbench.plans.plan import Plan
+    from workbench.plans.selection import SelectionConfig
+    from workbench.recovery.finetune import FinetuneConfig
+    from workbench.runs.pipeline import PruneRunConfig, run_pruning
+
+    text = tmp_path / "other.txt"
+    text.write_text("\n\n".join(f"Paragraph {i}: another text, far from the calibration's." * 3 for i in range(40)))
+    exp = Experiment.create("recovered", base=tmp_path)
+    cfg = PruneRunConfig(calibration=CalibrationConfig(num_samples=4, seq_len=32, batch_size=2),
+                         selection=SelectionConfig(ratio=0.2), eval_seq_len=32, eval_windows=4,
+                         extra_eval_sources=(str(text),), save_model=False,
+                         finetune=FinetuneConfig(max_steps=3, seq_len=32, batch_size=2, warmup_steps=0, lr=1e-2))
+    rec = run_pruning(tiny_model("llama", n_layers=3), tokenizer, cfg, exp, log=lambda *_: None, progress=False)
+    other = rec["extra_sources"][str(text)]
+    # the pruned model's figure is the plan applied to the dense model, before any fine-tuning
+    again = perplexity_after(tiny_model("llama", n_layers=3), tokenizer, Plan.from_dict(rec["plan"]), str(text),
+                             seq_len=32, max_windows=4, progress=False)
+    assert other["pruned"]["ppl"] == pytest.approx(again.ppl, rel=1e-6)
+    assert len({other["dense"]["ppl"], other["pruned"]["ppl"], other["final"]["ppl"]}) == 3
+
+
 def test_a_symlink_that_leads_out_is_named_as_a_symlink(tmp_path):
     from workbench.core.paths import confined
     (tmp_path / "root").mkdir()

@@ -113,6 +113,23 @@ def test_half_and_q8_exports_keep_the_top_token(dtype, agree, tok, tmp_path):
     assert same >= agree, f"{dtype}: top-1 agrees on {same:.1%} of positions"
 
 
+@needs_llamacpp
+def test_compare_scores_every_text_it_is_given(tok, tmp_path):
+    m = _model("llama", "per_layer")
+    report = export_gguf(m, tmp_path / "m.gguf", dtype="f32", tokenizer=tok)
+    gen = torch.Generator().manual_seed(1)
+    windows = [[int(i) for i in torch.randint(3, 258, (40,), generator=gen)] for _ in range(2)]
+    other = [[int(i) for i in torch.randint(3, 258, (60,), generator=gen)] for _ in range(3)]
+    table = llamacpp.compare({"m": report.path}, windows, prompt_len=16, n_new=4, repeats=1, n_threads=2,
+                             extra_windows={"other": other})
+    with llamacpp.loaded(report.path, n_ctx=64, n_threads=2) as lm:
+        assert table.loc["m", "ppl"] == pytest.approx(llamacpp.perplexity(lm, windows), rel=1e-6)
+        assert table.loc["m", "ppl_other"] == pytest.approx(llamacpp.perplexity(lm, other), rel=1e-6)
+    assert table.loc["m", "ppl_other"] != table.loc["m", "ppl"]
+    with pytest.raises(ValueError, match="extra_windows\\['none'\\] holds no window"):
+        llamacpp.compare({"m": report.path}, windows, prompt_len=16, extra_windows={"none": []})
+
+
 def test_layout_says_what_each_layer_becomes():
     m = _model("llama", "per_layer_bias")
     layout = gguf_layout(m)

@@ -118,6 +118,7 @@ def test_cli_run_writes_one_experiment_with_its_resolved_config(tmp_path):
     assert 0.3 <= rec["report"]["ratio_total"] < 0.3 + 6144 / 129840
     other = rec["extra_sources"][str(text)]
     assert other["dense"]["source"] != rec["dense"]["source"] and other["final"]["ppl"] > 1
+    assert other["pruned"] == other["final"]  # no fine-tuning: the final model is the pruned one, measured once
 
 
 @pytest.mark.slow
@@ -228,6 +229,12 @@ def test_shipped_configs_are_valid():
     assert len(small) == 12 and {r.model.name for r in small} == {"default"}
     study = load_sweep(configs / "study-matrix.yaml")
     assert len(expand(study)) == 135 and study.objective == "acc_mean" and study.direction == "maximize"
+    # every other shipped sweep expands to valid runs that measure out of the calibration domain too
+    for name, n in [("normalization", 7), ("lora-recovery", 2), ("out-of-domain", 8)]:
+        runs = expand(load_sweep(configs / f"{name}.yaml"))
+        assert len(runs) == n and all(r.extra_eval_sources == ("jargon",) for r in runs), name
+    lora = expand(load_sweep(configs / "lora-recovery.yaml"))
+    assert {r.selection.ratio for r in lora} == {0.0, 0.2} and all(r.finetune.lora_r == 8 for r in lora)
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from workbench.core.arch import BLOCKS, decoder_layers, get_spec, layer_parts
+from workbench.core.cache import make_key
 from workbench.core.testing import TINY_FAMILIES, tiny_model
 from workbench.data.text import CalibrationConfig
 from workbench.plans.normalize import ScoringConfig
@@ -32,33 +33,65 @@ def _block(n_in=12, n_out=5, tokens=200, seed=0):
     return x, w, b, f, ne
 
 
-def _objective(ne: NormalEquations, w, b, f, kept_cols, damping):
-    """The row-weighted ridge objective of the best re-fit on `kept_cols` (+ the constant), solved explicitly."""
+def _objective(ne: NormalEquations, w, b, f, kept_cols, damping, toward="zero"):
+    """The row-weighted ridge objective of the best re-fit on `kept_cols` (+ the constant), solved explicitly,
+    written out by brute force: the re-fitted weights from an explicit solve, then every term of the sum."""
     n = ne.gram.shape[0] - 1
     g_full = damped(ne.gram, damping, n)
-    idx = torch.cat([torch.as_tensor(kept_cols, dtype=torch.long), torch.tensor([n])])
-    w_aug = torch.cat([w.T, b[None]], 0)
-    cross = ne.gram[idx] @ w_aug
-    sol = torch.linalg.solve(g_full[idx][:, idx], cross)
-    # Σ_r f_r (‖y_r − X̃_S w'_r‖² + λ'·‖w'_r‖² over the damped columns) = tr_f(W̃ᵀ G W̃) − tr_f(Cᵀ G̃_S⁻¹ C)
-    total = (f * (w_aug * (ne.gram @ w_aug)).sum(0)).sum()
-    return float(total - (f * (cross * sol).sum(0)).sum())
+    kept = torch.as_tensor(kept_cols, dtype=torch.long)
+    idx = torch.cat([kept, torch.tensor([n])])
+    w_aug = torch.cat([w.T, b[None]], 0)  # [n + 1, n_out]
+    lam = torch.diagonal(g_full - ne.gram)  # λ·mean(diag G) on the input columns, 0 on the constant
+    prior = w_aug if toward == "dense" else torch.zeros_like(w_aug)  # what the ridge pulls each weight toward
+    # normal equations of  ‖X̃ W̃ − X̃_S W'‖² + Σ_{j∈S} λ_j ‖W'_j − prior_j‖²  (and λ_j ‖prior_j‖² for j removed)
+    sol = torch.linalg.solve(g_full[idx][:, idx], ne.gram[idx] @ w_aug + lam[idx, None] * prior[idx])
+    diff = torch.zeros_like(w_aug)
+    diff[idx] = sol
+    diff = w_aug - diff  # the change of every weight (removed ones: their whole value)
+    fit = (diff * (ne.gram @ diff)).sum(0)  # Σ_tokens (y − y')² per output row
+    ridge = (lam[:, None] * (torch.zeros_like(w_aug).index_copy(0, idx, sol) - prior).square())
+    ridge[~torch.isin(torch.arange(n + 1), idx)] = (lam[:, None] * prior.square())[~torch.isin(torch.arange(n + 1), idx)]
+    return float((f * (fit + ridge.sum(0))).sum())
 
 
-@pytest.mark.parametrize("damping", [0.0, 1e-2])
-def test_every_prefix_matches_an_explicit_refit(damping):
+@pytest.mark.parametrize("damping,toward", [(0.0, "zero"), (1e-2, "zero"), (1e-2, "dense"), (0.3, "dense")])
+def test_every_prefix_matches_an_explicit_refit(damping, toward):
     x, w, b, f, ne = _block()
-    order, marginal = removal_order(ne.gram, w, b, f, 12, damping=damping, steps=12)  # one channel at a time
+    order, marginal = removal_order(ne.gram, w, b, f, 12, damping=damping, steps=12, toward=toward)  # one at a time
     assert sorted(order.tolist()) == list(range(12))
-    base = _objective(ne, w, b, f, list(range(12)), damping)
+    base = _objective(ne, w, b, f, list(range(12)), damping, toward)
+    if toward == "dense":
+        assert base == pytest.approx(0, abs=1e-9)  # toward the dense weights, keeping every unit costs nothing
     for k in range(1, 12):
         kept = sorted(set(range(12)) - set(order[:k].tolist()))
-        explicit = _objective(ne, w, b, f, kept, damping) - base
+        explicit = _objective(ne, w, b, f, kept, damping, toward) - base
         assert float(marginal[:k].sum()) == pytest.approx(explicit, rel=1e-6, abs=1e-6 * abs(base) + 1e-9), k
-    assert int(order[0]) == 3  # the reproducible column goes first
+    if damping <= 1e-2:  # (a strong pull toward the dense weights counts a removed column's own size too)
+        assert int(order[0]) == 3  # the reproducible column goes first
     # greedy: each step removes the unit whose own removal costs least at that point
-    first = [_objective(ne, w, b, f, [c for c in range(12) if c != u], damping) for u in range(12)]
+    first = [_objective(ne, w, b, f, [c for c in range(12) if c != u], damping, toward) for u in range(12)]
     assert int(order[0]) == min(range(12), key=first.__getitem__)
+
+
+def test_the_ridge_toward_the_dense_weights_leaves_a_whole_block_as_it_was():
+    x, w, b, f, ne = _block()
+    every = torch.arange(12)
+    same = ne.solve(w, b, every, damping=0.5, toward="dense")
+    torch.testing.assert_close(same["weight"], w.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(same["bias"], b.float(), rtol=1e-5, atol=1e-5)
+    shrunk = ne.solve(w, b, every, damping=0.5)  # plain ridge pulls the weights toward zero
+    assert float(shrunk["weight"].norm()) < 0.99 * float(w.norm())
+    # with a column removed, the re-fit is the explicit ridge-toward-dense solution
+    kept = torch.tensor([c for c in range(12) if c != 5])
+    got = ne.solve(w, b, kept, damping=0.5, toward="dense")
+    g = damped(ne.gram, 0.5, 12)
+    idx = torch.cat([kept, torch.tensor([12])])
+    want = torch.linalg.solve(g[idx][:, idx], g[idx] @ torch.cat([w.T, b[None]], 0))
+    torch.testing.assert_close(got["weight"], want[:-1].T.float(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="toward='up' is not allowed"):
+        ne.solve(w, b, kept, damping=0.5, toward="up")
+    with pytest.raises(ValueError, match="toward='up' is not allowed"):
+        removal_order(ne.gram, w, b, f, 12, toward="up")
 
 
 def test_batches_are_exact_at_their_ends_and_groups_of_columns():
@@ -153,9 +186,39 @@ def test_refit_needs_its_pass_and_refuses_clearly(tmp_path):
         compute_importance(model, samples, refit=True, data_parallel=True, progress=False)
     with pytest.raises(TypeError, match="refit='yes' must be True or False"):
         CalibrationConfig(refit="yes")
-    # cached apart from the plain pass
+    for bad, match in [(dict(refit_toward="up"), "refit_toward='up' is not allowed"),
+                       (dict(refit_damping=-1.0), "refit_damping=-1.0 must be a finite number >= 0"),
+                       (dict(refit_damping=float("nan")), "refit_damping=nan must be a finite number >= 0")]:
+        with pytest.raises(ValueError, match=match):
+            CalibrationConfig(refit=True, **bad)
+    # cached apart from the plain pass, and apart from another ridge; the default ridge keeps its earlier key
     with_refit = importance_cached(model, samples, cache=tmp_path, progress=False, refit=True)
     assert with_refit.key != plain.key and with_refit.acc.refit is not None
+    assert with_refit.key == make_key(model=model, data=samples, settings=dict(batch_size=4, fisher="batch", refit=True))
+    dense = importance_cached(model, samples, cache=tmp_path, progress=False, refit=True, refit_toward="dense",
+                              refit_damping=0.1)
+    assert dense.key != with_refit.key
+    assert any(not torch.equal(a, b) for a, b in zip(dense.acc.refit["mlp"], with_refit.acc.refit["mlp"]))
+
+
+def test_a_run_re_fits_with_the_ridge_its_scores_assumed(tokenizer):
+    from workbench.runs.pipeline import PruneRunConfig, calibrate, make_run_plan
+    from workbench.surgery.reconstruct import ReconstructConfig
+
+    cal = CalibrationConfig(num_samples=4, seq_len=16, batch_size=2, refit=True, refit_toward="dense",
+                            refit_damping=0.1)
+    with pytest.raises(ValueError, match=r"scoring.method=refit scores units for a re-fit with damping=0.1, "
+                                         r"toward='dense' .* but the reconstruction uses damping=0.0001, "
+                                         r"toward='zero': set both the same"):
+        PruneRunConfig(calibration=cal, scoring=ScoringConfig(method="refit"), reconstruction=ReconstructConfig())
+    PruneRunConfig(calibration=cal, scoring=ScoringConfig(method="taylor"), reconstruction=ReconstructConfig())
+    model = tiny_model("llama", n_layers=2, seed=4)
+    samples, imp = calibrate(model, tokenizer, cal, progress=False)
+    for cfg in (PruneRunConfig(calibration=cal, baseline="global_refit", selection=SelectionConfig(ratio=0.2)),
+                PruneRunConfig(calibration=cal, scoring=ScoringConfig(method="refit"), selection=SelectionConfig(
+                    ratio=0.2), reconstruction=ReconstructConfig(damping=0.1, toward="dense"))):
+        _, _, compensation = make_run_plan(model, cfg, samples, imp, progress=False)
+        assert (compensation.damping, compensation.toward) == (0.1, "dense")
 
 
 @pytest.mark.slow

@@ -110,6 +110,7 @@ def test_bad_damping_is_an_error(bad):
     (dict(num_samples=0), "num_samples=0"),
     (dict(batch_size=0), "batch_size=0"),
     (dict(bias=False, weights=False), "fits nothing"),
+    (dict(toward="up"), "toward='up' is not allowed"),
 ])
 def test_bad_settings_name_the_value(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -143,6 +144,27 @@ def test_reconstruction_lowers_the_loss_of_a_random_plan(mode):
     assert err(pruned) < 0.97 * before
     assert {(i, b) for i, b in rec.solutions} == {(i, b) for b in BLOCKS for i in range(4)
                                                   if plan.removed[b][i] and i not in plan.removed_layers()}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_ridge_toward_the_dense_weights_stays_near_them(mode):
+    dense = tiny_model("llama", n_layers=3, seed=4)
+    plan = random_plan(layer_widths(dense), 0.3, seed=5)
+    held_out = _samples(4, seed=9)
+    err = lambda m: (_logits(m, held_out) - _logits(dense, held_out)).pow(2).mean().item()  # noqa: E731
+    plain = copy.deepcopy(dense)
+    apply_plan(plain, plan)
+    kept = {n: p.detach().clone() for n, p in plain.named_parameters() if n.endswith(("o_proj.weight", "down_proj.weight"))}
+    moved, errors = {}, {}
+    for toward in ("zero", "dense"):
+        pruned = copy.deepcopy(plain)
+        reconstruct(dense, pruned, plan, _samples(32, 32), ReconstructConfig(mode=mode, damping=1.0, toward=toward),
+                    cache=False, progress=False)
+        params = dict(pruned.named_parameters())
+        moved[toward] = sum(float((params[n].detach() - w).norm()) for n, w in kept.items())
+        errors[toward] = err(pruned)
+    assert moved["dense"] < 0.5 * moved["zero"]  # a strong plain ridge shrinks the weights; this one keeps them
+    assert errors["dense"] < err(plain)
 
 
 def test_bias_only_is_flap_compensation():

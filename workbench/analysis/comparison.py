@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from workbench.baselines.registry import BASELINES, make_plan
+from workbench.baselines.registry import BASELINES, baseline_compensation, make_plan
 from workbench.core.models import parameter_count
 from workbench.data.text import OFFLINE_SOURCE
 from workbench.evaluation.evaluate import perplexity
@@ -42,7 +42,7 @@ def baseline_plans(rescorer: Rescorer, ratio: float, ratio_of: str = "total", *,
             if name not in BASELINES:
                 raise
             plan = Refused(str(e))
-        out[label] = (plan, BASELINES[name].compensation)
+        out[label] = (plan, baseline_compensation(name, rescorer.importance, params))
     return out
 
 

@@ -3,9 +3,11 @@ from workbench.baselines.registry import (
     BASELINES,
     REFIT_BASELINES,
     Baseline,
+    baseline_compensation,
     default_llm_pruner_range,
     make_plan,
     shortgpt_plan,
+    uses_refit_scores,
 )
 
 __all__ = [
@@ -15,4 +17,6 @@ __all__ = [
     "BASELINES",
     "REFIT_BASELINES",
     "make_plan",
+    "baseline_compensation",
+    "uses_refit_scores",
 ]

@@ -36,13 +36,14 @@ Sources:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
 
 from workbench.core.arch import BLOCKS
 from workbench.core.registry import Registry
+from workbench.data.text import REFIT_DAMPING
 from workbench.plans.allocation import LayerwiseConfig, layerwise_plan, owl_plan, plan_from_counts, uniform_plan
 from workbench.plans.normalize import ScoringConfig
 from workbench.plans.plan import Plan, PlanProvenance, check_achieved
@@ -55,6 +56,7 @@ from workbench.plans.selection import (
     select,
     stable_argsort,
 )
+from workbench.scoring.methods import IMPORTANCE_METHODS, Importance
 from workbench.surgery.reconstruct import ReconstructConfig
 
 
@@ -275,6 +277,22 @@ BASELINES: Registry[Baseline] = Registry.of("baseline", [
 
 # The baselines whose default importance method is the re-fit score (their pass needs refit=True).
 REFIT_BASELINES = ("global_refit", "depth_refit", "taylor_counts")
+
+
+def uses_refit_scores(name: str, params: dict | None = None) -> bool:
+    """Whether baseline `name` with these params makes its plan from the re-fit scores (`scoring.refit`)."""
+    method = (params or {}).get("method", "refit" if name in REFIT_BASELINES else None)
+    return isinstance(method, str) and method in IMPORTANCE_METHODS and IMPORTANCE_METHODS[method].needs == "refit"
+
+
+def baseline_compensation(name: str, importance: Importance, params: dict | None = None) -> ReconstructConfig | None:
+    """The closed-form correction that follows baseline `name`: its own; after a plan made from the re-fit scores,
+    the re-fit those scores assumed (the ridge of the pass: `CalibrationConfig.refit_damping` / `refit_toward`)."""
+    own = BASELINES[name].compensation
+    if own is None or not uses_refit_scores(name, params):
+        return own
+    ridge = importance.acc.refit_ridge or {}
+    return replace(own, damping=ridge.get("damping", REFIT_DAMPING), toward=ridge.get("toward", "zero"))
 
 
 def make_plan(name: str, rescorer: Rescorer, ratio: float, ratio_of: str = "total", *,

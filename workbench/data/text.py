@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,6 +27,8 @@ from workbench.core.registry import Registry, check_choice
 SPLITS = ("calibration", "evaluation")
 FISHER_MODES = ("batch", "sequence")  # how the importance pass estimates the Fisher diagonal
 ACCUMULATIONS = ("eager", "compiled")  # how the importance pass reduces each gradient to per-unit sums
+REFIT_TOWARD = ("zero", "dense")  # what the ridge of a least-squares re-fit pulls the re-fitted weights toward
+REFIT_DAMPING = 1e-4  # the ridge λ of a re-fit (the reconstruction's and the re-fit scores' default)
 
 
 @dataclass(frozen=True)
@@ -209,7 +212,10 @@ class CalibrationConfig:
             a compile on the first batch; same scores, not part of the cache key).
         refit: also compute the reconstruction-aware scores (the `refit` importance method): the pass reads the
             blocks' output gradients, then the dense model is replayed layer by layer for the re-fit order (on
-            the default model about 1.6× the plain pass's time in all).
+            the default model about 1.8× the plain pass's time in all).
+        refit_damping: λ of the ridge re-fit those scores assume (the reconstruction's `damping`).
+        refit_toward: what that ridge pulls the re-fitted weights toward (the reconstruction's `toward`): "zero"
+            (plain ridge) or "dense" (the dense weights; with a large λ the re-fit stays near them).
     """
 
     source: str = OFFLINE_SOURCE
@@ -221,6 +227,8 @@ class CalibrationConfig:
     gradient_checkpointing: bool = False
     accumulation: str = "eager"
     refit: bool = False
+    refit_damping: float = REFIT_DAMPING
+    refit_toward: str = "zero"
 
     def __post_init__(self):
         for name in ("num_samples", "seq_len", "batch_size", "seed"):
@@ -238,6 +246,10 @@ class CalibrationConfig:
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name}={getattr(self, name)!r} must be True or False")
         check_choice("accumulation", self.accumulation, ACCUMULATIONS)
+        check_choice("refit_toward", self.refit_toward, REFIT_TOWARD)
+        if isinstance(self.refit_damping, bool) or not isinstance(self.refit_damping, (int, float)) \
+                or not math.isfinite(self.refit_damping) or self.refit_damping < 0:
+            raise ValueError(f"refit_damping={self.refit_damping!r} must be a finite number >= 0")
 
 
 def calibration_samples(tokenizer, cfg: CalibrationConfig, *, hub_root=None) -> torch.Tensor:

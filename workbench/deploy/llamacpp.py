@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -261,17 +261,23 @@ def loaded(path: str | os.PathLike, **kwargs) -> Iterator[LlamaCppModel]:
 
 
 def compare(files: dict[str, str | os.PathLike], windows: Sequence[Sequence[int]], *, prompt_len: int = 128,
-            n_new: int = 64, n_threads: int | None = None, repeats: int = 3):
+            n_new: int = 64, n_threads: int | None = None, repeats: int = 3,
+            extra_windows: Mapping[str, Sequence[Sequence[int]]] | None = None):
     """One row per GGUF file, run in llama.cpp: architecture, size, perplexity on `windows`, prompt and
-    generation tokens/s (best of `repeats`). The prompt is the first window's first `prompt_len` tokens."""
+    generation tokens/s (best of `repeats`). The prompt is the first window's first `prompt_len` tokens.
+    `extra_windows` ({name: windows}, e.g. another text's evaluation part) adds a column `ppl_<name>` each."""
     if not windows or len(windows[0]) < prompt_len:
         raise ValueError(f"the first window must hold at least prompt_len={prompt_len} tokens")
-    n_ctx = max(max(len(w) for w in windows), prompt_len + n_new)
+    extra = dict(extra_windows or {})
+    for name, more in extra.items():
+        if not more:
+            raise ValueError(f"extra_windows[{name!r}] holds no window")
+    n_ctx = max(max(len(w) for w in [*windows, *(w for more in extra.values() for w in more)]), prompt_len + n_new)
     rows = []
     for name, path in files.items():
         with loaded(path, n_ctx=n_ctx, n_threads=n_threads) as m:
             speed = throughput(m, list(windows[0][:prompt_len]), n_new=n_new, repeats=repeats)
             rows.append(dict(model=name, arch=m.meta("general.architecture"), size_mib=Path(path).stat().st_size / 2**20,
-                             ppl=perplexity(m, windows), prompt_tok_s=speed.prompt_tok_s, gen_tok_s=speed.gen_tok_s,
-                             threads=speed.n_threads))
+                             ppl=perplexity(m, windows), **{f"ppl_{text}": perplexity(m, more) for text, more in extra.items()},
+                             prompt_tok_s=speed.prompt_tok_s, gen_tok_s=speed.gen_tok_s, threads=speed.n_threads))
     return pd.DataFrame(rows).set_index("model")

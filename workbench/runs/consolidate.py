@@ -70,6 +70,8 @@ def run_row(run_dir: str | os.PathLike) -> dict:
         row["ppl_finetuned"] = rec["finetuned"]["ppl"]
     for source, r in rec.get("extra_sources", {}).items():
         row[f"ppl_dense_{source}"], row[f"ppl_final_{source}"] = r["dense"]["ppl"], r["final"]["ppl"]
+        if "pruned" in r:  # records written before the pruned model was measured on other texts have only "final"
+            row[f"ppl_pruned_{source}"] = r["pruned"]["ppl"]
     if "zero_shot" in rec:
         zs = rec["zero_shot"]
         row.update(acc_mean=zs["mean_acc"], acc_norm_mean=zs["mean_acc_norm"])

@@ -13,7 +13,7 @@ from torch import nn
 
 from workbench import plots
 from workbench.analysis.diagnosis import diagnose
-from workbench.baselines.registry import BASELINES, REFIT_BASELINES, make_plan
+from workbench.baselines.registry import BASELINES, baseline_compensation, make_plan, uses_refit_scores
 from workbench.core.cache import fingerprint_once, model_fingerprint
 from workbench.core.experiments import Experiment
 from workbench.core.models import anatomy, check_context, model_summary
@@ -50,8 +50,8 @@ class PruneRunConfig:
             "shortgpt"), at `selection.ratio` of `selection.ratio_of`; None: the global selection.
         baseline_params: the baseline's own options (e.g. {"strategy": "inverse", "alpha": 1.0} for layerwise).
         eval_source: text source whose evaluation part measures perplexity (the run's main PPL).
-        extra_eval_sources: more sources whose evaluation parts are measured too, on the dense and the final model
-            (recorded per source).
+        extra_eval_sources: more sources whose evaluation parts are measured too, on the dense, the pruned and the
+            final (fine-tuned) model (recorded per source).
         eval_seq_len: tokens per evaluation window.
         eval_windows: evaluation windows (None: all of the evaluation part).
         save_model: save the pruned checkpoint into the experiment's `model/` and check its reload.
@@ -94,11 +94,23 @@ class PruneRunConfig:
             raise ValueError(f"layer_importance_samples={self.layer_importance_samples!r} must be a positive integer")
         if self.baseline_params and self.baseline is None:
             raise ValueError(f"baseline_params={self.baseline_params} without a baseline; set baseline too")
-        method = self.scoring.method if self.baseline is None else self.baseline_params.get(
-            "method", "refit" if self.baseline in REFIT_BASELINES else None)
-        if method in IMPORTANCE_METHODS and IMPORTANCE_METHODS[method].needs == "refit" and not self.calibration.refit:
-            made = f"scoring.method={method}" if self.baseline is None else f"baseline={self.baseline}"
-            raise ValueError(f"{made} needs the re-fit scores of the calibration pass: set calibration.refit=true")
+        if self.uses_refit_scores:
+            made = f"scoring.method={self.scoring.method}" if self.baseline is None else f"baseline={self.baseline}"
+            if not self.calibration.refit:
+                raise ValueError(f"{made} needs the re-fit scores of the calibration pass: set calibration.refit=true")
+            rec, cal = self.reconstruction, self.calibration
+            if rec is not None and (rec.damping, rec.toward) != (cal.refit_damping, cal.refit_toward):
+                raise ValueError(
+                    f"{made} scores units for a re-fit with damping={cal.refit_damping}, toward={cal.refit_toward!r} "
+                    f"(calibration.refit_damping / refit_toward), but the reconstruction uses damping={rec.damping}, "
+                    f"toward={rec.toward!r}: set both the same")
+
+    @property
+    def uses_refit_scores(self) -> bool:
+        """Whether the plan is made from the re-fit scores (`scoring.refit`)."""
+        if self.baseline is not None:
+            return uses_refit_scores(self.baseline, self.baseline_params)
+        return IMPORTANCE_METHODS[self.scoring.method].needs == "refit"
 
     @property
     def method(self) -> str:
@@ -131,7 +143,8 @@ def calibrate(model: nn.Module, tokenizer, calibration: CalibrationConfig, *,
     imp = importance_cached(model, samples, batch_size=calibration.batch_size, fisher=calibration.fisher,
                             progress=progress, calibration=asdict(calibration), data_parallel=data_parallel,
                             gradient_checkpointing=calibration.gradient_checkpointing,
-                            accumulation=calibration.accumulation, refit=calibration.refit)
+                            accumulation=calibration.accumulation, refit=calibration.refit,
+                            refit_damping=calibration.refit_damping, refit_toward=calibration.refit_toward)
     return samples, imp
 
 
@@ -189,7 +202,8 @@ def make_run_plan(model: nn.Module, cfg: PruneRunConfig, samples: torch.Tensor, 
                     for m in base.layer_measures}
     plan = make_plan(cfg.baseline, rescorer, cfg.selection.ratio, cfg.selection.ratio_of, layer_scores=layer_scores,
                      **cfg.baseline_params)
-    return rescorer.table(cfg.scoring.method), plan, cfg.reconstruction or base.compensation
+    own = baseline_compensation(cfg.baseline, imp, cfg.baseline_params)
+    return rescorer.table(cfg.scoring.method), plan, cfg.reconstruction or own
 
 
 def run_pruning(model, tokenizer, cfg: PruneRunConfig, experiment: Experiment, *, log=print,
@@ -245,6 +259,7 @@ def run_pruning(model, tokenizer, cfg: PruneRunConfig, experiment: Experiment, *
         f"layers removed {report.removed_layers}, emptied blocks {report.emptied_blocks}")
     with step("perplexity_pruned"):
         pruned = ppl(model)
+        pruned_extra = {s: ppl(model, s).to_dict() for s in extra}
     log(f"pruned PPL {pruned.ppl:.2f}")
     record = dict(dense=dense.to_dict(), pruned=pruned.to_dict(), report=report.to_dict(), plan=plan.to_dict(),
                   diagnosis={k: diagnosis[k] for k in ("mean_ratio", "norm_ratio", "n_extreme")},
@@ -257,9 +272,11 @@ def run_pruning(model, tokenizer, cfg: PruneRunConfig, experiment: Experiment, *
             record["finetuned"] = ppl(model).to_dict()
         record["finetune"] = result.summary()
         log(f"fine-tuned PPL {record['finetuned']['ppl']:.2f} after {result.steps} steps")
-    if extra:
+    if extra:  # each other text on the dense, the pruned and the final (fine-tuned or else pruned) model
         with step("perplexity_extra_sources"):
-            record["extra_sources"] = {s: dict(dense=dense_extra[s], final=ppl(model, s).to_dict()) for s in extra}
+            record["extra_sources"] = {s: dict(dense=dense_extra[s], pruned=pruned_extra[s],
+                                               final=ppl(model, s).to_dict() if cfg.finetune else pruned_extra[s])
+                                       for s in extra}
     if cfg.zero_shot is not None:
         with step("zero_shot"):
             record["zero_shot"] = zero_shot(model, tokenizer, cfg.zero_shot, progress=progress).to_dict()

@@ -48,7 +48,6 @@ from workbench.scoring.methods import (
 )
 from workbench.scoring.parallel import importance_data_parallel, init_from_env
 from workbench.scoring.refit import (
-    REFIT_DAMPING,
     REFIT_STEPS,
     NormalEquations,
     augmented,
@@ -93,7 +92,6 @@ __all__ = [
     "save_importance",
     "load_importance",
     "importance_cached",
-    "REFIT_DAMPING",
     "REFIT_STEPS",
     "NormalEquations",
     "augmented",

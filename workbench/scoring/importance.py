@@ -44,7 +44,7 @@ from workbench.scoring.hooks import (
     terms_fn,
 )
 from workbench.scoring.methods import Accumulators, Importance
-from workbench.scoring.refit import refit_scores
+from workbench.scoring.refit import REFIT_DAMPING, refit_scores
 
 CACHE_KIND = "importance"
 # 3: FLAP fluctuation; 4: per-sequence Fisher (optional); 6: FLAP's and Wanda-sp's own statistics; 7: re-fit scores
@@ -138,6 +138,8 @@ def compute_importance(
     gradient_checkpointing: bool = False,
     accumulation: str = "eager",
     refit: bool = False,
+    refit_damping: float = REFIT_DAMPING,
+    refit_toward: str = "zero",
 ) -> Importance:
     """Run one forward+backward pass over `samples` ([N, seq_len] token ids) and accumulate everything.
 
@@ -159,7 +161,8 @@ def compute_importance(
 
     refit=True adds the reconstruction-aware scores (the `refit` importance method): the pass also sums the
     squared gradient of every block's output, then the dense model is replayed one layer at a time for the
-    Gram matrices and the greedy re-fit order (`workbench.scoring.refit`; not with data_parallel yet).
+    Gram matrices and the greedy re-fit order (`workbench.scoring.refit`; not with data_parallel yet), for a
+    re-fit with ridge `refit_damping` pulling toward `refit_toward` ("zero" or "dense").
     """
     if samples.ndim != 2 or samples.numel() == 0:
         raise ValueError(f"samples must be a non-empty [num_samples, seq_len] tensor, got shape {tuple(samples.shape)}")
@@ -195,8 +198,9 @@ def compute_importance(
         fluctuation, flap = _fluctuation_scores(model, norms, run.n_tokens)
     finally:
         model.zero_grad(set_to_none=True)
-    refitted = refit_scores(model, samples, run.checked_output_sums(), run.n_tokens, batch_size=batch_size,
-                            progress=progress) if refit else None
+    refitted = (*refit_scores(model, samples, run.checked_output_sums(), run.n_tokens, batch_size=batch_size,
+                              damping=refit_damping, toward=refit_toward, progress=progress),
+                dict(damping=refit_damping, toward=refit_toward)) if refit else None
     return run.result(wanda, wanda_sp, fluctuation, flap, seconds=time.perf_counter() - t0, calibration=calibration,
                       sequences=len(samples), refit=refitted)
 
@@ -309,7 +313,7 @@ class ImportancePass:
         self.n_tokens += batch.numel()
 
     def result(self, wanda: dict, wanda_sp: dict, fluctuation: dict, flap: dict, *, seconds: float, calibration: dict | None,
-               sequences: int, refit: tuple[dict, dict] | None = None) -> Importance:
+               sequences: int, refit: tuple[dict, dict, dict] | None = None) -> Importance:
         """The accumulated pass as an `Importance` (accumulators on the CPU, the gradient-statistics table)."""
         blocks, n_units = self.blocks, self.n_units
         magnitude: dict[str, list[torch.Tensor]] = {b: [] for b in BLOCKS}
@@ -336,6 +340,7 @@ class ImportancePass:
             fisher_seq=per_block(self.fisher_s) if self.fisher_s is not None else None,
             sequences=sequences if self.per_sequence else 0,
             refit=refit[0] if refit is not None else None, refit_raw=refit[1] if refit is not None else None,
+            refit_ridge=refit[2] if refit is not None else None,
         )
         return Importance(
             acc=acc, grad_stats=grad_stats, widths=layer_widths(self.model),
@@ -455,22 +460,27 @@ def importance_cached(
     gradient_checkpointing: bool = False,
     accumulation: str = "eager",
     refit: bool = False,
+    refit_damping: float = REFIT_DAMPING,
+    refit_toward: str = "zero",
 ) -> Importance:
     """`compute_importance`, cached (`workbench.core.cache`) by the model's content, the samples, the batch size,
-    the Fisher mode and `refit` (not by the number of processes, gradient checkpointing or the accumulation: they give the
-    same result).
+    the Fisher mode and `refit` with its ridge (not by the number of processes, gradient checkpointing or the
+    accumulation: they give the same result).
 
     `cache=True`: memory + `data_cache/importance/`; a folder: memory + that folder; False: always computed.
     With `data_parallel=True` every process reads the cache and only rank 0 writes it.
     """
-    key = make_key(model=model, data=samples, settings=dict(batch_size=batch_size, fisher=fisher, refit=refit))
+    settings: dict = dict(batch_size=batch_size, fisher=fisher, refit=refit)
+    if refit and (refit_damping, refit_toward) != (REFIT_DAMPING, "zero"):  # the default ridge keeps its earlier key
+        settings.update(refit_damping=refit_damping, refit_toward=refit_toward)
+    key = make_key(model=model, data=samples, settings=settings)
     rank, _ = _rank_and_world(data_parallel)
 
     def compute() -> Importance:
         imp = compute_importance(model, samples, batch_size=batch_size, fisher=fisher, progress=progress,
                                  calibration=calibration, data_parallel=data_parallel,
                                  gradient_checkpointing=gradient_checkpointing, accumulation=accumulation,
-                                 refit=refit)
+                                 refit=refit, refit_damping=refit_damping, refit_toward=refit_toward)
         imp.key = key
         return imp
 

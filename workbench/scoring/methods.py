@@ -38,6 +38,8 @@ class Accumulators:
     # and the raw marginals along that order.
     refit: dict[str, list[torch.Tensor]] | None = None
     refit_raw: dict[str, list[torch.Tensor]] | None = None
+    # the ridge of the re-fit those scores assume: {"damping": λ, "toward": "zero" | "dense"} (None: the default)
+    refit_ridge: dict | None = None
 
 
 # What a method may need beyond every pass's accumulators: whether the pass has it, and how to get it.

@@ -17,6 +17,12 @@ P_RR −= P_R,Q P_QQ⁻¹ P_Q,R. This is Optimal Brain Surgeon's update (Hassibi
 columns at a time, as SlimGPT (Ling et al., 2024) does for heads; `tests/scoring/test_refit.py` checks it
 against an explicit ridge re-fit of every prefix.
 
+What the ridge pulls toward (`toward`): "zero" is plain ridge, λ‖W'‖². "dense" is λ‖W' − W‖² with the
+removed columns' λ‖W_Q‖² counted as error: the damping acts as pseudo-tokens √λ·e_j whose targets are the
+dense weights' own outputs, so every formula above holds with the cross term taken from G̃ instead of G. A
+block that loses nothing is then left exactly as it was, and a large λ keeps the re-fit near the dense weights
+instead of shrinking them; measured on the default model, that carries better out of the calibration domain.
+
 Across layers: the row weights f_r are the mean over calibration tokens of (∂ΣNLL/∂y_r)², the diagonal of the
 empirical Fisher of the block's output (read by tensor hooks during the importance pass). ½·ΔE/N is then the
 second-order increase of the mean calibration loss, in the same units for every block, so one global knapsack
@@ -45,11 +51,12 @@ from tqdm.auto import tqdm
 
 from workbench.core.arch import BLOCKS, decoder_layers, geometry, get_spec, layer_parts
 from workbench.core.models import eval_mode
+from workbench.core.registry import check_choice
 from workbench.core.tracer import layer_calls, trace
 from workbench.core.units import block_units
+from workbench.data.text import REFIT_DAMPING, REFIT_TOWARD
 from workbench.scoring.hooks import CHANNEL_BLOCKS
 
-REFIT_DAMPING = 1e-4  # λ of the ridge re-fit the scores assume (the reconstruction's default)
 REFIT_STEPS = 64  # greedy batches per MLP block (attention: one KV group at a time)
 
 
@@ -89,11 +96,13 @@ class NormalEquations:
                 "check the model, or use float32 / bfloat16")
 
     def solve(self, weight: torch.Tensor, bias: torch.Tensor | None, kept: torch.Tensor, *, damping: float,
-              fit_bias: bool = True, fit_weights: bool = True) -> dict:
-        """Solve for the kept columns `kept` of the output projection (weight [n_out, n_in], bias or None).
+              fit_bias: bool = True, fit_weights: bool = True, toward: str = "zero") -> dict:
+        """Solve for the kept columns `kept` of the output projection (weight [n_out, n_in], bias or None); the
+        ridge term pulls the weights toward `toward`: "zero" or "dense" (their own dense values).
 
         Returns {"weight": [n_out, len(kept)] or None (unchanged), "bias": [n_out] or None (unchanged)}.
         """
+        check_choice("toward", toward, REFIT_TOWARD)
         n = self.gram.shape[0] - 1
         self.check()
         w_aug = augmented(weight, bias)
@@ -106,8 +115,12 @@ class NormalEquations:
             return dict(weight=None, bias=b.float().cpu() if fit_bias else None)
         idx = torch.cat([kept, const]) if fit_bias else kept
         gram = self.gram[idx][:, idx]
-        cross = self.gram[idx] @ w_aug if fit_bias else self.gram[idx][:, :n] @ w_aug[:n]  # no bias: b stays
-        sol_w, sol_b = solve_ridge(gram, cross, damping, fit_bias)
+        # λ is scaled by the block's whole Gram (not the kept columns'): the same ridge whatever is kept, as the
+        # re-fit scores assume; toward the dense weights, the cross term comes from the damped Gram
+        scale = float(torch.diagonal(self.gram)[:n].mean().clamp_min(1e-12))
+        source = damped(self.gram, damping, n, scale) if toward == "dense" else self.gram
+        cross = source[idx] @ w_aug if fit_bias else source[idx][:, :n] @ w_aug[:n]  # no bias: b stays
+        sol_w, sol_b = solve_ridge(gram, cross, damping, fit_bias, scale)
         return dict(weight=sol_w.float().cpu(), bias=sol_b.float().cpu() if sol_b is not None else None)
 
 
@@ -117,25 +130,27 @@ def augmented(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return torch.cat([weight.detach().double().T, b[None]], dim=0)
 
 
-def damped(gram: torch.Tensor, damping: float, n: int) -> torch.Tensor:
-    """A copy of `gram` with λ·mean(diag) added to its first n diagonal entries (the constant is not damped)."""
+def damped(gram: torch.Tensor, damping: float, n: int, scale: float | None = None) -> torch.Tensor:
+    """A copy of `gram` with λ·scale added to its first n diagonal entries (the constant is not damped); the
+    scale is the mean of those entries unless given (a block's full Gram's, when `gram` is a subset of it)."""
     if isinstance(damping, bool) or not damping >= 0 or not math.isfinite(damping):
         raise ValueError(f"damping={damping!r} must be a finite number >= 0")
     g = gram.clone()
     if n:
         diag = torch.diagonal(g)[:n]
-        diag += damping * float(diag.mean().clamp_min(1e-12))
+        diag += damping * (float(diag.mean().clamp_min(1e-12)) if scale is None else scale)
     return g
 
 
 def solve_ridge(gram: torch.Tensor, cross: torch.Tensor, damping: float,
-                bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Solve (G + λ·mean(diag G)·I) W̃ = C; with `bias` the last row/column is the constant, never damped.
+                bias: bool, scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Solve (G + λ·s·I) W̃ = C, s = mean(diag G) unless `scale` is given; with `bias` the last row/column is
+    the constant, never damped.
 
     Returns (W' [n_out, n], b' [n_out] or None).
     """
     n = gram.shape[0] - (1 if bias else 0)
-    g = damped(gram, damping, n)
+    g = damped(gram, damping, n, scale)
     try:
         w = torch.linalg.solve(g, cross)
     except RuntimeError:  # singular without damping: the least-norm solution
@@ -209,15 +224,17 @@ def layer_grams(model: nn.Module, samples: torch.Tensor, batch_size: int = 4, *,
 
 @torch.no_grad()
 def removal_order(gram: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, row_weights: torch.Tensor,
-                  n_units: int, *, damping: float = REFIT_DAMPING, steps: int = REFIT_STEPS
+                  n_units: int, *, damping: float = REFIT_DAMPING, steps: int = REFIT_STEPS, toward: str = "zero"
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every unit of one block in greedy removal order, and the increase of the row-weighted re-fit error
-    Σ_r f_r Σ_tokens (y_r − y'_r)² that each removal adds (see the module's docstring).
+    Σ_r f_r Σ_tokens (y_r − y'_r)² that each removal adds (see the module's docstring; `toward`: what the ridge
+    pulls the re-fitted weights toward, "zero" or "dense").
 
     gram: [n_in + 1, n_in + 1] Gram of [h, 1]; weight: [n_out, n_in]; row_weights: f [n_out]; n_units divides
     n_in (a unit owns n_in / n_units consecutive columns). Units of one column go `ceil(n_units / steps)` at a
     time; wider units (KV groups) one at a time. Returns (order [n_units], marginal [n_units], float64).
     """
+    check_choice("toward", toward, REFIT_TOWARD)
     n = gram.shape[0] - 1
     if n % n_units:
         raise ValueError(f"{n} input columns do not split into {n_units} units")
@@ -227,7 +244,8 @@ def removal_order(gram: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         p = torch.linalg.inv(g)
     except RuntimeError:  # singular (e.g. a dead channel and no damping): the pseudo-inverse
         p = torch.linalg.pinv(g)
-    w = (p @ (gram.double() @ augmented(weight, bias).to(gram.device))).T  # [n_out, n + 1]: the full re-fit
+    source = g if toward == "dense" else gram.double()  # the cross term's Gram (see the module's docstring)
+    w = (p @ (source @ augmented(weight, bias).to(gram.device))).T  # [n_out, n + 1]: the full re-fit
     f = row_weights.double().to(gram.device)[:, None]
     alive = torch.arange(n_units, device=gram.device)  # units still kept, in the order of p's and w's columns
     cols = torch.arange(n, device=gram.device).reshape(n_units, width)  # columns of the live units in p, w
@@ -301,10 +319,11 @@ def pooled(order: torch.Tensor, marginal: torch.Tensor) -> torch.Tensor:
 
 
 def refit_scores(model: nn.Module, samples: torch.Tensor, output_fisher: dict[tuple[int, str], torch.Tensor],
-                 tokens: int, *, batch_size: int = 4, progress: bool = True
-                 ) -> tuple[dict[str, list[torch.Tensor]], dict[str, list[torch.Tensor]]]:
+                 tokens: int, *, batch_size: int = 4, damping: float = REFIT_DAMPING, toward: str = "zero",
+                 progress: bool = True) -> tuple[dict[str, list[torch.Tensor]], dict[str, list[torch.Tensor]]]:
     """The reconstruction-aware loss increase of every unit, in mean-calibration-loss units: (pooled per-unit
-    scores, raw marginals along the greedy order), each block -> per-layer tensors.
+    scores, raw marginals along the greedy order), each block -> per-layer tensors. `damping` / `toward`: the
+    ridge of the re-fit the scores assume (the reconstruction's `damping` / `toward`).
 
     `output_fisher[(layer, block)]`: Σ over the calibration tokens of (∂ΣNLL/∂y)² per output dimension of the
     block's output projection (the importance pass accumulates it); `tokens`: how many tokens those sums hold.
@@ -325,7 +344,7 @@ def refit_scores(model: nn.Module, samples: torch.Tensor, output_fisher: dict[tu
             except (ValueError, FloatingPointError) as e:
                 raise type(e)(f"layer {i} {block}: {e}") from None
             f = output_fisher[(i, block)].double() / tokens
-            order, marginal = removal_order(ne.gram, proj.weight, proj.bias, f, n_units)
+            order, marginal = removal_order(ne.gram, proj.weight, proj.bias, f, n_units, damping=damping, toward=toward)
             per_unit = torch.empty(n_units, dtype=torch.float64)
             per_unit[order] = marginal
             scale = 0.5 / ne.tokens  # ½ΔE summed over tokens -> the mean loss's increase

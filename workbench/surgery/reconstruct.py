@@ -48,6 +48,7 @@ from workbench.core.models import check_token_ids, eval_mode
 from workbench.core.registry import check_choice
 from workbench.core.tracer import trace
 from workbench.core.units import unit_rows
+from workbench.data.text import REFIT_DAMPING, REFIT_TOWARD
 from workbench.plans.plan import Plan
 from workbench.scoring.hooks import CHANNEL_BLOCKS, CHANNEL_SITES
 from workbench.scoring.refit import NormalEquations, call_layer, recorded_inputs
@@ -65,6 +66,9 @@ class ReconstructConfig:
         mode: "sequential" (the dense blocks run on the reconstructed pruned model's inputs, layer by layer)
             or "one_shot" (everything from one dense pass).
         damping: λ >= 0, added to the diagonal of the normal equations times their mean diagonal (ridge).
+        toward: what the ridge pulls the re-fitted weights toward: "zero" (plain ridge) or "dense" (their dense
+            values: a block that lost nothing is left exactly as it was, and a large λ keeps the re-fit near the
+            dense model, which on the default model carries better out of the calibration domain).
         bias: also fit an output bias (mean compensation); emptied blocks then add their mean output.
         weights: re-fit the output projection's kept columns; False keeps them and fits only the bias (FLAP).
         blocks: which output projections to re-fit: "attn" (o_proj), "mlp" (down_proj), or both.
@@ -73,7 +77,8 @@ class ReconstructConfig:
     """
 
     mode: str = "one_shot"
-    damping: float = 1e-4
+    damping: float = REFIT_DAMPING
+    toward: str = "zero"
     bias: bool = True
     weights: bool = True
     blocks: tuple[str, ...] = BLOCKS
@@ -85,6 +90,7 @@ class ReconstructConfig:
         if isinstance(self.damping, bool) or not isinstance(self.damping, (int, float)) or not self.damping >= 0 \
                 or not math.isfinite(self.damping):
             raise ValueError(f"damping={self.damping!r} must be a finite number >= 0")
+        check_choice("toward", self.toward, REFIT_TOWARD)
         for name in ("bias", "weights"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
@@ -132,7 +138,7 @@ def _solve(ne: NormalEquations, dense_layer: nn.Module, spec, plan: Plan, layer:
     proj = _out_proj(dense_layer, spec, block)
     try:
         return ne.solve(proj.weight, proj.bias, _kept_columns(plan, layer, block, proj.in_features),
-                        damping=cfg.damping, fit_bias=cfg.bias, fit_weights=cfg.weights)
+                        damping=cfg.damping, fit_bias=cfg.bias, fit_weights=cfg.weights, toward=cfg.toward)
     except FloatingPointError as e:
         raise FloatingPointError(f"layer {layer} {block}: {e}") from None
 
@@ -233,7 +239,10 @@ def solve_reconstruction(dense: nn.Module, plan: Plan, samples: torch.Tensor,
                          f"{tuple(samples.shape) if isinstance(samples, torch.Tensor) else type(samples).__name__}")
     check_token_ids(samples, dense, "calibration token ids")
     samples = samples[: cfg.num_samples] if cfg.num_samples is not None else samples
-    key = make_key(model=dense, data=samples, settings=dict(plan=plan.removed, **asdict(cfg)))
+    settings = asdict(cfg)
+    if cfg.toward == "zero":  # the default keeps the key it had before `toward` existed
+        del settings["toward"]
+    key = make_key(model=dense, data=samples, settings=dict(plan=plan.removed, **settings))
 
     def compute() -> Reconstruction:
         t0 = time.perf_counter()
