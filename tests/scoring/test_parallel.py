@@ -34,6 +34,22 @@ def test_two_processes_compute_what_one_computes(fisher, tmp_path):
     assert len(list((tmp_path / "importance").glob("*.pt"))) == 1  # rank 0 wrote the cache, once
 
 
+@pytest.mark.slow
+def test_two_processes_compute_the_refit_scores_one_computes(tmp_path):
+    """Each process replays its own share of the samples; the layers' Grams and the output Fisher are summed."""
+    make = functools.partial(tiny_model, "qwen2", n_layers=3, seed=5)
+    samples = torch.randint(0, 256, (10, 16), generator=torch.Generator().manual_seed(1))
+    kw = dict(batch_size=4, refit=True, refit_toward="dense", refit_damping=0.05)
+    one = compute_importance(make(), samples, progress=False, **kw)
+    two = importance_data_parallel(make, samples, 2, cache=tmp_path, **kw)
+    assert two.acc.refit_ridge == one.acc.refit_ridge == dict(damping=0.05, toward="dense")
+    for block, per_layer in one.acc.refit.items():
+        for a, b in zip(two.acc.refit[block], per_layer):
+            assert _close(a, b, 1e-5), block
+    assert not torch.equal(one.acc.refit["mlp"][0], compute_importance(make(), samples, progress=False, batch_size=4,
+                                                                       refit=True).acc.refit["mlp"][0])
+
+
 def test_data_parallel_needs_a_process_group_and_at_least_one_process():
     model = tiny_model("llama", n_layers=2)
     with pytest.raises(RuntimeError, match="initialised torch.distributed process group"):

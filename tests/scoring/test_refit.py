@@ -182,8 +182,6 @@ def test_refit_needs_its_pass_and_refuses_clearly(tmp_path):
     assert "refit" not in available_methods(plain)
     with pytest.raises(ValueError, match=r"needs the re-fit scores; calibrate with refit=True"):
         plain.scores("refit")
-    with pytest.raises(ValueError, match="does not run data-parallel"):
-        compute_importance(model, samples, refit=True, data_parallel=True, progress=False)
     with pytest.raises(TypeError, match="refit='yes' must be True or False"):
         CalibrationConfig(refit="yes")
     for bad, match in [(dict(refit_toward="up"), "refit_toward='up' is not allowed"),

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 
 import pandas as pd
@@ -161,8 +161,9 @@ def compute_importance(
 
     refit=True adds the reconstruction-aware scores (the `refit` importance method): the pass also sums the
     squared gradient of every block's output, then the dense model is replayed one layer at a time for the
-    Gram matrices and the greedy re-fit order (`workbench.scoring.refit`; not with data_parallel yet), for a
-    re-fit with ridge `refit_damping` pulling toward `refit_toward` ("zero" or "dense").
+    Gram matrices and the greedy re-fit order (`workbench.scoring.refit`), for a re-fit with ridge
+    `refit_damping` pulling toward `refit_toward` ("zero" or "dense"). Data-parallel, each process replays its
+    own share of the samples and every layer's Grams are all-reduced before the (identical) greedy orders.
     """
     if samples.ndim != 2 or samples.numel() == 0:
         raise ValueError(f"samples must be a non-empty [num_samples, seq_len] tensor, got shape {tuple(samples.shape)}")
@@ -174,9 +175,6 @@ def compute_importance(
     check_choice("fisher", fisher, FISHER_MODES)
     if not isinstance(refit, bool):
         raise TypeError(f"refit={refit!r} must be True or False")
-    if refit and data_parallel:
-        raise ValueError("refit=True does not run data-parallel yet (its layer-by-layer replay is one process's): "
-                         "calibrate with refit on one process, or set refit=False")
     terms = terms_fn(accumulation)
     check_token_ids(samples, model, "calibration token ids")
     rank, world = _rank_and_world(data_parallel)
@@ -192,15 +190,20 @@ def compute_importance(
             for start in tqdm(starts, desc="importance", disable=not progress or rank != 0, leave=False):
                 run.batch(samples[start : start + batch_size])
             if world > 1:
+                outputs = [run.output_sums[k] for k in sorted(run.output_sums, key=str)]
                 run.n_batches, run.n_tokens = _all_reduce_parts(run.first, run.fisher_b, run.fisher_s, run.stats,
-                                                                norms, run.n_batches, run.n_tokens)
+                                                                norms, run.n_batches, run.n_tokens, outputs)
         wanda, wanda_sp = _wanda_scores(model, norms)
         fluctuation, flap = _fluctuation_scores(model, norms, run.n_tokens)
     finally:
         model.zero_grad(set_to_none=True)
-    refitted = (*refit_scores(model, samples, run.checked_output_sums(), run.n_tokens, batch_size=batch_size,
-                              damping=refit_damping, toward=refit_toward, progress=progress),
-                dict(damping=refit_damping, toward=refit_toward)) if refit else None
+    refitted = None
+    if refit:  # each process replays its own share; every layer's Grams are summed over the processes
+        share = torch.cat([samples[start : start + batch_size] for start in starts])
+        refitted = (*refit_scores(model, share, run.checked_output_sums(), run.n_tokens, batch_size=batch_size,
+                                  damping=refit_damping, toward=refit_toward, progress=progress and rank == 0,
+                                  reduce=_all_reduce_sum if world > 1 else None),
+                    dict(damping=refit_damping, toward=refit_toward))
     return run.result(wanda, wanda_sp, fluctuation, flap, seconds=time.perf_counter() - t0, calibration=calibration,
                       sequences=len(samples), refit=refitted)
 
@@ -370,14 +373,22 @@ def _rank_and_world(data_parallel: bool) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def _all_reduce_sum(t: torch.Tensor) -> None:
+    """Sum a tensor over the processes, in place."""
+    import torch.distributed as dist  # deferred: only data-parallel calibration needs it
+
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+
 @torch.no_grad()
 def _all_reduce_parts(first: dict, fisher_b: dict, fisher_s: dict | None, stats: torch.Tensor, norms: dict,
-                      n_batches: int, n_tokens: int) -> tuple[int, int]:
-    """Sum every process's accumulators in place (the max of the gradient maxima); return the total counts."""
+                      n_batches: int, n_tokens: int, more: Sequence[torch.Tensor] = ()) -> tuple[int, int]:
+    """Sum every process's accumulators (and the tensors `more`) in place (the max of the gradient maxima);
+    return the total counts."""
     import torch.distributed as dist  # deferred: only data-parallel calibration needs it
 
     tensors = [*first.values(), *fisher_b.values(), *(fisher_s or {}).values(),
-               *(norms[k] for k in sorted(norms, key=str))]
+               *(norms[k] for k in sorted(norms, key=str)), *more]
     flat = torch.cat([t.reshape(-1).double().to(stats.device) for t in tensors]
                      + [stats[:, [0, 1, 3]].reshape(-1), stats.new_tensor([n_batches, n_tokens])])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)

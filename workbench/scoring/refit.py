@@ -42,7 +42,7 @@ plus the greedy updates, ≈ REFIT_STEPS·(d + 1)² per block (`benchmarks/refit
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -320,19 +320,25 @@ def pooled(order: torch.Tensor, marginal: torch.Tensor) -> torch.Tensor:
 
 def refit_scores(model: nn.Module, samples: torch.Tensor, output_fisher: dict[tuple[int, str], torch.Tensor],
                  tokens: int, *, batch_size: int = 4, damping: float = REFIT_DAMPING, toward: str = "zero",
-                 progress: bool = True) -> tuple[dict[str, list[torch.Tensor]], dict[str, list[torch.Tensor]]]:
+                 progress: bool = True, reduce: Callable[[torch.Tensor], None] | None = None
+                 ) -> tuple[dict[str, list[torch.Tensor]], dict[str, list[torch.Tensor]]]:
     """The reconstruction-aware loss increase of every unit, in mean-calibration-loss units: (pooled per-unit
     scores, raw marginals along the greedy order), each block -> per-layer tensors. `damping` / `toward`: the
     ridge of the re-fit the scores assume (the reconstruction's `damping` / `toward`).
 
     `output_fisher[(layer, block)]`: Σ over the calibration tokens of (∂ΣNLL/∂y)² per output dimension of the
     block's output projection (the importance pass accumulates it); `tokens`: how many tokens those sums hold.
+    `reduce`: sums each layer's Gram matrices in place over the processes of a data-parallel pass (each process
+    gives its own share of the samples; every process then computes the same orders).
     """
     spec, head_dim = get_spec(model), geometry(model.config).head_dim
     layers = decoder_layers(model, spec)
     scores: dict[str, list[torch.Tensor]] = {b: [torch.zeros(0)] * len(layers) for b in BLOCKS}
     raw: dict[str, list[torch.Tensor]] = {b: [torch.zeros(0)] * len(layers) for b in BLOCKS}
     for i, grams in layer_grams(model, samples, batch_size, progress=progress):
+        if reduce is not None:
+            for block in sorted(grams):  # the same order on every process
+                reduce(grams[block].gram)
         parts = layer_parts(layers[i], spec)
         for block in BLOCKS:
             proj, n_units = parts.out_proj(block), block_units(parts, block, head_dim)
