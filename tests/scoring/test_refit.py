@@ -241,10 +241,18 @@ def test_a_run_file_prunes_by_the_refit_score_and_refuses_without_its_pass(tmp_p
 def test_the_refit_sweep_file_expands_to_valid_runs():
     from pathlib import Path
 
+    from workbench.runs.config import ConfigError
     from workbench.runs.sweep import expand, load_sweep
-    runs = expand(load_sweep(Path(__file__).resolve().parents[2] / "configs" / "refit.yaml"))
+    path = Path(__file__).resolve().parents[2] / "configs" / "refit.yaml"
+    runs = expand(load_sweep(path))
     assert len(runs) == 8 and all(r.calibration.refit and r.reconstruction is not None for r in runs)
     assert {r.scoring.method for r in runs} == {"taylor", "refit"}
+    # the ridge toward the dense weights, set for the scores and the re-fit alike (the file's second command)
+    dense = expand(load_sweep(path, ["calibration.refit_toward=dense", "calibration.refit_damping=0.1",
+                                     "reconstruction.toward=dense", "reconstruction.damping=0.1"]))
+    assert all((r.reconstruction.toward, r.calibration.refit_damping) == ("dense", 0.1) for r in dense)
+    with pytest.raises(ConfigError, match="scores units for a re-fit with damping=0.0001, toward='dense'"):
+        expand(load_sweep(path, ["calibration.refit_toward=dense"]))  # a sweep cannot mix two ridges
 
 
 @pytest.mark.parametrize("fisher", ["batch", "sequence"])
