@@ -2,7 +2,7 @@
 
     python benchmarks/refit.py [--model default] [--ratios 0.2 0.25] [--calibrations pydoc pydoc+jargon]
                                [--methods global_taylor global_refit depth_refit taylor_counts] [--timing]
-                               [--damping 1e-4] [--toward zero|dense]
+                               [--damping 1e-4] [--toward zero|dense] [--seed 0]
 
 For each calibration (64 × 128 windows) and ratio of all parameters: PPL on the pydoc evaluation part and on
 `jargon` (50 × 128 windows each), for global Taylor without and with the closed-form re-fit (one_shot,
@@ -58,6 +58,7 @@ def main() -> None:
     add_eval_args(ap, ("jargon",))
     ap.add_argument("--damping", type=float, default=1e-4, help="λ of the re-fit (scores and reconstruction)")
     ap.add_argument("--toward", default="zero", choices=["zero", "dense"], help="what the re-fit's ridge pulls toward")
+    ap.add_argument("--seed", type=int, default=0, help="which calibration windows (CalibrationConfig.seed)")
     ap.add_argument("--timing", action="store_true", help="time the pass with and without refit first")
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
@@ -67,7 +68,7 @@ def main() -> None:
         timing(model, tok, args.repeats)
     pd.set_option("display.width", 200)
     for source in args.calibrations:
-        calibration = CalibrationConfig(source=source, num_samples=64, seq_len=128, refit=True,
+        calibration = CalibrationConfig(source=source, num_samples=64, seq_len=128, seed=args.seed, refit=True,
                                         refit_damping=args.damping, refit_toward=args.toward)
         samples, imp = calibrate(model, tok, calibration, progress=False)
         rescorer = Rescorer(imp, Budget.of(model))
