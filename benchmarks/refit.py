@@ -53,7 +53,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(ap)
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.25])
-    ap.add_argument("--calibrations", nargs="+", default=["pydoc", "pydoc+jargon"])
+    ap.add_argument("--calibrations", nargs="*", default=["pydoc", "pydoc+jargon"],
+                    help="calibration sources of the tables (none: only --timing)")
     ap.add_argument("--methods", nargs="+", default=["global_taylor", "global_refit", "depth_refit", "taylor_counts"])
     add_eval_args(ap, ("jargon",))
     ap.add_argument("--damping", type=float, default=1e-4, help="λ of the re-fit (scores and reconstruction)")

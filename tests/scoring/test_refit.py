@@ -255,6 +255,29 @@ def test_the_refit_sweep_file_expands_to_valid_runs():
         expand(load_sweep(path, ["calibration.refit_toward=dense"]))  # a sweep cannot mix two ridges
 
 
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_the_pass_records_the_inputs_a_forward_pass_of_its_own_would(family):
+    """The importance pass records the layers' inputs for the replay; a separate forward pass gives the same scores."""
+    from workbench.scoring.hooks import terms_fn
+    from workbench.scoring.importance import ImportancePass
+    from workbench.scoring.refit import refit_scores
+
+    model = tiny_model(family, n_layers=3, seed=2)
+    samples = torch.randint(0, 256, (6, 16), generator=torch.Generator().manual_seed(5))
+    imp = compute_importance(model, samples, batch_size=3, refit=True, progress=False)
+    run = ImportancePass(model, per_sequence=False, terms=terms_fn("eager"), outputs=True)
+    with run.hooks():
+        for s in range(0, 6, 3):
+            run.batch(samples[s : s + 3])
+    model.zero_grad(set_to_none=True)
+    assert len(run.recorded[0]) == 2 and all(len(c) == 3 for c in run.recorded[1])  # 2 batches, 3 layers each
+    assert not any(h.requires_grad for h in run.recorded[0])
+    alone, _ = refit_scores(model, samples, run.checked_output_sums(), run.n_tokens, batch_size=3, progress=False)
+    for block in BLOCKS:
+        for a, b in zip(imp.acc.refit[block], alone[block]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)
+
+
 @pytest.mark.parametrize("fisher", ["batch", "sequence"])
 def test_refit_scores_are_the_same_with_checkpointing_and_per_sequence_passes(fisher):
     model = tiny_model("qwen2", n_layers=3, seed=6)

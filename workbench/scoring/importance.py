@@ -44,7 +44,7 @@ from workbench.scoring.hooks import (
     terms_fn,
 )
 from workbench.scoring.methods import Accumulators, Importance
-from workbench.scoring.refit import REFIT_DAMPING, refit_scores
+from workbench.scoring.refit import REFIT_DAMPING, Recorded, recording, refit_scores
 
 CACHE_KIND = "importance"
 # 3: FLAP fluctuation; 4: per-sequence Fisher (optional); 6: FLAP's and Wanda-sp's own statistics; 7: re-fit scores
@@ -198,12 +198,12 @@ def compute_importance(
     finally:
         model.zero_grad(set_to_none=True)
     refitted = None
-    if refit:  # each process replays its own share; every layer's Grams are summed over the processes
-        share = torch.cat([samples[start : start + batch_size] for start in starts])
-        refitted = (*refit_scores(model, share, run.checked_output_sums(), run.n_tokens, batch_size=batch_size,
+    if refit:  # each process replays the layer inputs its share recorded; each layer's Grams summed over processes
+        refitted = (*refit_scores(model, None, run.checked_output_sums(), run.n_tokens, batch_size=batch_size,
                                   damping=refit_damping, toward=refit_toward, progress=progress and rank == 0,
-                                  reduce=_all_reduce_sum if world > 1 else None),
+                                  reduce=_all_reduce_sum if world > 1 else None, recorded=run.recorded),
                     dict(damping=refit_damping, toward=refit_toward))
+        run.recorded = None
     return run.result(wanda, wanda_sp, fluctuation, flap, seconds=time.perf_counter() - t0, calibration=calibration,
                       sequences=len(samples), refit=refitted)
 
@@ -218,6 +218,7 @@ class ImportancePass:
     def __init__(self, model: nn.Module, *, per_sequence: bool, terms: Callable, outputs: bool = False):
         self.model, self.per_sequence, self.terms, self.outputs = model, per_sequence, terms, outputs
         self.output_sums: dict[tuple[int, str], torch.Tensor] = {}  # Σ (∂ΣNLL/∂y)² per block output (outputs=True)
+        self.recorded: Recorded | None = None  # the layers' inputs of every forward call (outputs=True), for the replay
         self.predicted = 1  # tokens the current batch's loss averages over
         geo = geometry(model.config)
         self.device = model.get_input_embeddings().weight.device  # where the token ids go in
@@ -268,10 +269,14 @@ class ImportancePass:
         taps_on = gradient_taps(params, self._tap) if self.per_sequence else contextlib.nullcontext()
         outputs_on = (output_grad_squares(self.model, lambda: self.predicted, when=lambda: self.in_forward)
                       if self.outputs else contextlib.nullcontext({}))
+        # with the output gradients (the re-fit scores), the layers' inputs are recorded for their replay
+        recording_on = (recording(self.model, when=lambda: self.in_forward) if self.outputs
+                        else contextlib.nullcontext(None))
         with (eval_mode(self.model), only_prunable_grads(self.model),
               checkpointed_layers(self.model, gradient_checkpointing),
               input_sq_norms(self.model, when=lambda: self.in_forward) as norms, taps_on,
-              outputs_on as self.output_sums, accumulate_in_backward(params, self._reduce_grad)):
+              outputs_on as self.output_sums, recording_on as self.recorded,
+              accumulate_in_backward(params, self._reduce_grad)):
             yield norms
 
     def checked_output_sums(self) -> dict[tuple[int, str], torch.Tensor]:

@@ -33,14 +33,16 @@ the scores updated after each batch; a batch's exact ΔE is shared among its uni
 own. The marginal losses along that order are pooled to be non-decreasing (pool-adjacent-violators), so the
 global selection of the lowest scores takes a prefix of each block's order.
 
-Streaming: the dense model is replayed one decoder layer at a time (its inputs recorded once), so one layer's
-Gram matrices live at a time: (d_attn + 1)² + (d_mlp + 1)² float64 values, plus the hidden states of the
-calibration samples (N·T·hidden). Llama-3-8B: 4097² + 14337² doubles ≈ 1.8 GB; 64 × 128 tokens of 4096
-floats ≈ 134 MB. Time: one forward pass for the Grams (their products: N·T·(d_attn² + d_mlp²) per layer)
-plus the greedy updates, ≈ REFIT_STEPS·(d + 1)² per block (`benchmarks/refit.py` measures both).
+Streaming: the dense model is replayed one decoder layer at a time from the layer inputs the importance pass
+recorded during its own forward passes (`recording`), so one layer's Gram matrices live at a time:
+(d_attn + 1)² + (d_mlp + 1)² float64 values, plus the hidden states of the calibration samples (N·T·hidden).
+Llama-3-8B: 4097² + 14337² doubles ≈ 1.8 GB; 64 × 128 tokens of 4096 floats ≈ 134 MB. Time: one forward pass
+for the replay and the Grams (their products: N·T·(d_attn² + d_mlp²) per layer) plus the greedy updates,
+≈ REFIT_STEPS·(d + 1)² per block (`benchmarks/refit.py` measures both).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterator
 
@@ -164,27 +166,46 @@ def solve_ridge(gram: torch.Tensor, cross: torch.Tensor, damping: float,
 # Replaying a model one decoder layer at a time
 
 
-@torch.no_grad()
-def recorded_inputs(model: nn.Module, samples: torch.Tensor, batch_size: int
-                    ) -> tuple[list[torch.Tensor], list[list[dict]]]:
-    """One forward pass recording, per batch, the first decoder layer's hidden states and what every layer is
-    called with besides them (masks and positions: a layer's mask may depend on its attention type), so the
-    layers can then be replayed one at a time."""
-    device = next(model.parameters()).device
+Recorded = tuple[list[torch.Tensor], list[list[dict]]]  # per forward call: layer 0's hidden states, every layer's kwargs
+
+
+@contextlib.contextmanager
+def recording(model: nn.Module, when: Callable[[], bool] = lambda: True) -> Iterator[Recorded]:
+    """Inside: each forward call (while `when()`) records the first decoder layer's hidden states and what every
+    layer is called with besides them (masks and positions: a layer's mask may depend on its attention type),
+    detached, so the layers can then be replayed one at a time. The importance pass records its own forward
+    calls this way, so the re-fit scores need no forward pass of their own."""
     hidden: list[torch.Tensor] = []
     calls: list[list[dict]] = []
 
     def record(i: int, args: tuple, kw: dict) -> None:
+        if not when():  # e.g. a checkpointed layer recomputed during backward
+            return
         if i == 0:
-            hidden.append(args[0] if args else kw["hidden_states"])
+            hidden.append((args[0] if args else kw["hidden_states"]).detach())
             calls.append([])
-        calls[-1].append({k: v for k, v in kw.items() if k != "hidden_states"})
+        calls[-1].append({k: _detached(v) for k, v in kw.items() if k != "hidden_states"})
 
-    with eval_mode(model):
+    with layer_calls(model, record):
+        yield hidden, calls
+
+
+def _detached(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, tuple):  # e.g. the rotary (cos, sin)
+        return tuple(_detached(v) for v in value)
+    return value
+
+
+@torch.no_grad()
+def recorded_inputs(model: nn.Module, samples: torch.Tensor, batch_size: int) -> Recorded:
+    """One forward pass over `samples` in batches, recorded (`recording`)."""
+    device = next(model.parameters()).device
+    with eval_mode(model), recording(model) as recorded:
         for s in range(0, len(samples), batch_size):
-            with layer_calls(model, record):
-                model(input_ids=samples[s : s + batch_size].to(device), use_cache=False)
-    return hidden, calls
+            model(input_ids=samples[s : s + batch_size].to(device), use_cache=False)
+    return recorded
 
 
 def call_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
@@ -194,14 +215,19 @@ def call_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Te
 
 
 @torch.no_grad()
-def layer_grams(model: nn.Module, samples: torch.Tensor, batch_size: int = 4, *, progress: bool = True
-                ) -> Iterator[tuple[int, dict[str, NormalEquations]]]:
+def layer_grams(model: nn.Module, samples: torch.Tensor | None, batch_size: int = 4, *, progress: bool = True,
+                recorded: Recorded | None = None) -> Iterator[tuple[int, dict[str, NormalEquations]]]:
     """(layer, {block: Gram of its output projection's input}) of the dense model, one layer at a time: the
-    layer is replayed on the recorded inputs, its Grams yielded, then its outputs feed the next layer."""
+    layer is replayed on the recorded inputs (`recorded`, else one forward pass over `samples`), its Grams
+    yielded, then its outputs feed the next layer."""
     spec = get_spec(model)
     device = next(model.parameters()).device
     layers = decoder_layers(model, spec)
-    hidden, calls = recorded_inputs(model, samples, batch_size)
+    if recorded is None:
+        if samples is None:
+            raise ValueError("layer_grams needs the samples or their recorded inputs")
+        recorded = recorded_inputs(model, samples, batch_size)
+    hidden, calls = recorded
     with eval_mode(model):
         for i in tqdm(range(len(layers)), desc="re-fit scores (layer by layer)", disable=not progress, leave=False):
             grams: dict[str, NormalEquations] = {}
@@ -318,10 +344,10 @@ def pooled(order: torch.Tensor, marginal: torch.Tensor) -> torch.Tensor:
 # All blocks
 
 
-def refit_scores(model: nn.Module, samples: torch.Tensor, output_fisher: dict[tuple[int, str], torch.Tensor],
+def refit_scores(model: nn.Module, samples: torch.Tensor | None, output_fisher: dict[tuple[int, str], torch.Tensor],
                  tokens: int, *, batch_size: int = 4, damping: float = REFIT_DAMPING, toward: str = "zero",
-                 progress: bool = True, reduce: Callable[[torch.Tensor], None] | None = None
-                 ) -> tuple[dict[str, list[torch.Tensor]], dict[str, list[torch.Tensor]]]:
+                 progress: bool = True, reduce: Callable[[torch.Tensor], None] | None = None,
+                 recorded: Recorded | None = None) -> tuple[dict[str, list[torch.Tensor]], dict[str, list[torch.Tensor]]]:
     """The reconstruction-aware loss increase of every unit, in mean-calibration-loss units: (pooled per-unit
     scores, raw marginals along the greedy order), each block -> per-layer tensors. `damping` / `toward`: the
     ridge of the re-fit the scores assume (the reconstruction's `damping` / `toward`).
@@ -329,13 +355,14 @@ def refit_scores(model: nn.Module, samples: torch.Tensor, output_fisher: dict[tu
     `output_fisher[(layer, block)]`: Σ over the calibration tokens of (∂ΣNLL/∂y)² per output dimension of the
     block's output projection (the importance pass accumulates it); `tokens`: how many tokens those sums hold.
     `reduce`: sums each layer's Gram matrices in place over the processes of a data-parallel pass (each process
-    gives its own share of the samples; every process then computes the same orders).
+    gives its own share of the samples; every process then computes the same orders). `recorded`: the samples'
+    recorded layer inputs (`recording`), instead of a forward pass over `samples`.
     """
     spec, head_dim = get_spec(model), geometry(model.config).head_dim
     layers = decoder_layers(model, spec)
     scores: dict[str, list[torch.Tensor]] = {b: [torch.zeros(0)] * len(layers) for b in BLOCKS}
     raw: dict[str, list[torch.Tensor]] = {b: [torch.zeros(0)] * len(layers) for b in BLOCKS}
-    for i, grams in layer_grams(model, samples, batch_size, progress=progress):
+    for i, grams in layer_grams(model, samples, batch_size, progress=progress, recorded=recorded):
         if reduce is not None:
             for block in sorted(grams):  # the same order on every process
                 reduce(grams[block].gram)
