@@ -266,40 +266,59 @@ def removal_order(gram: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         raise ValueError(f"{n} input columns do not split into {n_units} units")
     width = n // n_units
     g = damped(gram.double(), damping, n)
-    try:
-        p = torch.linalg.inv(g)
-    except RuntimeError:  # singular (e.g. a dead channel and no damping): the pseudo-inverse
-        p = torch.linalg.pinv(g)
+    p = _spd_inverse(g)
     source = g if toward == "dense" else gram.double()  # the cross term's Gram (see the module's docstring)
-    w = (p @ (source @ augmented(weight, bias).to(gram.device))).T  # [n_out, n + 1]: the full re-fit
+    w = (p @ (source @ augmented(weight, bias).to(gram.device))).T.contiguous()  # [n_out, n + 1]: the full re-fit
     f = row_weights.double().to(gram.device)[:, None]
-    alive = torch.arange(n_units, device=gram.device)  # units still kept, in the order of p's and w's columns
-    cols = torch.arange(n, device=gram.device).reshape(n_units, width)  # columns of the live units in p, w
+    # the units in p's and w's column order; a removed unit's rows and columns are zero until the next compaction
+    units = torch.arange(n_units, device=gram.device)
+    dead = torch.zeros(n_units, dtype=torch.bool, device=gram.device)
+    cols = torch.arange(n, device=gram.device).reshape(n_units, width)
     per_step = max(1, -(-n_units // steps)) if width == 1 else 1
     order, marginal = [], []
-    while len(alive):
+    left = n_units
+    while left:
         if width == 1:
             own = (f * w[:, :-1].square()).sum(0) / torch.diagonal(p)[:-1].clamp_min(1e-300)
         else:
-            own = torch.stack([_group_loss(w, p, f, c) for c in cols])
-        pick = torch.argsort(own, stable=True)[: min(per_step, len(alive))]
+            own = torch.stack([_group_loss(w, p, f, c) if not dead[u] else w.new_tensor(0.0)
+                               for u, c in enumerate(cols)])
+        own = own.masked_fill(dead, math.inf)
+        pick = torch.argsort(own, stable=True)[: min(per_step, left)]
         q = cols[pick].reshape(-1)
         total = _group_loss(w, p, f, q)
         share = own[pick].clamp_min(0)
         share = share / share.sum() if float(share.sum()) > 0 else torch.full_like(share, 1 / len(share))
-        order.append(alive[pick])
+        order.append(units[pick])
         marginal.append(share * total)
-        # the closed-form update, then the removed columns are dropped
+        # the closed-form update (in place); the removed columns come out zero, and are set exactly so
         inv_qq = _inverse(p[q][:, q])
-        w = w - (w[:, q] @ inv_qq) @ p[q]
-        p = p - p[:, q] @ inv_qq @ p[q]
-        keep = torch.ones(len(alive), dtype=torch.bool, device=gram.device)
-        keep[pick] = False
-        kept_cols = torch.cat([cols[keep].reshape(-1), torch.tensor([p.shape[0] - 1], device=gram.device)])
-        p, w = p[kept_cols][:, kept_cols], w[:, kept_cols]
-        alive = alive[keep]
-        cols = torch.arange(len(alive) * width, device=gram.device).reshape(len(alive), width)
+        w.addmm_(w[:, q] @ inv_qq, p[q], alpha=-1)
+        p.addmm_(p[:, q] @ inv_qq, p[q], alpha=-1)
+        w[:, q] = 0
+        p[q] = 0
+        p[:, q] = 0
+        dead[pick] = True
+        left -= len(pick)
+        if left and int(dead.sum()) * 4 >= len(units):  # drop the removed columns once a quarter of them is gone
+            keep = ~dead
+            kept_cols = torch.cat([cols[keep].reshape(-1), torch.tensor([p.shape[0] - 1], device=gram.device)])
+            p, w = p[kept_cols][:, kept_cols], w[:, kept_cols]
+            units, dead = units[keep], dead[keep]
+            cols = torch.arange(len(units) * width, device=gram.device).reshape(len(units), width)
     return torch.cat(order).cpu(), torch.cat(marginal).cpu()
+
+
+def _spd_inverse(g: torch.Tensor) -> torch.Tensor:
+    """The inverse of a damped Gram matrix: by Cholesky, else (e.g. a dead channel and no damping) the general
+    inverse, else the pseudo-inverse."""
+    chol, info = torch.linalg.cholesky_ex(g)
+    if not int(info):
+        return torch.cholesky_inverse(chol)
+    try:
+        return torch.linalg.inv(g)
+    except RuntimeError:
+        return torch.linalg.pinv(g)
 
 
 def _inverse(m: torch.Tensor) -> torch.Tensor:
