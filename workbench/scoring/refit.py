@@ -266,7 +266,7 @@ def removal_order(gram: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         raise ValueError(f"{n} input columns do not split into {n_units} units")
     width = n // n_units
     g = damped(gram.double(), damping, n)
-    p = _spd_inverse(g)
+    p = _inverse(g)
     source = g if toward == "dense" else gram.double()  # the cross term's Gram (see the module's docstring)
     w = (p @ (source @ augmented(weight, bias).to(gram.device))).T.contiguous()  # [n_out, n + 1]: the full re-fit
     f = row_weights.double().to(gram.device)[:, None]
@@ -309,19 +309,12 @@ def removal_order(gram: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return torch.cat(order).cpu(), torch.cat(marginal).cpu()
 
 
-def _spd_inverse(g: torch.Tensor) -> torch.Tensor:
-    """The inverse of a damped Gram matrix: by Cholesky, else (e.g. a dead channel and no damping) the general
-    inverse, else the pseudo-inverse."""
-    chol, info = torch.linalg.cholesky_ex(g)
+def _inverse(m: torch.Tensor) -> torch.Tensor:
+    """The inverse of a symmetric positive definite matrix (a damped Gram, or a block of its inverse): by Cholesky,
+    else (e.g. a dead channel and no damping) the general inverse, else the pseudo-inverse."""
+    chol, info = torch.linalg.cholesky_ex(m)
     if not int(info):
         return torch.cholesky_inverse(chol)
-    try:
-        return torch.linalg.inv(g)
-    except RuntimeError:
-        return torch.linalg.pinv(g)
-
-
-def _inverse(m: torch.Tensor) -> torch.Tensor:
     try:
         return torch.linalg.inv(m)
     except RuntimeError:
