@@ -57,7 +57,7 @@ from workbench.core.registry import check_choice
 from workbench.core.tracer import layer_calls, trace
 from workbench.core.units import block_units
 from workbench.data.text import REFIT_DAMPING, REFIT_TOWARD
-from workbench.scoring.hooks import CHANNEL_BLOCKS
+from workbench.scoring.hooks import CHANNEL_BLOCKS, CHANNEL_SITES
 
 REFIT_STEPS = 64  # greedy batches per MLP block (attention: one KV group at a time)
 
@@ -221,7 +221,6 @@ def layer_grams(model: nn.Module, samples: torch.Tensor | None, batch_size: int 
     layer is replayed on the recorded inputs (`recorded`, else one forward pass over `samples`), its Grams
     yielded, then its outputs feed the next layer."""
     spec = get_spec(model)
-    device = next(model.parameters()).device
     layers = decoder_layers(model, spec)
     if recorded is None:
         if samples is None:
@@ -230,18 +229,28 @@ def layer_grams(model: nn.Module, samples: torch.Tensor | None, batch_size: int 
     hidden, calls = recorded
     with eval_mode(model):
         for i in tqdm(range(len(layers)), desc="re-fit scores (layer by layer)", disable=not progress, leave=False):
-            grams: dict[str, NormalEquations] = {}
-
-            def add(layer: int, site: str, x: torch.Tensor) -> None:
-                if layer == i:
-                    block = CHANNEL_BLOCKS[site]
-                    if block not in grams:
-                        grams[block] = NormalEquations(x.shape[-1], device)
-                    grams[block].add(x)
-
-            with trace(model, tuple(CHANNEL_BLOCKS), add):
+            with gram_sums(model, BLOCKS, lambda layer, block, i=i: layer == i) as sums:
                 hidden = [call_layer(layers[i], h, c[i]) for h, c in zip(hidden, calls)]
-            yield i, grams
+            yield i, {block: ne for (_, block), ne in sums.items()}
+
+
+@contextlib.contextmanager
+def gram_sums(model: nn.Module, blocks: tuple[str, ...] | list[str], wanted: Callable[[int, str], bool]
+              ) -> Iterator[dict[tuple[int, str], NormalEquations]]:
+    """Inside: every forward pass adds the inputs of the output projections of `blocks` to the Gram matrix of
+    each (layer, block) that `wanted(layer, block)` accepts; yields {(layer, block): NormalEquations}."""
+    device = next(model.parameters()).device
+    sums: dict[tuple[int, str], NormalEquations] = {}
+
+    def add(layer: int, site: str, x: torch.Tensor) -> None:
+        key = (layer, CHANNEL_BLOCKS[site])
+        if wanted(*key):
+            if key not in sums:
+                sums[key] = NormalEquations(x.shape[-1], device)
+            sums[key].add(x)
+
+    with trace(model, [CHANNEL_SITES[b] for b in blocks], add):
+        yield sums
 
 
 # ----------------------------------------------------------------------------------------------

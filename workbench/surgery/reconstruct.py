@@ -50,8 +50,7 @@ from workbench.core.tracer import trace
 from workbench.core.units import unit_rows
 from workbench.data.text import REFIT_DAMPING, REFIT_TOWARD
 from workbench.plans.plan import Plan
-from workbench.scoring.hooks import CHANNEL_BLOCKS, CHANNEL_SITES
-from workbench.scoring.refit import NormalEquations, call_layer, recorded_inputs
+from workbench.scoring.refit import NormalEquations, call_layer, gram_sums, recorded_inputs
 from workbench.surgery.prune import PruneReport, add_output_bias, apply_plan, check_plan
 
 MODES = ("sequential", "one_shot")
@@ -154,16 +153,7 @@ def _one_shot(dense: nn.Module, plan: Plan, samples: torch.Tensor, cfg: Reconstr
     device = next(dense.parameters()).device
     layers = decoder_layers(dense, spec)
     wanted = [(i, b) for i, _ in _layer_map(plan) for b in _wanted(plan, cfg, i)]
-    sums: dict[tuple[int, str], NormalEquations] = {}
-
-    def add(layer: int, site: str, x: torch.Tensor) -> None:
-        key = (layer, CHANNEL_BLOCKS[site])
-        if key in wanted:
-            if key not in sums:
-                sums[key] = NormalEquations(x.shape[-1], device)
-            sums[key].add(x)
-
-    with eval_mode(dense), trace(dense, [CHANNEL_SITES[b] for b in cfg.blocks], add):
+    with eval_mode(dense), gram_sums(dense, cfg.blocks, lambda layer, block: (layer, block) in wanted) as sums:
         for s in tqdm(range(0, len(samples), cfg.batch_size), desc="reconstruction (dense pass)",
                       disable=not progress, leave=False):
             dense(input_ids=samples[s : s + cfg.batch_size].to(device), use_cache=False)
