@@ -50,6 +50,7 @@ from workbench.core.tracer import trace
 from workbench.core.units import unit_rows
 from workbench.data.text import REFIT_DAMPING, REFIT_TOWARD
 from workbench.plans.plan import Plan
+from workbench.scoring.hooks import CHANNEL_SITES
 from workbench.scoring.refit import NormalEquations, call_layer, gram_sums, recorded_inputs
 from workbench.surgery.prune import PruneReport, add_output_bias, apply_plan, check_plan
 
@@ -177,13 +178,13 @@ def _sequential(dense: nn.Module, pruned: nn.Module, plan: Plan, samples: torch.
                 add = lambda l, s, x, ne=ne: ne.add(x) if l == i else None  # noqa: E731
                 for h, kw in zip(hidden, (c[i] for c in calls)):
                     if block == "attn":  # the dense layer on the pruned stream: its full attention heads
-                        with trace(dense, ["attn_channels"], add):
+                        with trace(dense, [CHANNEL_SITES[block]], add):
                             call_layer(dense_layer, h, kw)
                     else:  # the dense MLP on the pruned layer's (reconstructed) MLP input
                         got = []
                         with trace(pruned, ["mlp_block"], lambda l, s, x: got.append(x) if l == j else None):
                             call_layer(layer, h, kw)
-                        with trace(dense, ["mlp_channels"], add):
+                        with trace(dense, [CHANNEL_SITES[block]], add):
                             layer_parts(dense_layer, spec).mlp(got[0])
                 out[(i, block)] = _solve(ne, dense_layer, spec, plan, i, block, cfg)
                 _apply_block(layer, spec, block, out[(i, block)], geo.hidden)
