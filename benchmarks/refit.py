@@ -2,14 +2,16 @@
 
     python benchmarks/refit.py [--model default] [--ratios 0.2 0.25] [--calibrations pydoc pydoc+jargon]
                                [--methods global_taylor global_refit depth_refit taylor_counts] [--timing]
-                               [--damping 1e-4] [--toward zero|dense] [--seed 0]
+                               [--damping 1e-4] [--toward zero|dense] [--seeds 0 1 2 3]
 
 For each calibration (64 × 128 windows) and ratio of all parameters: PPL on the pydoc evaluation part and on
 `jargon` (50 × 128 windows each), for global Taylor without and with the closed-form re-fit (one_shot,
 λ = `--damping`, its ridge pulling toward `--toward`) and for the plans made from the re-fit score (each
 re-fitted with the ridge its scores assumed). `--timing` first times the plain
 importance pass against the pass with refit=True, interleaved A B A B (uncached), and prints the medians and
-the memory the layer-by-layer replay holds. The same calls as notebook 07.
+the memory the layer-by-layer replay holds. `--seeds` draws the calibration windows once per seed
+(`CalibrationConfig.seed`) and, with more than one, ends with each method's mean, min and max over the draws,
+and the mean ratio to the dense model. The same calls as notebook 07.
 """
 from __future__ import annotations
 
@@ -59,7 +61,8 @@ def main() -> None:
     add_eval_args(ap, ("jargon",))
     ap.add_argument("--damping", type=float, default=1e-4, help="λ of the re-fit (scores and reconstruction)")
     ap.add_argument("--toward", default="zero", choices=["zero", "dense"], help="what the re-fit's ridge pulls toward")
-    ap.add_argument("--seed", type=int, default=0, help="which calibration windows (CalibrationConfig.seed)")
+    ap.add_argument("--seeds", "--seed", type=int, nargs="+", default=[0],
+                    help="which calibration windows (CalibrationConfig.seed); several: a summary over the draws")
     ap.add_argument("--timing", action="store_true", help="time the pass with and without refit first")
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
@@ -68,18 +71,42 @@ def main() -> None:
     if args.timing:
         timing(model, tok, args.repeats)
     pd.set_option("display.width", 200)
-    for source in args.calibrations:
-        calibration = CalibrationConfig(source=source, num_samples=64, seq_len=128, seed=args.seed, refit=True,
-                                        refit_damping=args.damping, refit_toward=args.toward)
-        samples, imp = calibrate(model, tok, calibration, progress=False)
-        rescorer = Rescorer(imp, Budget.of(model))
-        for ratio in args.ratios:
-            plans = baseline_plans(rescorer, ratio, variants={m: (m, {}) for m in args.methods})
-            table = compare_plans(model, tok, plans, samples, progress=False, extra_sources=tuple(args.extra_sources),
-                                  reconstruction=ReconstructConfig(damping=args.damping, toward=args.toward))
-            print(f"\ncalibration {source}, {ratio:.0%} of all parameters; re-fit λ = {args.damping:g} toward "
-                  f"{args.toward}")
-            print(table.round(4).to_markdown())
+    rows = []
+    for seed in args.seeds:
+        for source in args.calibrations:
+            calibration = CalibrationConfig(source=source, num_samples=64, seq_len=128, seed=seed, refit=True,
+                                            refit_damping=args.damping, refit_toward=args.toward)
+            samples, imp = calibrate(model, tok, calibration, progress=False)
+            rescorer = Rescorer(imp, Budget.of(model))
+            for ratio in args.ratios:
+                plans = baseline_plans(rescorer, ratio, variants={m: (m, {}) for m in args.methods})
+                table = compare_plans(model, tok, plans, samples, progress=False,
+                                      extra_sources=tuple(args.extra_sources),
+                                      reconstruction=ReconstructConfig(damping=args.damping, toward=args.toward))
+                print(f"\ncalibration {source} (seed {seed}), {ratio:.0%} of all parameters; re-fit λ = "
+                      f"{args.damping:g} toward {args.toward}")
+                print(table.round(4).to_markdown())
+                rows.append(table.assign(calibration=source, seed=seed, ratio=ratio))
+    if len(args.seeds) > 1 and rows:
+        print(f"\nover the calibration draws (seeds {args.seeds}): the re-fitted model's PPL (mean, min, max) and the "
+              "mean ratio to the dense model")
+        print(summary(pd.concat(rows), tuple(args.extra_sources)).round(3).to_markdown())
+
+
+def summary(rows: pd.DataFrame, extra_sources: tuple[str, ...]) -> pd.DataFrame:
+    """Per (calibration, ratio, method): the re-fitted PPL over the seeds (mean, min, max), and its mean ratio to
+    the dense model, for pydoc and each extra source."""
+    out = []
+    for source in ("", *extra_sources):
+        column = f"ppl_reconstructed_{source}" if source else "ppl_reconstructed"
+        dense = rows.loc["dense"].groupby(["calibration", "seed"])[f"ppl_{source}" if source else "ppl"].first()
+        pruned = rows.drop(index="dense").reset_index(names="method")
+        pruned["ratio_to_dense"] = pruned[column].to_numpy() / dense.loc[
+            list(zip(pruned["calibration"], pruned["seed"]))].to_numpy()
+        stats = pruned.groupby(["calibration", "ratio", "method"]).agg(
+            mean=(column, "mean"), min=(column, "min"), max=(column, "max"), ratio_to_dense=("ratio_to_dense", "mean"))
+        out.append(stats.add_prefix(f"{source or 'pydoc'} "))
+    return pd.concat(out, axis=1)
 
 
 if __name__ == "__main__":
