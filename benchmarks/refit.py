@@ -2,14 +2,14 @@
 
     python benchmarks/refit.py [--model default] [--ratios 0.2 0.25] [--calibrations pydoc pydoc+jargon]
                                [--methods global_taylor global_refit depth_refit taylor_counts] [--timing]
-                               [--damping 1e-4] [--toward zero|dense] [--seeds 0 1 2 3]
+                               [--damping 1e-4] [--toward zero|dense] [--seeds 0 1 2 3] [--samples 64] [--seq-len 128]
 
-For each calibration (64 × 128 windows) and ratio of all parameters: PPL on the pydoc evaluation part and on
-`jargon` (50 × 128 windows each), for global Taylor without and with the closed-form re-fit (one_shot,
-λ = `--damping`, its ridge pulling toward `--toward`) and for the plans made from the re-fit score (each
-re-fitted with the ridge its scores assumed). `--timing` first times the plain
-importance pass against the pass with refit=True, interleaved A B A B (uncached), and prints the medians and
-the memory the layer-by-layer replay holds. `--seeds` draws the calibration windows once per seed
+For each calibration (`--samples` × `--seq-len` windows, 64 × 128 by default) and ratio of all parameters: PPL on
+the pydoc evaluation part and on `jargon` (50 × 128 windows each), for global Taylor without and with the
+closed-form re-fit (one_shot, λ = `--damping`, its ridge pulling toward `--toward`) and for the plans made from
+the re-fit score (each re-fitted with the ridge its scores assumed). `--timing` first times the plain importance
+pass against the pass with refit=True on 64 × 128 tokens, interleaved A B A B (uncached), and prints the medians
+and the memory the layer-by-layer replay holds. `--seeds` draws the calibration windows once per seed
 (`CalibrationConfig.seed`) and, with more than one, ends with each method's mean, min and max over the draws,
 and the mean ratio to the dense model. The same calls as notebook 07.
 """
@@ -20,7 +20,7 @@ import statistics
 import time
 
 import pandas as pd
-from _models import add_eval_args, add_model_args, bench_model
+from _models import add_calibration_args, add_eval_args, add_model_args, bench_model
 
 from workbench.analysis.comparison import baseline_plans, compare_plans
 from workbench.core.arch import geometry
@@ -58,6 +58,7 @@ def main() -> None:
     ap.add_argument("--calibrations", nargs="*", default=["pydoc", "pydoc+jargon"],
                     help="calibration sources of the tables (none: only --timing)")
     ap.add_argument("--methods", nargs="+", default=["global_taylor", "global_refit", "depth_refit", "taylor_counts"])
+    add_calibration_args(ap)
     add_eval_args(ap, ("jargon",))
     ap.add_argument("--damping", type=float, default=1e-4, help="λ of the re-fit (scores and reconstruction)")
     ap.add_argument("--toward", default="zero", choices=["zero", "dense"], help="what the re-fit's ridge pulls toward")
@@ -74,8 +75,8 @@ def main() -> None:
     rows = []
     for seed in args.seeds:
         for source in args.calibrations:
-            calibration = CalibrationConfig(source=source, num_samples=64, seq_len=128, seed=seed, refit=True,
-                                            refit_damping=args.damping, refit_toward=args.toward)
+            calibration = CalibrationConfig(source=source, num_samples=args.samples, seq_len=args.seq_len, seed=seed,
+                                            refit=True, refit_damping=args.damping, refit_toward=args.toward)
             samples, imp = calibrate(model, tok, calibration, progress=False)
             rescorer = Rescorer(imp, Budget.of(model))
             for ratio in args.ratios:
