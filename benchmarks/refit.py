@@ -8,7 +8,7 @@ For each calibration (`--samples` × `--seq-len` windows, 64 × 128 by default) 
 the pydoc evaluation part and on `jargon` (50 × 128 windows each), for global Taylor without and with the
 closed-form re-fit (one_shot, λ = `--damping`, its ridge pulling toward `--toward`) and for the plans made from
 the re-fit score (each re-fitted with the ridge its scores assumed). `--timing` first times the plain importance
-pass against the pass with refit=True on 64 × 128 tokens, interleaved A B A B (uncached), and prints the medians
+pass against the pass with refit=True on the same windows, interleaved A B A B (uncached), and prints the medians
 and the memory the layer-by-layer replay holds. `--seeds` draws the calibration windows once per seed
 (`CalibrationConfig.seed`) and, with more than one, ends with each method's mean, min and max over the draws,
 and the mean ratio to the dense model. The same calls as notebook 07.
@@ -32,8 +32,8 @@ from workbench.scoring.importance import compute_importance
 from workbench.surgery.reconstruct import ReconstructConfig
 
 
-def timing(model, tok, repeats: int) -> None:
-    samples = calibration_samples(tok, CalibrationConfig(num_samples=64, seq_len=128))
+def timing(model, tok, repeats: int, num_samples: int = 64, seq_len: int = 128) -> None:
+    samples = calibration_samples(tok, CalibrationConfig(num_samples=num_samples, seq_len=seq_len))
     times: dict[bool, list[float]] = {False: [], True: []}
     for _ in range(repeats):
         for refit in (False, True):  # A B A B: a busy machine slows both alike
@@ -41,14 +41,15 @@ def timing(model, tok, repeats: int) -> None:
             compute_importance(model, samples, batch_size=4, refit=refit, progress=False)
             times[refit].append(time.perf_counter() - t0)
     plain, with_refit = statistics.median(times[False]), statistics.median(times[True])
-    print(f"importance pass, 64 × 128 tokens, median of {repeats}: plain {plain:.1f} s, with refit {with_refit:.1f} s "
+    print(f"importance pass, {num_samples} × {seq_len} tokens, median of {repeats}: plain {plain:.1f} s, "
+          f"with refit {with_refit:.1f} s "
           f"({with_refit / plain:.2f}×; pairs: " + ", ".join(f"{b / a:.2f}" for a, b in zip(times[False], times[True]))
           + ")")
     geo = geometry(model.config)
     d_attn, d_mlp = geo.n_heads * geo.head_dim, geo.intermediate
     gram_gb = 8 * ((d_attn + 1) ** 2 + (d_mlp + 1) ** 2) / 1e9
     print(f"layer-by-layer memory: one layer's Grams 8·((d_attn+1)² + (d_mlp+1)²) = {gram_gb:.2f} GB "
-          f"(d_attn={d_attn}, d_mlp={d_mlp}), plus the hidden states 64·128·{geo.hidden} values")
+          f"(d_attn={d_attn}, d_mlp={d_mlp}), plus the hidden states {num_samples}·{seq_len}·{geo.hidden} values")
 
 
 def main() -> None:
@@ -70,7 +71,7 @@ def main() -> None:
 
     model, tok = bench_model(args)
     if args.timing:
-        timing(model, tok, args.repeats)
+        timing(model, tok, args.repeats, args.samples, args.seq_len)
     pd.set_option("display.width", 200)
     rows = []
     for seed in args.seeds:
