@@ -475,6 +475,26 @@ def test_a_field_added_later_keeps_the_keys_of_runs_at_its_default():
         RunConfig(layer_importance_samples=0)
 
 
+def test_cross_validation_fields_keep_the_keys_of_reconstructed_runs():
+    """`reconstruction.cv_folds` / `cv_ridges` joined after runs with a reconstruction were keyed: a fixed-ridge
+    run keeps its key; cross-validation, or another list of ridges, is another run."""
+    import dataclasses
+    import hashlib
+
+    from workbench.runs.config import RunConfig, config_hash, to_dict
+    from workbench.surgery.reconstruct import ReconstructConfig
+
+    cfg = RunConfig(reconstruction=ReconstructConfig(damping=1e-3))
+    old = to_dict(cfg)
+    del old["layer_importance_samples"], old["reconstruction"]["cv_folds"], old["reconstruction"]["cv_ridges"]
+    before = hashlib.sha256(json.dumps(old, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:12]
+    assert config_hash(cfg) == before
+    keys = {before, config_hash(dataclasses.replace(cfg, reconstruction=ReconstructConfig(cv_folds=4))),
+            config_hash(dataclasses.replace(cfg, reconstruction=ReconstructConfig(cv_ridges=(("dense", 0.1),)))),
+            config_hash(dataclasses.replace(cfg, reconstruction=None))}
+    assert len(keys) == 4
+
+
 @pytest.mark.parametrize("settings", [
     dict(), dict(scoring=ScoringConfig(normalization="minmax", level="block")),
     dict(scoring=ScoringConfig(temperature=0.5)), dict(baseline="layerwise"),

@@ -217,6 +217,10 @@ def test_a_run_re_fits_with_the_ridge_its_scores_assumed(tokenizer):
                     ratio=0.2), reconstruction=ReconstructConfig(damping=0.1, toward="dense"))):
         _, _, compensation = make_run_plan(model, cfg, samples, imp, progress=False)
         assert (compensation.damping, compensation.toward) == (0.1, "dense")
+    # or each block chooses its ridge by cross-validation, whatever ridge the scores assumed
+    cfg = PruneRunConfig(calibration=cal, baseline="global_refit", selection=SelectionConfig(ratio=0.2),
+                         reconstruction=ReconstructConfig(cv_folds=2, batch_size=2))
+    assert make_run_plan(model, cfg, samples, imp, progress=False)[2].cv_folds == 2
 
 
 @pytest.mark.slow
@@ -231,6 +235,17 @@ def test_a_run_file_prunes_by_the_refit_score_and_refuses_without_its_pass(tmp_p
     assert main(["run", str(run), "--name", "refit", "--quiet"]) == 0
     rec = json.loads((tmp_path / "experiments" / "refit" / "evaluation" / "perplexity.json").read_text())
     assert rec["plan"]["settings"]["method"] == "refit" and rec["report"]["ratio_total"] >= 0.2
+    assert rec["reconstruction"]["ridge"] == dict(damping=1e-4, toward="zero") and rec["reconstruction"]["blocks"]
+    capsys.readouterr()
+    assert main(["run", str(run), "reconstruction.cv_folds=2", "--name", "few", "--quiet"]) == 2  # 4 samples: 1 batch
+    assert "reconstruction.cv_folds=2 needs at least 2 batches of the 4 calibration samples, but " \
+           "reconstruction.batch_size=4 makes 1" in capsys.readouterr().err
+    assert not (tmp_path / "experiments" / "few").exists()
+    assert main(["run", str(run), "reconstruction.cv_folds=2", "reconstruction.batch_size=2", "--name", "cv",
+                 "--quiet"]) == 0
+    cv = json.loads((tmp_path / "experiments" / "cv" / "evaluation" / "perplexity.json").read_text())["reconstruction"]
+    assert cv["ridge"]["cv_folds"] == 2 and 0 < len(cv["chosen_ridges"]) <= cv["blocks"]  # emptied: no choice
+    assert {tuple(r) for r in cv["ridge"]["cv_ridges"]} >= {(c["toward"], c["damping"]) for c in cv["chosen_ridges"]}
     capsys.readouterr()
     assert main(["run", str(run), "calibration.refit=false", "--name", "no", "--quiet"]) == 2
     assert "scoring.method=refit needs the re-fit scores of the calibration pass: set calibration.refit=true" in \
@@ -253,6 +268,9 @@ def test_the_refit_sweep_file_expands_to_valid_runs():
     assert all((r.reconstruction.toward, r.calibration.refit_damping) == ("dense", 0.1) for r in dense)
     with pytest.raises(ConfigError, match="scores units for a re-fit with damping=0.0001, toward='dense'"):
         expand(load_sweep(path, ["calibration.refit_toward=dense"]))  # a sweep cannot mix two ridges
+    # the file's third command: each block's ridge by cross-validation, whatever the scores assumed
+    cv = expand(load_sweep(path, ["reconstruction.cv_folds=4"]))
+    assert len(cv) == 8 and all(r.reconstruction.cv_folds == 4 for r in cv)
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral"])

@@ -11,7 +11,15 @@ from workbench.plans.plan import Plan, random_plan
 from workbench.scoring.refit import NormalEquations, solve_ridge
 from workbench.surgery.checkpoints import load_pruned, loads_with_plain_transformers, save_pruned
 from workbench.surgery.prune import apply_plan
-from workbench.surgery.reconstruct import MODES, ReconstructConfig, apply_reconstruction, reconstruct
+from workbench.surgery.reconstruct import (
+    MODES,
+    ReconstructConfig,
+    _kept_columns,
+    apply_reconstruction,
+    cv_errors,
+    reconstruct,
+    solve_reconstruction,
+)
 
 
 def _samples(n=8, seq=24, seed=0):
@@ -265,3 +273,149 @@ def test_saving_leaves_the_live_model_s_fingerprint_and_cache_keys_alone(tmp_pat
     save_pruned(model, tmp_path / "ckpt")
     assert model_fingerprint(model) == before
     assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Each block's ridge chosen by cross-validation (cv_folds)
+
+
+def _explicit_refit(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, kept: torch.Tensor, toward: str,
+                    damping: float, bias: bool = True) -> tuple[torch.Tensor, torch.Tensor | float]:
+    """Ridge re-fit of the kept columns (and an undamped bias) from the activations themselves, by least squares on
+    the rows [x_kept, 1] plus √(λ·s)·e_j pseudo-rows, s the mean of Σ x_j² over all columns (bias=False: no
+    constant column; the returned bias is 0, the change of a kept bias)."""
+    s = float(x.square().sum(0).mean())
+    ones = torch.ones(len(x), int(bias), dtype=x.dtype)
+    rows = torch.cat([x[:, kept], ones], dim=1)
+    pseudo = torch.cat([(damping * s) ** 0.5 * torch.eye(len(kept), dtype=x.dtype),
+                        torch.zeros(len(kept), int(bias), dtype=x.dtype)], dim=1)
+    target = (damping * s) ** 0.5 * (weight[:, kept].T if toward == "dense" else torch.zeros(len(kept), len(y.T),
+                                                                                            dtype=x.dtype))
+    sol = torch.linalg.lstsq(torch.cat([rows, pseudo]), torch.cat([y, target])).solution
+    return (sol[:-1].T, sol[-1]) if bias else (sol.T, 0.0)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_cv_errors_are_the_held_out_errors_of_explicit_refits(bias):
+    g = torch.Generator().manual_seed(0)
+    mix = torch.randn(7, 7, generator=g, dtype=torch.float64)
+    xs = [torch.randn(n, 7, generator=g, dtype=torch.float64) @ mix + 0.3 for n in (15, 11, 13)]
+    weight, b_dense = torch.randn(4, 7, generator=g, dtype=torch.float64), torch.randn(4, generator=g,
+                                                                                       dtype=torch.float64)
+    folds = [NormalEquations(7) for _ in xs]
+    for ne, x in zip(folds, xs):
+        ne.add(x)
+    kept = torch.tensor([0, 2, 3, 6])
+    ridges = (("zero", 1e-4), ("zero", 0.3), ("dense", 0.05), ("dense", 2.0))
+    got = cv_errors(folds, weight, b_dense, kept, ridges, fit_bias=bias)
+    assert list(got) == list(ridges)
+    for toward, damping in ridges:
+        want = 0.0
+        for k, x_out in enumerate(xs):
+            x_in = torch.cat([x for j, x in enumerate(xs) if j != k])
+            y_in = x_in @ weight.T + (b_dense if bias else 0)  # without a fitted bias the kept b cancels
+            w, b = _explicit_refit(x_in, y_in, weight, kept, toward, damping, bias)
+            want += float(((x_out @ weight.T + (b_dense if bias else 0)) - (x_out[:, kept] @ w.T + b)).square().sum())
+        assert got[(toward, damping)] == pytest.approx(want, rel=1e-7), (toward, damping)
+    assert len({round(v, 6) for v in got.values()}) == len(ridges)  # the ridges do differ here
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_one_ridge_to_choose_from_is_the_fixed_ridge(mode):
+    """Cross-validation's folds sum to the Gram of all tokens: with one candidate it re-fits as the fixed ridge."""
+    dense = tiny_model("llama", n_layers=3, seed=2)
+    plan = random_plan(layer_widths(dense), 0.4, seed=3, empty_blocks=1)
+    ids = _samples(8)
+    cv = solve_reconstruction(dense, plan, ids, ReconstructConfig(mode=mode, batch_size=2, cv_folds=3,
+                                                                  cv_ridges=(("dense", 0.1),)), cache=False,
+                              progress=False)
+    fixed = solve_reconstruction(dense, plan, ids, ReconstructConfig(mode=mode, batch_size=2, damping=0.1,
+                                                                     toward="dense"), cache=False, progress=False)
+    assert cv.solutions.keys() == fixed.solutions.keys() and cv.solutions
+    emptied = 0
+    for key, sol in cv.solutions.items():
+        torch.testing.assert_close(sol["bias"], fixed.solutions[key]["bias"], rtol=1e-5, atol=1e-6)
+        if sol["weight"] is None:  # an emptied block: its mean output only, no ridge to choose
+            emptied += 1
+            assert fixed.solutions[key]["weight"] is None and "ridge" not in sol
+            continue
+        torch.testing.assert_close(sol["weight"], fixed.solutions[key]["weight"], rtol=1e-5, atol=1e-6)
+        assert (sol["ridge"]["toward"], sol["ridge"]["damping"], sol["ridge"]["cv_error"]) == ("dense", 0.1, 1.0)
+    assert emptied == 1 and not any("ridge" in sol for sol in fixed.solutions.values())
+
+
+def test_each_block_takes_the_ridge_of_its_lowest_held_out_error():
+    """Batch n is in fold n mod K; each block's choice is the minimum of `cv_errors` over those folds, and its
+    re-fit is the fixed re-fit with that ridge on all tokens."""
+    from workbench.scoring.refit import gram_sums
+
+    dense = tiny_model("mistral", n_layers=2, seed=4)
+    plan = random_plan(layer_widths(dense), 0.5, seed=5)
+    ids = _samples(12, seq=16)
+    ridges = (("zero", 1e-4), ("zero", 1.0), ("dense", 0.01), ("dense", 1.0), ("dense", 30.0))
+    cfg = ReconstructConfig(batch_size=3, cv_folds=2, cv_ridges=ridges)
+    rec = solve_reconstruction(dense, plan, ids, cfg, cache=False, progress=False)
+    folds: list[dict] = [{}, {}]
+    with torch.no_grad():
+        for n, s in enumerate(range(0, 12, 3)):
+            with gram_sums(dense, BLOCKS, lambda *_: True, into=folds[n % 2]):
+                dense(input_ids=ids[s:s + 3], use_cache=False)
+    spec = get_spec(dense)
+    chosen = set()
+    for (i, block), sol in rec.solutions.items():
+        proj = layer_parts(decoder_layers(dense, spec)[i], spec).out_proj(block)
+        kept = _kept_columns(plan, i, block, proj.in_features)
+        errors = cv_errors([f[i, block] for f in folds], proj.weight, proj.bias, kept, ridges)
+        best = min(errors, key=lambda r: errors[r])
+        assert (sol["ridge"]["toward"], sol["ridge"]["damping"]) == best
+        assert sol["ridge"]["cv_error"] == pytest.approx(errors[best] / errors[("zero", 1e-4)])
+        alone = solve_reconstruction(dense, plan, ids, ReconstructConfig(batch_size=3, damping=best[1], toward=best[0]),
+                                     cache=False, progress=False).solutions[(i, block)]
+        torch.testing.assert_close(sol["weight"], alone["weight"], rtol=1e-5, atol=1e-6)
+        chosen.add(best)
+    summary = rec.summary()
+    assert summary["ridge"] == dict(cv_folds=2, cv_ridges=[list(r) for r in ridges])
+    assert len(summary["chosen_ridges"]) == len(rec.solutions) and rec.ridge_counts()
+    assert len(chosen) > 1, chosen  # the blocks do not all choose alike: the choice is per block
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(cv_folds=1), "cv_folds=1 must be 0"),
+    (dict(cv_folds=-2), "cv_folds=-2"),
+    (dict(cv_folds=True), "cv_folds=True"),
+    (dict(cv_folds=4, weights=False), "fits only the bias"),
+    (dict(cv_folds=4, damping=0.1), "damping=0.1 / toward='zero' would not be used"),
+    (dict(cv_folds=4, toward="dense"), "would not be used"),
+    (dict(cv_ridges=()), "non-empty list"),
+    (dict(cv_ridges=(("up", 0.1),)), "toward one of"),
+    (dict(cv_ridges=(("dense", -1.0),)), "λ a finite number >= 0"),
+    (dict(cv_ridges=(("dense", float("nan")),)), "λ a finite number"),
+    (dict(cv_ridges=(("dense", 0.1), ("dense", 0.1))), "twice"),
+])
+def test_bad_cross_validation_settings_name_the_value(kw, match):
+    with pytest.raises(ValueError, match=match):
+        ReconstructConfig(**kw)
+
+
+def test_more_folds_than_batches_are_refused_before_any_pass():
+    dense = tiny_model("llama", n_layers=2)
+    plan = random_plan(layer_widths(dense), 0.3)
+    with pytest.raises(ValueError, match="cv_folds=4 needs at least 4 calibration batches.*make 2"):
+        solve_reconstruction(dense, plan, _samples(8), ReconstructConfig(cv_folds=4, batch_size=4), cache=False,
+                             progress=False)
+
+
+def test_the_fixed_ridge_keeps_its_cache_key():
+    from dataclasses import asdict
+
+    from workbench.core.cache import make_key
+
+    dense = tiny_model("llama", n_layers=2)
+    plan = random_plan(layer_widths(dense), 0.3)
+    ids = _samples(4)
+    rec = solve_reconstruction(dense, plan, ids, ReconstructConfig(), cache=False, progress=False)
+    old = {k: v for k, v in asdict(ReconstructConfig()).items() if k not in ("toward", "cv_folds", "cv_ridges")}
+    assert rec.key == make_key(model=dense, data=ids, settings=dict(plan=plan.removed, **old))
+    cv = solve_reconstruction(dense, plan, ids, ReconstructConfig(cv_folds=2, batch_size=2), cache=False,
+                              progress=False)
+    assert cv.key != rec.key

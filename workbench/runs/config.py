@@ -11,7 +11,8 @@ a wrong type names the expected one, and each dataclass's own checks name the al
     scoring: {method: taylor, normalization: minmax, level: layer}
     calibration: {num_samples: 64, seq_len: 128}
     selection: {ratio: 0.2}
-    reconstruction: null        # or {mode: one_shot, damping: 1e-4}
+    reconstruction: null        # or {mode: one_shot, damping: 1e-4}, or {cv_folds: 4} (each block's ridge by
+                                # cross-validation)
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from workbench.core.paths import write_atomic
 from workbench.core.registry import check_choice, closest
 from workbench.runs.pipeline import PruneRunConfig
 from workbench.surgery.checkpoints import check_device_name
+from workbench.surgery.reconstruct import CV_RIDGES
 
 
 class ConfigError(ValueError):
@@ -161,15 +163,27 @@ def to_dict(cfg) -> dict:
     return plain(dataclasses.asdict(cfg))
 
 
-# Fields added after run keys were first written, with their defaults: a run that keeps the default keeps the key
-# it had before the field existed (a sweep resumes across the upgrade instead of running everything again).
-ADDED_FIELDS: dict[str, object] = {"layer_importance_samples": 16}
+# Fields added after run keys were first written, with their defaults (dotted: a field of a section): a run that
+# keeps the default keeps the key it had before the field existed (a sweep resumes across the upgrade instead of
+# running everything again).
+ADDED_FIELDS: dict[str, object] = {
+    "layer_importance_samples": 16,
+    "reconstruction.cv_folds": 0,
+    "reconstruction.cv_ridges": [list(r) for r in CV_RIDGES],
+}
 
 
 def config_hash(cfg) -> str:
     """A short stable hash of a config's resolved content (every field, defaults included, except a field of
     `ADDED_FIELDS` at its default)."""
-    d = {k: v for k, v in to_dict(cfg).items() if not (k in ADDED_FIELDS and v == ADDED_FIELDS[k])}
+    d = to_dict(cfg)
+    for dotted, default in ADDED_FIELDS.items():
+        *sections, name = dotted.split(".")
+        section: typing.Any = d
+        for key in sections:
+            section = section.get(key) if isinstance(section, dict) else None
+        if isinstance(section, dict) and name in section and section[name] == default:
+            del section[name]
     text = json.dumps(d, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 

@@ -94,16 +94,25 @@ class PruneRunConfig:
             raise ValueError(f"layer_importance_samples={self.layer_importance_samples!r} must be a positive integer")
         if self.baseline_params and self.baseline is None:
             raise ValueError(f"baseline_params={self.baseline_params} without a baseline; set baseline too")
+        rec = self.reconstruction
+        if rec is not None and rec.cv_folds:  # the re-fit runs on the calibration samples: check its folds now
+            n = min(self.calibration.num_samples, rec.num_samples or self.calibration.num_samples)
+            if rec.cv_folds > -(-n // rec.batch_size):
+                raise ValueError(f"reconstruction.cv_folds={rec.cv_folds} needs at least {rec.cv_folds} batches of the "
+                                 f"{n} calibration samples, but reconstruction.batch_size={rec.batch_size} makes "
+                                 f"{-(-n // rec.batch_size)}: use fewer folds, a smaller batch_size or more samples")
         if self.uses_refit_scores:
             made = f"scoring.method={self.scoring.method}" if self.baseline is None else f"baseline={self.baseline}"
             if not self.calibration.refit:
                 raise ValueError(f"{made} needs the re-fit scores of the calibration pass: set calibration.refit=true")
             rec, cal = self.reconstruction, self.calibration
-            if rec is not None and (rec.damping, rec.toward) != (cal.refit_damping, cal.refit_toward):
+            if rec is not None and not rec.cv_folds and (rec.damping, rec.toward) != (cal.refit_damping,
+                                                                                        cal.refit_toward):
                 raise ValueError(
                     f"{made} scores units for a re-fit with damping={cal.refit_damping}, toward={cal.refit_toward!r} "
                     f"(calibration.refit_damping / refit_toward), but the reconstruction uses damping={rec.damping}, "
-                    f"toward={rec.toward!r}: set both the same")
+                    f"toward={rec.toward!r}: set both the same (or let each block choose by cross-validation: "
+                    f"reconstruction.cv_folds)")
 
     @property
     def uses_refit_scores(self) -> bool:
@@ -253,7 +262,8 @@ def run_pruning(model, tokenizer, cfg: PruneRunConfig, experiment: Experiment, *
     with step("prune"):
         report, rec = prune_and_reconstruct(model, plan, samples, compensation, progress=progress)
     if rec is not None:
-        log(f"reconstructed {len(rec.solutions)} blocks from {rec.tokens:,} tokens ({rec.seconds:.1f} s when computed)")
+        log(f"reconstructed {len(rec.solutions)} blocks from {rec.tokens:,} tokens ({rec.seconds:.1f} s when computed)"
+            + ("; ridges chosen by cross-validation: " + rec.ridge_counts() if rec.config.get("cv_folds") else ""))
     log(f"removed {report.params_before - report.params_after:,} parameters: "
         f"{report.ratio_total:.2%} of all, {report.ratio_prunable:.2%} of attention+MLP; "
         f"layers removed {report.removed_layers}, emptied blocks {report.emptied_blocks}")
@@ -264,6 +274,8 @@ def run_pruning(model, tokenizer, cfg: PruneRunConfig, experiment: Experiment, *
     record = dict(dense=dense.to_dict(), pruned=pruned.to_dict(), report=report.to_dict(), plan=plan.to_dict(),
                   diagnosis={k: diagnosis[k] for k in ("mean_ratio", "norm_ratio", "n_extreme")},
                   importance_seconds=imp.seconds)
+    if rec is not None:
+        record["reconstruction"] = rec.summary()
     if cfg.finetune is not None:
         with step("finetune"):
             result = finetune(model, tokenizer, cfg.finetune, experiment.checkpoints, progress=progress, log=log)

@@ -235,12 +235,14 @@ def layer_grams(model: nn.Module, samples: torch.Tensor | None, batch_size: int 
 
 
 @contextlib.contextmanager
-def gram_sums(model: nn.Module, blocks: tuple[str, ...] | list[str], wanted: Callable[[int, str], bool]
+def gram_sums(model: nn.Module, blocks: tuple[str, ...] | list[str], wanted: Callable[[int, str], bool],
+              into: dict[tuple[int, str], NormalEquations] | None = None
               ) -> Iterator[dict[tuple[int, str], NormalEquations]]:
     """Inside: every forward pass adds the inputs of the output projections of `blocks` to the Gram matrix of
-    each (layer, block) that `wanted(layer, block)` accepts; yields {(layer, block): NormalEquations}."""
+    each (layer, block) that `wanted(layer, block)` accepts; yields {(layer, block): NormalEquations} (`into`:
+    adds to these sums, e.g. one cross-validation fold's, instead of new ones)."""
     device = next(model.parameters()).device
-    sums: dict[tuple[int, str], NormalEquations] = {}
+    sums: dict[tuple[int, str], NormalEquations] = {} if into is None else into
 
     def add(layer: int, site: str, x: torch.Tensor) -> None:
         key = (layer, CHANNEL_BLOCKS[site])
