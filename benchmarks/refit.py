@@ -3,14 +3,17 @@
     python benchmarks/refit.py [--model default] [--ratios 0.2 0.25] [--calibrations pydoc pydoc+jargon]
                                [--methods global_taylor global_refit depth_refit taylor_counts] [--timing]
                                [--damping 1e-4] [--toward zero|dense] [--seeds 0 1 2 3] [--samples 64] [--seq-len 128]
+                               [--cv-folds 4]
 
 For each calibration (`--samples` × `--seq-len` windows, 64 × 128 by default) and ratio of all parameters: PPL on
 the pydoc evaluation part and on `jargon` (50 × 128 windows each), for global Taylor without and with the
-closed-form re-fit (one_shot, λ = `--damping`, its ridge pulling toward `--toward`) and for the plans made from
-the re-fit score (each re-fitted with the ridge its scores assumed). `--timing` first times the plain importance
-pass against the pass with refit=True on the same windows, interleaved A B A B (uncached), and prints the medians
-and the memory the layer-by-layer replay holds. `--seeds` draws the calibration windows once per seed
-(`CalibrationConfig.seed`) and, with more than one, ends with each method's mean, min and max over the draws,
+closed-form re-fit (one_shot, λ = `--damping`, its ridge pulling toward `--toward`) and for the plans made from the re-fit
+score (each re-fitted with the ridge its scores assumed). `--cv-folds K` re-fits every plan with each block's ridge
+chosen by K-fold cross-validation instead (`ReconstructConfig.cv_folds`; the scores keep `--damping` / `--toward`):
+the "reconstructed" columns, while the re-fit score's plans keep their own re-fit in "ppl". `--timing` first times
+the plain importance pass against the pass with refit=True on the same windows, interleaved A B A B (uncached), and
+prints the medians and the memory the layer-by-layer replay holds. `--seeds` draws the calibration windows once per
+seed (`CalibrationConfig.seed`) and, with more than one, ends with each method's mean, min and max over the draws,
 and the mean ratio to the dense model. The same calls as notebook 07.
 """
 from __future__ import annotations
@@ -63,6 +66,8 @@ def main() -> None:
     add_eval_args(ap, ("jargon",))
     ap.add_argument("--damping", type=float, default=1e-4, help="λ of the re-fit (scores and reconstruction)")
     ap.add_argument("--toward", default="zero", choices=["zero", "dense"], help="what the re-fit's ridge pulls toward")
+    ap.add_argument("--cv-folds", type=int, default=0,
+                    help="re-fit with each block's ridge chosen by this many folds of cross-validation (0: --damping)")
     ap.add_argument("--seeds", "--seed", type=int, nargs="+", default=[0],
                     help="which calibration windows (CalibrationConfig.seed); several: a summary over the draws")
     ap.add_argument("--timing", action="store_true", help="time the pass with and without refit first")
@@ -73,6 +78,10 @@ def main() -> None:
     if args.timing:
         timing(model, tok, args.repeats, args.samples, args.seq_len)
     pd.set_option("display.width", 200)
+    reconstruction = ReconstructConfig(cv_folds=args.cv_folds) if args.cv_folds else \
+        ReconstructConfig(damping=args.damping, toward=args.toward)
+    refit_label = f"each block's ridge by {args.cv_folds}-fold cross-validation" if args.cv_folds else \
+        f"λ = {args.damping:g} toward {args.toward}"
     rows = []
     for seed in args.seeds:
         for source in args.calibrations:
@@ -84,9 +93,9 @@ def main() -> None:
                 plans = baseline_plans(rescorer, ratio, variants={m: (m, {}) for m in args.methods})
                 table = compare_plans(model, tok, plans, samples, progress=False,
                                       extra_sources=tuple(args.extra_sources),
-                                      reconstruction=ReconstructConfig(damping=args.damping, toward=args.toward))
-                print(f"\ncalibration {source} (seed {seed}), {ratio:.0%} of all parameters; re-fit λ = "
-                      f"{args.damping:g} toward {args.toward}")
+                                      reconstruction=reconstruction)
+                print(f"\ncalibration {source} (seed {seed}), {ratio:.0%} of all parameters; re-fit: {refit_label} "
+                      f"(the scores: λ = {args.damping:g} toward {args.toward})")
                 print(table.round(4).to_markdown())
                 rows.append(table.assign(calibration=source, seed=seed, ratio=ratio))
     if len(args.seeds) > 1 and rows:

@@ -39,6 +39,8 @@ RECONSTRUCT = True      # re-fit o_proj / down_proj of pruned blocks in closed f
 DAMPING = 1e-4          # ridge λ of the reconstruction (× mean diagonal of the normal equations)
 TOWARD = "zero"         # what that ridge pulls the re-fit toward: "zero", or "dense" (with DAMPING = 0.1: carries
                         # better out of the calibration domain; the re-fit scores assume the same ridge)
+CV_FOLDS = 4            # each block's ridge chosen by 4-fold cross-validation over the calibration batches (better
+                        # in and out of domain, README); 0: every block with DAMPING / TOWARD
 RECONSTRUCT_SAMPLES = 128  # calibration samples of the reconstruction (more tokens: a better fit)
 BLOCK_LOSS_SAMPLES = 16  # calibration samples for the block-removal loss the panel measures on request
 USE_PANEL_PLAN = False  # True: prune with the plan the panel below shows (after trying settings there)
@@ -145,11 +147,14 @@ plan = state["plan"] if USE_PANEL_PLAN else plan
 # (and an output bias) so each pruned block's output matches the dense block's output on calibration tokens:
 # ridge least squares in closed form, from one dense pass, no training (`workbench.surgery.reconstruct`). Its
 # statistics are taken before the model is pruned in place, and cached. Set `RECONSTRUCT = False` to compare.
+# With `CV_FOLDS` each block chooses its own ridge by cross-validation: `rec.ridge_counts()` says which.
 
 # %%
-rec_cfg = ReconstructConfig(damping=DAMPING, toward=TOWARD) if RECONSTRUCT else None
+rec_cfg = (ReconstructConfig(cv_folds=CV_FOLDS) if CV_FOLDS else ReconstructConfig(damping=DAMPING, toward=TOWARD)
+           ) if RECONSTRUCT else None
 rec_samples = calibration_samples(tokenizer, CalibrationConfig(num_samples=RECONSTRUCT_SAMPLES, seq_len=SEQ_LEN))
 report, rec = prune_and_reconstruct(model, plan, rec_samples, rec_cfg)
+print("ridges chosen by cross-validation:", rec.ridge_counts() if rec else None)
 pruned_ppl = perplexity(model, tokenizer, seq_len=SEQ_LEN, max_windows=EVAL_WINDOWS)
 pd.DataFrame({"dense": [dense_ppl.ppl, report.params_before], "pruned": [pruned_ppl.ppl, report.params_after]},
              index=["perplexity", "parameters"]).style.format("{:,.2f}", subset=(["perplexity"], slice(None))).format(
@@ -168,4 +173,4 @@ print("reload max |Δlogit|:", save_and_check(model, exp, samples[:2], tokenizer
 exp.write_json("evaluation/perplexity.json", plans_record(dense_ppl, {"pruned": pruned_ppl}, {"pruned": plan},
                                                       method=METHOD, ratio=RATIO, ratio_of=RATIO_OF,
                                                       report=report.to_dict(),
-                                                      reconstruction=rec.config if rec else None))
+                                                      reconstruction=rec.summary() if rec else None))

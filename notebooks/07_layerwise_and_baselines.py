@@ -35,6 +35,7 @@ XY_START = 2.0
 RECONSTRUCT = True       # also report each plan's PPL after closed-form reconstruction
 DAMPING = 1e-4           # its ridge λ (the re-fit scores assume the same ridge)
 TOWARD = "zero"          # what that ridge pulls toward: "zero", or "dense" (with DAMPING = 0.1: better out of domain)
+CV_FOLDS = 4             # the reconstruction: each block's ridge by 4-fold cross-validation; 0: DAMPING / TOWARD
 EVAL_WINDOWS = 50
 OUT_OF_DOMAIN = ["jargon"]  # sources no calibration sees (jargon: `apt-get install jargon-text`); [] for none
 REFIT_SCORES = True      # the pass also computes the re-fit score (≈ 1.8× the pass's time) for its three plans
@@ -120,7 +121,8 @@ plots.publish(plots.xy_curve, search, name="xy_search", to=exp)
 plans = baseline_plans(rescorer, RATIO, layer_scores=layer_scores, variants=study_variants(best))
 with timed("comparison table"):
     table = compare_plans(model, tokenizer, plans, samples,
-                          reconstruction=ReconstructConfig(damping=DAMPING, toward=TOWARD) if RECONSTRUCT else None,
+                          reconstruction=(ReconstructConfig(cv_folds=CV_FOLDS) if CV_FOLDS else
+                                          ReconstructConfig(damping=DAMPING, toward=TOWARD)) if RECONSTRUCT else None,
                           seq_len=SEQ_LEN, max_windows=EVAL_WINDOWS, extra_sources=tuple(OUT_OF_DOMAIN))
 plots.styled(table.sort_values("ppl"))
 

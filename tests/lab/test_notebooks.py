@@ -18,7 +18,7 @@ SMOKE_PARAMS = {
                           EVAL_EVERY=2, EVAL_WINDOWS=4, LR=1e-3),
     "06_evaluation": dict(SMOKE=True, LIMIT=8, EVAL_WINDOWS=4, PROMPT_LEN=16, NEW_TOKENS=4),
     "07_layerwise_and_baselines": dict(SMOKE=True, NUM_SAMPLES=8, SEQ_LEN=32, LAYER_SAMPLES=4, HELD_OUT=4,
-                                       EVAL_WINDOWS=4, RATIO=0.1, OUT_OF_DOMAIN=["../README.md"]),
+                                       EVAL_WINDOWS=4, RATIO=0.1, OUT_OF_DOMAIN=["../README.md"], CV_FOLDS=2),
     "08_sweeps": dict(SMOKE=True),
 }
 
