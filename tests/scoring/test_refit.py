@@ -238,8 +238,8 @@ def test_a_run_file_prunes_by_the_refit_score_and_refuses_without_its_pass(tmp_p
     assert rec["reconstruction"]["ridge"] == dict(damping=1e-4, toward="zero") and rec["reconstruction"]["blocks"]
     capsys.readouterr()
     assert main(["run", str(run), "reconstruction.cv_folds=2", "--name", "few", "--quiet"]) == 2  # 4 samples: 1 batch
-    assert "reconstruction.cv_folds=2 needs at least 2 batches of the 4 calibration samples, but " \
-           "reconstruction.batch_size=4 makes 1" in capsys.readouterr().err
+    assert "reconstruction: cv_folds=2 needs at least 2 calibration batches (the folds are batches), but 4 samples " \
+           "in batches of batch_size=4 make 1" in capsys.readouterr().err
     assert not (tmp_path / "experiments" / "few").exists()
     assert main(["run", str(run), "reconstruction.cv_folds=2", "reconstruction.batch_size=2", "--name", "cv",
                  "--quiet"]) == 0

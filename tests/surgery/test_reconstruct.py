@@ -400,7 +400,8 @@ def test_bad_cross_validation_settings_name_the_value(kw, match):
 def test_more_folds_than_batches_are_refused_before_any_pass():
     dense = tiny_model("llama", n_layers=2)
     plan = random_plan(layer_widths(dense), 0.3)
-    with pytest.raises(ValueError, match="cv_folds=4 needs at least 4 calibration batches.*make 2"):
+    with pytest.raises(ValueError, match=r"cv_folds=4 needs at least 4 calibration batches \(the folds are "
+                                         r"batches\), but 8 samples in batches of batch_size=4 make 2"):
         solve_reconstruction(dense, plan, _samples(8), ReconstructConfig(cv_folds=4, batch_size=4), cache=False,
                              progress=False)
 

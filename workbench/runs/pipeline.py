@@ -34,7 +34,7 @@ from workbench.scoring.methods import IMPORTANCE_METHODS, Importance
 from workbench.scoring.removal import block_removal_loss
 from workbench.surgery.checkpoints import EXPERIMENT_PREFIX, load_model, load_plan, reload_max_diff, save_pruned
 from workbench.surgery.prune import PruneReport
-from workbench.surgery.reconstruct import ReconstructConfig, prune_and_reconstruct
+from workbench.surgery.reconstruct import ReconstructConfig, check_folds, prune_and_reconstruct
 
 
 @dataclass(frozen=True)
@@ -94,13 +94,11 @@ class PruneRunConfig:
             raise ValueError(f"layer_importance_samples={self.layer_importance_samples!r} must be a positive integer")
         if self.baseline_params and self.baseline is None:
             raise ValueError(f"baseline_params={self.baseline_params} without a baseline; set baseline too")
-        rec = self.reconstruction
-        if rec is not None and rec.cv_folds:  # the re-fit runs on the calibration samples: check its folds now
-            n = min(self.calibration.num_samples, rec.num_samples or self.calibration.num_samples)
-            if rec.cv_folds > -(-n // rec.batch_size):
-                raise ValueError(f"reconstruction.cv_folds={rec.cv_folds} needs at least {rec.cv_folds} batches of the "
-                                 f"{n} calibration samples, but reconstruction.batch_size={rec.batch_size} makes "
-                                 f"{-(-n // rec.batch_size)}: use fewer folds, a smaller batch_size or more samples")
+        if self.reconstruction is not None:  # the re-fit runs on the calibration samples: check its folds now
+            try:
+                check_folds(self.reconstruction, self.calibration.num_samples)
+            except ValueError as e:
+                raise ValueError(f"reconstruction: {e}") from None
         if self.uses_refit_scores:
             made = f"scoring.method={self.scoring.method}" if self.baseline is None else f"baseline={self.baseline}"
             if not self.calibration.refit:

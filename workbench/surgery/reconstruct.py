@@ -140,6 +140,16 @@ class ReconstructConfig:
                                  "set cv_folds=0")
 
 
+def check_folds(cfg: ReconstructConfig, num_samples: int) -> None:
+    """Refuse cross-validation folds that `num_samples` calibration samples cannot fill (the folds are batches)."""
+    batches = -(-min(num_samples, cfg.num_samples or num_samples) // cfg.batch_size)
+    if cfg.cv_folds > batches:
+        raise ValueError(f"cv_folds={cfg.cv_folds} needs at least {cfg.cv_folds} calibration batches (the folds are "
+                         f"batches), but {min(num_samples, cfg.num_samples or num_samples)} samples in batches of "
+                         f"batch_size={cfg.batch_size} make {batches}: use fewer folds, a smaller batch_size or more "
+                         "samples")
+
+
 def _check_ridges(ridges) -> None:
     if isinstance(ridges, (str, bytes)) or not isinstance(ridges, (tuple, list)) or not ridges:
         raise ValueError(f"cv_ridges={ridges!r} must be a non-empty list of (toward, λ) pairs, e.g. "
@@ -377,11 +387,7 @@ def solve_reconstruction(dense: nn.Module, plan: Plan, samples: torch.Tensor,
                          f"{tuple(samples.shape) if isinstance(samples, torch.Tensor) else type(samples).__name__}")
     check_token_ids(samples, dense, "calibration token ids")
     samples = samples[: cfg.num_samples] if cfg.num_samples is not None else samples
-    batches = -(-len(samples) // cfg.batch_size)
-    if cfg.cv_folds > batches:
-        raise ValueError(f"cv_folds={cfg.cv_folds} needs at least {cfg.cv_folds} calibration batches (the folds are "
-                         f"batches), but {len(samples)} samples in batches of {cfg.batch_size} make {batches}: "
-                         f"use fewer folds, a smaller batch_size or more samples")
+    check_folds(cfg, len(samples))
     settings = asdict(cfg)
     if cfg.toward == "zero":  # the default keeps the key it had before `toward` existed
         del settings["toward"]
