@@ -27,7 +27,7 @@ cross-validation over the calibration batches (`cv_folds`, among `cv_ridges`): b
 each fold keeps its own Gram matrix (K× the memory of the sums above), and for each candidate the kept columns are
 re-fitted on all folds but one and measured on the one left out, by the dense block's output error
 tr(Dᵀ G_fold D) (no activations needed). The chosen ridge is then fitted on all tokens; the added time is
-K · len(cv_ridges) Cholesky solves of the kept columns per block. On the default model with 64 × 128 calibration
+K · len(cv_ridges) solves of the kept columns' system per block. On the default model with 64 × 128 calibration
 tokens most blocks choose a pull of 0.1–1 toward the dense weights: at 20 %, 26.96 → 26.49 in domain and
 136.15 → 127.57 out of it for the re-fit score's plan, of which one pull of 0.1–0.3 for every block gives most
 and the per-block choice 0.5–0.9 % more (README).
@@ -62,7 +62,14 @@ from workbench.core.units import unit_rows
 from workbench.data.text import REFIT_DAMPING, REFIT_TOWARD
 from workbench.plans.plan import Plan
 from workbench.scoring.hooks import CHANNEL_SITES
-from workbench.scoring.refit import NormalEquations, augmented, call_layer, gram_sums, recorded_inputs
+from workbench.scoring.refit import (
+    NormalEquations,
+    augmented,
+    call_layer,
+    gram_sums,
+    recorded_inputs,
+    solve_ridge,
+)
 from workbench.surgery.prune import PruneReport, add_output_bias, apply_plan, check_plan
 
 MODES = ("sequential", "one_shot")
@@ -201,7 +208,7 @@ def _solve(folds: list[NormalEquations], dense_layer: nn.Module, spec, plan: Pla
     total = _summed(folds)
     try:
         chosen = cfg.cv_folds and len(kept)  # an emptied block gets only its mean output: no ridge to choose
-        ridge: dict = choose_ridge(folds, proj.weight, proj.bias, kept, cfg) if chosen \
+        ridge: dict = choose_ridge(folds, proj.weight, proj.bias, kept, cfg, total) if chosen \
             else dict(toward=cfg.toward, damping=cfg.damping)
         out = total.solve(proj.weight, proj.bias, kept, damping=float(ridge["damping"]), fit_bias=cfg.bias,
                           fit_weights=cfg.weights, toward=str(ridge["toward"]))
@@ -220,19 +227,21 @@ def _summed(folds: list[NormalEquations]) -> NormalEquations:
 
 
 def cv_errors(folds: list[NormalEquations], weight: torch.Tensor, bias: torch.Tensor | None, kept: torch.Tensor,
-              ridges: tuple[tuple[str, float], ...], fit_bias: bool = True) -> dict[tuple[str, float], float]:
+              ridges: tuple[tuple[str, float], ...], fit_bias: bool = True, total: NormalEquations | None = None
+              ) -> dict[tuple[str, float], float]:
     """{(toward, λ): the held-out squared error of the block's output, summed over the folds}: each fold left out
     in turn, the kept columns re-fitted on the others (K-fold cross-validation over the calibration batches), as
     `NormalEquations.solve` re-fits them (λ scaled by the training folds' mean diagonal; the constant undamped).
 
     The held-out error needs no activations: with D = [W, b]ᵀ − [W', b']ᵀ (the removed columns' rows are the
     dense weights themselves), a fold's squared output error against the dense block is tr(Dᵀ G_fold D). Per fold,
-    what every ridge shares is computed once; per ridge, one Cholesky solve of the kept columns' system.
+    what every ridge shares is computed once; per ridge, one solve of the kept columns' system (`solve_ridge`).
+    `total`: the folds' sum, when the caller holds it already.
     """
     for k, ne in enumerate(folds):
         if ne.tokens == 0:
             raise ValueError(f"cross-validation fold {k} holds no tokens: use fewer cv_folds than calibration batches")
-    total = _summed(folds)
+    total = total if total is not None else _summed(folds)
     n, device = total.gram.shape[0] - 1, total.gram.device
     for toward, _ in ridges:
         check_choice("toward", toward, REFIT_TOWARD)
@@ -241,7 +250,6 @@ def cv_errors(folds: list[NormalEquations], weight: torch.Tensor, bias: torch.Te
         target[n] = 0
     kept = kept.to(device)
     idx = torch.cat([kept, torch.tensor([n], device=device)]) if fit_bias else kept
-    damped_rows = torch.arange(len(kept), device=device)
     errors = {(toward, float(damping)): 0.0 for toward, damping in ridges}
     for ne in folds:
         train = total.gram - ne.gram
@@ -250,25 +258,23 @@ def cv_errors(folds: list[NormalEquations], weight: torch.Tensor, bias: torch.Te
         held_cross, held_system = ne.gram[idx] @ target, ne.gram[idx][:, idx]
         held_dense = float((target * (ne.gram @ target)).sum())
         for toward, damping in ridges:
-            m, c = system.clone(), cross
-            m[damped_rows, damped_rows] += damping * scale
+            c = cross
             if toward == "dense":  # the pseudo-tokens' targets: the dense weights of the kept columns
                 c = cross.clone()
-                c[damped_rows] += damping * scale * target[kept]
-            chol, info = torch.linalg.cholesky_ex(m)
-            fit = torch.cholesky_solve(c, chol) if not int(info) else \
-                torch.linalg.lstsq(m.cpu(), c.cpu(), driver="gelsd").solution.to(device)
+                c[: len(kept)] += damping * scale * target[kept]
+            w, b = solve_ridge(system, c, damping, fit_bias, scale)
+            fit = torch.cat([w.T, b[None]]) if b is not None else w.T
             errors[(toward, float(damping))] += held_dense - 2 * float((fit * held_cross).sum()) \
                 + float((fit * (held_system @ fit)).sum())
     return errors
 
 
 def choose_ridge(folds: list[NormalEquations], weight: torch.Tensor, bias: torch.Tensor | None, kept: torch.Tensor,
-                 cfg: ReconstructConfig) -> dict:
+                 cfg: ReconstructConfig, total: NormalEquations | None = None) -> dict:
     """The ridge of `cfg.cv_ridges` with the lowest held-out error (`cv_errors`): {"toward", "damping",
     "cv_error": its error over the default ridge's (λ = REFIT_DAMPING toward zero), or over the first ridge's when
     the default is not among them}."""
-    errors = cv_errors(folds, weight, bias, kept, cfg.cv_ridges, cfg.bias)
+    errors = cv_errors(folds, weight, bias, kept, cfg.cv_ridges, cfg.bias, total)
     best = min(errors, key=lambda r: errors[r])
     reference = errors.get(("zero", REFIT_DAMPING), next(iter(errors.values())))
     return dict(toward=best[0], damping=best[1], cv_error=errors[best] / reference if reference > 0 else 1.0)
