@@ -18,6 +18,7 @@ from workbench.baselines.registry import (
     depth_ratios,
     make_plan,
     shortgpt_plan,
+    uses_refit_scores,
 )
 from workbench.core.arch import BLOCKS, decoder_layers, get_spec, layer_parts
 from workbench.core.testing import TINY_FAMILIES, byte_tokenizer, tiny_model
@@ -164,6 +165,7 @@ def test_every_baseline_makes_a_plan_that_prunes_exactly(family, name):
     model, ids, r, scores = _setup(family, seed=1)
     plan = make_plan(name, r, 0.15, layer_scores=scores)
     assert plan.settings["baseline"] == name
+    assert plan.provenance.method == BASELINES[name].method  # the registry says what chooses the units
     if name != "shortgpt":
         assert plan.selected_params >= plan.target_params
     pruned, masked = copy.deepcopy(model), copy.deepcopy(model)
@@ -311,6 +313,9 @@ def test_a_method_that_refuses_the_budget_gets_a_row_with_its_reason():
     # after a pass without the re-fit scores, their plans are refused with the reason, the others made
     plain = Rescorer(compute_importance(model, ids, progress=False), r.budget)
     plans = baseline_plans(plain, 0.15, layer_scores=scores)
+    assert REFIT_BASELINES == ("global_refit", "depth_refit", "taylor_counts")  # read from the registry
+    assert uses_refit_scores("layerwise", {"method": "refit"}) and not uses_refit_scores("layerwise")
+    assert not uses_refit_scores("depth_refit", {"method": "taylor"})
     for name in REFIT_BASELINES:
         assert "needs the re-fit scores; calibrate with refit=True" in plans[name][0].reason
     assert not isinstance(plans["global_taylor"][0], Refused)

@@ -140,3 +140,36 @@ def test_partial_selection_equals_a_full_stable_sort(make_model, seed, monkeypat
         monkeypatch.setattr(selection, "_lowest_reaching", lambda score, cost, idx, rest: idx)  # full sort
         assert select(table, budget, SelectionConfig(ratio=ratio)).removed == fast.removed
         monkeypatch.undo()
+
+
+def _layer_costs(plan, costs, layer):
+    return sum(len(plan.removed[b][layer]) * costs[b][layer] for b in ("attn", "mlp"))
+
+
+def test_per_layer_selection_lands_within_one_small_unit_of_each_layer_target():
+    """A KV group that would pass a layer's target by more than one MLP channel is skipped for the next channels;
+    when the channels run out first, the skipped group is taken after all, so no layer falls short."""
+    model = tiny_model("llama", n_layers=3)
+    widths, costs = layer_widths(model), unit_costs(model)
+    scores = _scores(widths, 3)
+    for i in range(3):
+        scores["attn"][i][0] = 0.0  # each layer's first group goes first, then channels: the target lands on one
+    table = build_table(scores, costs)
+    layer_params = [a * costs["attn"][i] + m * costs["mlp"][i] for i, (a, m) in enumerate(widths)]
+    ratios = (0.3, 0.45, 0.35)
+    plan = select(table, model, SelectionConfig(layer_ratios=ratios))
+    for i, r in enumerate(ratios):
+        want = int(np.ceil(r * layer_params[i]))
+        over = _layer_costs(plan, costs, i) - want
+        assert 0 <= over < costs["mlp"][i], (i, over)
+        assert 0 in plan.removed["attn"][i] and len(plan.removed["attn"][i]) == 1  # later groups were skipped
+    assert plan.selected_params - plan.target_params < 3 * costs["mlp"][0]
+    # every channel scores 0: the channels run out below this target, so the cheapest group is taken after all
+    scores = {"attn": [torch.arange(1.0, a + 1) for a, _ in widths], "mlp": [torch.zeros(m) for _, m in widths]}
+    table = build_table(scores, costs)
+    mlp_share = widths[0][1] * costs["mlp"][0] / layer_params[0]
+    with pytest.warns(UserWarning, match="over by more than the tolerance"):  # said, not silent
+        plan = select(table, model, SelectionConfig(layer_ratios=(mlp_share + 0.01,) * 3))
+    for i in range(3):
+        assert plan.removed["attn"][i] == [0] and len(plan.removed["mlp"][i]) == widths[i][1]
+        assert _layer_costs(plan, costs, i) >= int(np.ceil((mlp_share + 0.01) * layer_params[i]))

@@ -39,7 +39,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
-import pandas as pd
 
 from workbench.core.arch import BLOCKS
 from workbench.core.registry import Registry
@@ -49,12 +48,8 @@ from workbench.plans.normalize import ScoringConfig
 from workbench.plans.plan import Plan, PlanProvenance, check_achieved
 from workbench.plans.rescore import Rescorer
 from workbench.plans.selection import (
-    Budget,
     SelectionConfig,
-    block_codes,
-    check_table_widths,
     select,
-    stable_argsort,
 )
 from workbench.scoring.methods import IMPORTANCE_METHODS, Importance
 from workbench.surgery.reconstruct import ReconstructConfig
@@ -69,6 +64,9 @@ class Baseline:
         source: the paper or study it follows, in words.
         description: what it does, one line.
         layer_measures: per-layer importance measures it reads (keys of `layer_importance.LAYER_IMPORTANCE`).
+        method: what chooses its units by default, as its plans' provenance names it (a key of
+            `IMPORTANCE_METHODS`, or `block_influence` for whole layers); a baseline taking a `method` parameter
+            has this as that parameter's default. Which pass a run needs (`uses_refit_scores`) is read from here.
         compensation: the closed-form correction applied after pruning (None: none).
         make: (rescorer, layer_scores, ratio, ratio_of, **params) -> Plan.
     """
@@ -77,6 +75,7 @@ class Baseline:
     source: str
     description: str
     layer_measures: tuple[str, ...]
+    method: str
     compensation: ReconstructConfig | None
     make: Callable[..., Plan]
 
@@ -161,45 +160,16 @@ def depth_ratios(layer_params: np.ndarray, target: int, spread: float = 0.5) -> 
     return ratios
 
 
-def plan_from_layer_targets(table: pd.DataFrame, budget: Budget, targets: np.ndarray, *, score_column: str = "score",
-                            target: int = 0, denominator: int = 0, provenance: PlanProvenance | None = None) -> Plan:
-    """Within each layer, the lowest-score units until the layer's parameter target is met, skipping a unit that
-    would pass it by more than the layer's smallest unit (a whole KV group when a few channels are owed), so each
-    layer overshoots by less than one of its smallest units."""
-    check_table_widths(table, budget.widths)
-    removed: dict[str, dict[int, list[int]]] = {b: {} for b in BLOCKS}
-    selected = 0
-    for layer, part in table.groupby("layer", sort=True):
-        want = int(np.ceil(targets[int(layer)]))
-        part = part.iloc[stable_argsort(part[score_column].to_numpy(dtype=np.float64))]
-        cost, block, unit = part["cost"].to_numpy(), block_codes(part), part["unit"].to_numpy()
-        slack = int(cost.min()) if len(cost) else 0
-        got = 0
-        for c, k, u in zip(cost, block, unit):
-            if got >= want:
-                break
-            if got + c > want + slack:
-                continue
-            removed[BLOCKS[k]].setdefault(int(layer), []).append(int(u))
-            got += int(c)
-        selected += got
-    plan = Plan.from_units(budget.widths, {b: {i: sorted(u) for i, u in d.items()} for b, d in removed.items()},
-                           target_params=int(target), selected_params=selected, denominator=int(denominator),
-                           provenance=provenance or PlanProvenance("per_layer", method=table.attrs.get("method")))
-    cost_max = max(max(c) for c in budget.costs.values())
-    return check_achieved(plan, plan.provenance.label, int(cost_max))
-
-
 def _depth(r: Rescorer, layer_scores, ratio, ratio_of, method="refit", spread=0.5):
     target, denominator = r.budget.target(ratio, ratio_of)
     layer_params = r.budget.layer_params()
     ratios = depth_ratios(layer_params, target, spread)
-    return plan_from_layer_targets(r.table(method), r.budget, ratios * layer_params, target=target,
-                                   denominator=denominator,
-                                   provenance=PlanProvenance("baseline", method=method, baseline="depth_refit",
-                                                             selection=dict(ratio=ratio, ratio_of=ratio_of,
-                                                                            layer_ratios=ratios.round(6).tolist()),
-                                                             params=dict(spread=spread)))
+    plan = select(r.table(method), r.budget, SelectionConfig(layer_ratios=tuple(float(x) for x in ratios)))
+    plan.target_params, plan.denominator = target, denominator
+    plan.provenance = PlanProvenance("baseline", method=method, baseline="depth_refit",
+                                     selection=dict(ratio=ratio, ratio_of=ratio_of, layer_ratios=ratios.round(6).tolist()),
+                                     params=dict(spread=spread))
+    return check_achieved(plan, "depth_refit", max(max(c) for c in r.budget.costs.values()))
 
 
 def _taylor_counts(r: Rescorer, layer_scores, ratio, ratio_of, method="refit", allocation="taylor"):
@@ -247,41 +217,38 @@ def _scores(layer_scores: dict, measure: str) -> np.ndarray:
 
 
 BASELINES: Registry[Baseline] = Registry.of("baseline", [
-    Baseline("global_taylor", "this workbench", "global fractional knapsack on first-order Taylor", (), None,
+    Baseline("global_taylor", "this workbench", "global fractional knapsack on first-order Taylor", (), "taylor", None,
              _global("taylor")),
-    Baseline("global_taylor2", "this workbench", "global fractional knapsack on second-order Taylor", (), None,
+    Baseline("global_taylor2", "this workbench", "global fractional knapsack on second-order Taylor", (), "taylor2", None,
              _global("taylor2")),
     Baseline("uniform", "the GAQ-Aware-Prune study", "every layer keeps the same widths (x:y split, Taylor)", (),
-             None, _uniform),
+             "taylor", None, _uniform),
     Baseline("layerwise", "the GAQ-Aware-Prune study (v1.0)", "per-layer ratios from layer importance",
-             ("removal", "activation"), None, _layerwise),
+             ("removal", "activation"), LayerwiseConfig.method, None, _layerwise),
     Baseline("llm_pruner", "LLM-Pruner (Ma et al., 2023)", "Taylor, same ratio in every layer of a middle range",
-             (), None, _llm_pruner),
+             (), "taylor", None, _llm_pruner),
     Baseline("wanda_sp", "Wanda-sp (An et al., 2024; Wanda: Sun et al., 2024)",
-             "structured Wanda |W|·‖x‖, same ratio in every layer", (), None, _wanda_sp),
+             "structured Wanda |W|·‖x‖, same ratio in every layer", (), "wanda_sp", None, _wanda_sp),
     Baseline("flap", "FLAP (An et al., 2024)", "fluctuation metric, standardized, global, bias compensation", (),
-             ReconstructConfig(weights=False, bias=True), _flap),
+             "flap", ReconstructConfig(weights=False, bias=True), _flap),
     Baseline("shortgpt", "ShortGPT (Men et al., 2024)", "remove the layers of lowest Block Influence",
-             ("activation",), None, _shortgpt),
+             ("activation",), "block_influence", None, _shortgpt),
     Baseline("global_refit", "this workbench", "global fractional knapsack on the re-fit score, re-fitted", (),
-             ReconstructConfig(), _global("refit")),
+             "refit", ReconstructConfig(), _global("refit")),
     Baseline("depth_refit", "SlimGPT's schedule (Ling et al., 2024)",
-             "ratios rising with depth (logarithmic), re-fit score within layers, re-fitted", (), ReconstructConfig(),
-             _depth),
+             "ratios rising with depth (logarithmic), re-fit score within layers, re-fitted", (), "refit",
+             ReconstructConfig(), _depth),
     Baseline("taylor_counts", "this workbench", "Taylor's per-block unit counts, units by the re-fit score, re-fitted",
-             (), ReconstructConfig(), _taylor_counts),
+             (), "refit", ReconstructConfig(), _taylor_counts),
     Baseline("owl", "OWL (Yin et al., 2024)", "per-layer ratios from outlier ratios, Wanda units within layers",
-             ("outlier_ratio",), None, _owl),
+             ("outlier_ratio",), "wanda", None, _owl),
 ])
 
 
-# The baselines whose default importance method is the re-fit score (their pass needs refit=True).
-REFIT_BASELINES = ("global_refit", "depth_refit", "taylor_counts")
-
-
 def uses_refit_scores(name: str, params: dict | None = None) -> bool:
-    """Whether baseline `name` with these params makes its plan from the re-fit scores (`scoring.refit`)."""
-    method = (params or {}).get("method", "refit" if name in REFIT_BASELINES else None)
+    """Whether baseline `name` with these params makes its plan from the re-fit scores (`scoring.refit`): its
+    `method` parameter when given, else its registered `method`."""
+    method = (params or {}).get("method", BASELINES[name].method)
     return isinstance(method, str) and method in IMPORTANCE_METHODS and IMPORTANCE_METHODS[method].needs == "refit"
 
 
@@ -293,6 +260,10 @@ def baseline_compensation(name: str, importance: Importance, params: dict | None
         return own
     ridge = importance.acc.refit_ridge or {}
     return replace(own, damping=ridge.get("damping", REFIT_DAMPING), toward=ridge.get("toward", "zero"))
+
+
+# The baselines whose plans come from the re-fit scores by default (their pass needs refit=True).
+REFIT_BASELINES = tuple(name for name in BASELINES if uses_refit_scores(name))
 
 
 def make_plan(name: str, rescorer: Rescorer, ratio: float, ratio_of: str = "total", *,

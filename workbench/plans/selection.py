@@ -342,7 +342,10 @@ def _prefix(order: np.ndarray, cost: np.ndarray, rest: int, target: int, whole_c
 
 def _select_per_layer(table: pd.DataFrame, budget: Budget, cfg: SelectionConfig, score_column: str) -> Plan:
     """Within each layer, remove the lowest-score units until the layer's own ratio of its parameters is met
-    (or its unprotected units run out: `min_units_per_block` keeps each block's best units)."""
+    (or its unprotected units run out: `min_units_per_block` keeps each block's best units). A unit that would
+    pass the layer's target by more than the layer's smallest unit is skipped for the next one (a whole KV group
+    when a few channels are owed), so each layer overshoots by less than one of its smallest units; only when
+    the small units run out first are the skipped ones taken, lowest score first."""
     widths = budget.widths
     assert cfg.layer_ratios is not None  # select() sends only per-layer settings here
     if len(cfg.layer_ratios) != len(widths):
@@ -359,18 +362,28 @@ def _select_per_layer(table: pd.DataFrame, budget: Budget, cfg: SelectionConfig,
             part = part[from_top >= cfg.min_units_per_block]
         layer_params = sum(widths[layer][k] * budget.costs[b][layer] for k, b in enumerate(BLOCKS))
         want = int(np.ceil(cfg.layer_ratios[layer] * layer_params))
-        cum = part["cost"].to_numpy().cumsum()
-        n = 0 if want <= 0 else int(np.searchsorted(cum, want, side="left")) + 1
-        chosen = part.iloc[:n]
-        for block, g in chosen.groupby("block", observed=True):
-            removed[str(block)][int(layer)] = sorted(g["unit"].tolist())
-        got = int(chosen["cost"].sum())
+        cost, block, unit = part["cost"].to_numpy(), block_codes(part), part["unit"].to_numpy()
+        slack = int(cost.min()) if len(cost) else 0
+        got, skipped = 0, []
+        for c, k, u in zip(cost.tolist(), block.tolist(), unit.tolist()):
+            if got >= want:
+                break
+            if got + c > want + slack:
+                skipped.append((c, k, u))
+                continue
+            removed[BLOCKS[k]].setdefault(int(layer), []).append(int(u))
+            got += int(c)
+        for c, k, u in skipped:  # the small units ran out first: the lowest-score skipped ones, in order
+            if got >= want:
+                break
+            removed[BLOCKS[k]].setdefault(int(layer), []).append(int(u))
+            got += int(c)
         target += want
         selected += got
         if got < want:
             short.append(f"layer {layer}: {cfg.layer_ratios[layer]:.3f} asked, {got / layer_params:.3f} possible")
-    plan = Plan.from_units(widths, removed, target_params=target, selected_params=selected,
-                           denominator=budget.prunable_params,
+    plan = Plan.from_units(widths, {b: {i: sorted(u) for i, u in d.items()} for b, d in removed.items()},
+                           target_params=target, selected_params=selected, denominator=budget.prunable_params,
                            provenance=PlanProvenance("per_layer", method=table.attrs.get("method"),
                                                      selection=dict(asdict(cfg), score_column=score_column)))
     why = (f"min_units_per_block={cfg.min_units_per_block} keeps units the layer ratios ask for "
