@@ -420,3 +420,51 @@ def test_the_fixed_ridge_keeps_its_cache_key():
     cv = solve_reconstruction(dense, plan, ids, ReconstructConfig(cv_folds=2, batch_size=2), cache=False,
                               progress=False)
     assert cv.key != rec.key
+
+
+@pytest.mark.parametrize("cv_folds", [0, 2])
+def test_one_shot_replays_the_layers_that_do_not_fit_with_one_layer_s_grams_at_a_time(monkeypatch, cv_folds):
+    """With too little free memory for every block's Gram matrices at once, the one-shot re-fit keeps the first
+    layers' from its dense pass and replays the others one layer at a time: the same solutions (and ridges), and
+    never more than one layer's matrices beyond the held ones."""
+    import importlib
+    import weakref
+
+    rec_mod = importlib.import_module("workbench.surgery.reconstruct")  # the module (the package exports a function)
+
+    dense = tiny_model("qwen2", n_layers=4, seed=6)
+    plan = random_plan(layer_widths(dense), 0.4, seed=7, empty_blocks=1, remove_layers=1)
+    ids = _samples(8)
+    cfg = ReconstructConfig(batch_size=2, cv_folds=cv_folds)
+    everything = solve_reconstruction(dense, plan, ids, cfg, cache=False, progress=False)
+    spec, k = get_spec(dense), max(cv_folds, 1)
+    layers = decoder_layers(dense, spec)
+    first = min(i for i, _ in everything.solutions)
+    first_bytes = sum(8 * k * (layer_parts(layers[i], spec).out_proj(b).in_features + 1) ** 2
+                      for i, b in everything.solutions if i == first)
+    alive: weakref.WeakSet = weakref.WeakSet()
+    most = [0]
+    init = NormalEquations.__init__
+
+    def counted(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        alive.add(self)
+        most[0] = max(most[0], len(alive))
+
+    monkeypatch.setattr(NormalEquations, "__init__", counted)
+    per_layer = 2 * k + 1  # two blocks' folds and, while one is solved, their sum
+    for free, held in ((0, set()), (2 * first_bytes, {first})):
+        monkeypatch.setattr(rec_mod, "free_bytes", lambda device, free=free: free)
+        assert rec_mod._held_layers(dense, spec, list(everything.solutions), k, free // 2) == held
+        most[0] = 0
+        replayed = solve_reconstruction(dense, plan, ids, cfg, cache=False, progress=False)
+        assert list(replayed.solutions) == list(everything.solutions)
+        for key, sol in everything.solutions.items():
+            for part in ("weight", "bias"):
+                if sol[part] is None:
+                    assert replayed.solutions[key][part] is None
+                else:
+                    torch.testing.assert_close(replayed.solutions[key][part], sol[part], rtol=1e-5, atol=1e-6)
+            assert replayed.solutions[key].get("ridge", {}).get("damping") == sol.get("ridge", {}).get("damping")
+        held_count = sum(2 * k for i, _ in everything.solutions if i in held)
+        assert 0 < most[0] <= held_count + per_layer, (most[0], held_count)

@@ -14,9 +14,12 @@ gets only b' = mean(y). This is the least-squares update of the structured-pruni
 ZipLM; Bonsai's and SliceGPT's lineage), here on GQA groups and MLP channels.
 
 Where the activations h come from is the mode:
-- `one_shot` (default): one pass of the dense model; every block's Gram matrix from the dense model's own
-  activations. Memory: every pruned block's (width + 1)² float64 matrix at once (SmolLM2: 0.6 GB; a
-  Llama-3-8B shape: ≈ 57 GB, so use `sequential` there).
+- `one_shot` (default): every block's Gram matrix from the dense model's own activations. The blocks of the
+  first layers whose (width + 1)² float64 matrices fit in half the free memory (all of them on SmolLM2: 0.6 GB)
+  are summed in one dense pass; if some do not fit (every pruned block of a Llama-3-8B shape: ≈ 57 GB), that pass
+  also records the layers' inputs and the other layers are replayed one at a time, each layer's matrices solved
+  and freed before the next (≈ 1.8 GB for one 8B layer). The sums are the same either way; the replay costs
+  at most one more forward pass.
 - `sequential`: layer by layer, the dense block is run on the pruned model's input (the output of the
   already reconstructed earlier layers, as in SparseGPT-style methods), attention first, then the MLP of the
   same layer on the corrected attention's output. One block's matrix at a time; about 2× one_shot's time
@@ -42,6 +45,7 @@ block left to carry a correction.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -64,10 +68,12 @@ from workbench.plans.plan import Plan
 from workbench.scoring.hooks import CHANNEL_SITES
 from workbench.scoring.refit import (
     NormalEquations,
+    Recorded,
     augmented,
     call_layer,
     gram_sums,
     recorded_inputs,
+    recording,
     solve_ridge,
 )
 from workbench.surgery.prune import PruneReport, add_output_bias, apply_plan, check_plan
@@ -284,21 +290,67 @@ def choose_ridge(folds: list[NormalEquations], weight: torch.Tensor, bias: torch
 # The two modes
 
 
+def free_bytes(device: torch.device) -> int:
+    """The memory free for new tensors on `device`: the GPU's free memory, else the machine's available RAM."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    import psutil  # deferred: only the one-shot re-fit's memory plan reads it
+
+    return int(psutil.virtual_memory().available)
+
+
+def _held_layers(dense: nn.Module, spec, wanted: list[tuple[int, str]], folds: int, budget: int) -> set[int]:
+    """The first layers (in order) whose blocks' Gram matrices, `folds` of each, fit together in `budget` bytes."""
+    layers = decoder_layers(dense, spec)
+    held: set[int] = set()
+    used = 0
+    for i in sorted({i for i, _ in wanted}):
+        size = sum(8 * folds * (_out_proj(layers[i], spec, b).in_features + 1) ** 2 for j, b in wanted if j == i)
+        if used + size > budget:
+            break
+        held.add(i)
+        used += size
+    return held
+
+
 @torch.no_grad()
 def _one_shot(dense: nn.Module, plan: Plan, samples: torch.Tensor, cfg: ReconstructConfig,
               progress: bool) -> dict[tuple[int, str], dict]:
+    """Every pruned block's Gram matrices from the dense model's own activations. Those of the first layers that
+    fit in half the free memory come from one dense pass; when some do not fit, that pass also records the layers'
+    inputs and the rest are replayed one layer at a time (`scoring.refit.recording`), each layer's Grams solved and
+    freed before the next: the same sums, with one layer's Grams at a time beyond the first ones."""
     spec = get_spec(dense)
     device = next(dense.parameters()).device
     layers = decoder_layers(dense, spec)
     wanted = [(i, b) for i, _ in _layer_map(plan) for b in _wanted(plan, cfg, i)]
-    folds: list[dict[tuple[int, str], NormalEquations]] = [{} for _ in range(max(cfg.cv_folds, 1))]
-    with eval_mode(dense):
+    k = max(cfg.cv_folds, 1)
+    held = _held_layers(dense, spec, wanted, k, free_bytes(device) // 2)
+    first = [(i, b) for i, b in wanted if i in held]
+    rest = [(i, b) for i, b in wanted if i not in held]
+    folds: list[dict[tuple[int, str], NormalEquations]] = [{} for _ in range(k)]
+    record: contextlib.AbstractContextManager[Recorded] = recording(dense) if rest else contextlib.nullcontext(([], []))
+    with eval_mode(dense), record as (hidden, calls):
         for n, s in enumerate(tqdm(range(0, len(samples), cfg.batch_size), desc="reconstruction (dense pass)",
                                    disable=not progress, leave=False)):
-            with gram_sums(dense, cfg.blocks, lambda layer, block: (layer, block) in wanted,
-                           into=folds[n % len(folds)]):
+            with gram_sums(dense, cfg.blocks, lambda layer, block: (layer, block) in first, into=folds[n % k]):
                 dense(input_ids=samples[s : s + cfg.batch_size].to(device), use_cache=False)
-    return {(i, b): _solve([f[i, b] for f in folds], layers[i], spec, plan, i, b, cfg) for i, b in wanted}
+    out = {(i, b): _solve([f[i, b] for f in folds], layers[i], spec, plan, i, b, cfg) for i, b in first}
+    del folds
+    with eval_mode(dense):
+        for i in tqdm(range(max((i for i, _ in rest), default=-1) + 1), desc="reconstruction (layer by layer)",
+                      disable=not progress or not rest, leave=False):
+            blocks = [b for j, b in rest if j == i]
+            layer_folds: list[dict[tuple[int, str], NormalEquations]] = [{} for _ in range(k)]
+            replayed = []
+            for n, (h, c) in enumerate(zip(hidden, calls)):
+                with gram_sums(dense, cfg.blocks, lambda layer, block: layer == i and block in blocks,
+                               into=layer_folds[n % k]):
+                    replayed.append(call_layer(layers[i], h, c[i]))
+            hidden = replayed
+            for b in blocks:
+                out[(i, b)] = _solve([f[i, b] for f in layer_folds], layers[i], spec, plan, i, b, cfg)
+    return {key: out[key] for key in wanted}
 
 
 @torch.no_grad()
