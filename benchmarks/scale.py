@@ -12,6 +12,9 @@ Prints, in this order:
   selection   unit table build, and re-score + selection per scoring setting (target < 50 ms);
   decode      dense vs pruned prefill and decode, eager loop and static cache (compiled by transformers on CUDA),
               against the weight-bandwidth floor (weight bytes / memory bandwidth; `--bandwidth-gbs`);
+  re-fit      the one-shot re-fit of the Taylor plan (fixed ridge; `--refit-cv-folds K` also with each block's
+              ridge by K-fold cross-validation): time, peak memory, and how many layers' Gram matrices fit in one
+              pass (the others are replayed one layer at a time);
   apply       physical pruning time;
   checkpoint  save / reload time and size, and the reload's max |Δlogit| in the model's dtype (must be 0);
   lora        seconds per LoRA step and peak memory.
@@ -30,6 +33,7 @@ import torch
 from _models import add_calibration_args, add_model_args, bare_pass, bench_model, calibration, measured
 from rescore_speed import plan_ms, settings
 
+from workbench.core.arch import decoder_layers, get_spec, layer_parts
 from workbench.core.cache import model_fingerprint
 from workbench.data.text import calibration_samples
 from workbench.evaluation.efficiency import EfficiencyConfig, directory_bytes, measure
@@ -42,6 +46,13 @@ from workbench.scoring.importance import compute_importance
 from workbench.scoring.removal import block_removal_loss
 from workbench.surgery.checkpoints import load_pruned, save_pruned
 from workbench.surgery.prune import apply_plan
+from workbench.surgery.reconstruct import (
+    ReconstructConfig,
+    free_bytes,
+    held_layers,
+    refit_blocks,
+    solve_reconstruction,
+)
 
 # Peak memory bandwidth of known GPUs in GB/s (their data sheets), for the decode floor.
 BANDWIDTH_GBS = {"H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H100 NVL": 3900, "H200": 4800, "A100-SXM4-80GB": 2039,
@@ -122,6 +133,25 @@ def selection_section(model, imp, samples, args, device):
     return rescorer.plan(ScoringConfig(method="taylor"), SelectionConfig(ratio=args.ratio))[1]
 
 
+def refit_section(model, plan, samples, args, device):
+    layers = decoder_layers(model, get_spec(model))
+    for folds in (0, *([args.refit_cv_folds] if args.refit_cv_folds else [])):
+        cfg = ReconstructConfig(cv_folds=folds, batch_size=args.batch_size)
+        wanted = refit_blocks(plan, cfg)
+        k = max(folds, 1)
+        held = held_layers(model, get_spec(model), wanted, k, free_bytes(device) // 2)
+        every = sum(8 * k * (layer_parts(layers[i], get_spec(model)).out_proj(b).in_features + 1) ** 2
+                    for i, b in wanted)
+        label = f"{folds}-fold cross-validation" if folds else "fixed ridge"
+        report("re-fit", f"{label}: Gram matrices of every pruned block ({len(wanted)})", every / 2**30, "GiB")
+        report("re-fit", f"{label}: layers summed in the one pass / replayed",
+               f"{len(held)} / {len({i for i, _ in wanted}) - len(held)}")
+        rec, t, peak = measured(lambda cfg=cfg: solve_reconstruction(model, plan, samples, cfg, cache=False,
+                                                                     progress=False), device)
+        report("re-fit", f"{label}: one-shot re-fit of {len(rec.solutions)} blocks", t, "s")
+        report("re-fit", f"{label}: peak memory", peak / 2**30, "GiB")
+
+
 def decode_section(model, label, args, device, floor_gbs):
     out = {}
     for mode in ("loop", "static"):
@@ -186,6 +216,8 @@ def main():
     ap.add_argument("--bandwidth-gbs", type=float, default=None,
                     help="memory bandwidth for the decode floor (default: the data sheet of a known GPU)")
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled accumulation")
+    ap.add_argument("--refit-cv-folds", type=int, default=0,
+                    help="also time the one-shot re-fit with each block's ridge by K-fold cross-validation (0: not)")
     ap.add_argument("--tmp", default=None, help="folder for the checkpoint and LoRA state (default: the system's)")
     ap.add_argument("--json", default=None, help="also write every figure to this JSON file")
     args = ap.parse_args()
@@ -213,6 +245,7 @@ def main():
     _, t_fp, _ = measured(lambda: model_fingerprint(model), device)
     report("cache key", "model fingerprint (hash of every weight)", t_fp, "s")
     plan = selection_section(model, imp, samples, args, device)
+    refit_section(model, plan, samples, args, device)
     dense = decode_section(model, "dense", args, device, floor_gbs)
     _, t_apply, _ = measured(lambda: apply_plan(model, plan), device)
     report("apply", f"physical pruning ({plan.selected_params / plan.denominator:.1%} of the parameters)", t_apply, "s")

@@ -455,7 +455,7 @@ def test_one_shot_replays_the_layers_that_do_not_fit_with_one_layer_s_grams_at_a
     per_layer = 2 * k + 1  # two blocks' folds and, while one is solved, their sum
     for free, held in ((0, set()), (2 * first_bytes, {first})):
         monkeypatch.setattr(rec_mod, "free_bytes", lambda device, free=free: free)
-        assert rec_mod._held_layers(dense, spec, list(everything.solutions), k, free // 2) == held
+        assert rec_mod.held_layers(dense, spec, list(everything.solutions), k, free // 2) == held
         most[0] = 0
         replayed = solve_reconstruction(dense, plan, ids, cfg, cache=False, progress=False)
         assert list(replayed.solutions) == list(everything.solutions)

@@ -199,6 +199,12 @@ def _wanted(plan: Plan, cfg: ReconstructConfig, layer: int) -> list[str]:
     return [b for b in BLOCKS if b in cfg.blocks and plan.removed[b][layer]]
 
 
+def refit_blocks(plan: Plan, cfg: ReconstructConfig) -> list[tuple[int, str]]:
+    """(dense layer, block) of every block the re-fit solves: the blocks of `cfg.blocks` that lose units, in the
+    layers the plan keeps."""
+    return [(i, b) for i, _ in _layer_map(plan) for b in _wanted(plan, cfg, i)]
+
+
 def _out_proj(layer: nn.Module, spec, block: str) -> nn.Linear:
     proj = layer_parts(layer, spec).out_proj(block)
     if proj is None:
@@ -299,7 +305,7 @@ def free_bytes(device: torch.device) -> int:
     return int(psutil.virtual_memory().available)
 
 
-def _held_layers(dense: nn.Module, spec, wanted: list[tuple[int, str]], folds: int, budget: int) -> set[int]:
+def held_layers(dense: nn.Module, spec, wanted: list[tuple[int, str]], folds: int, budget: int) -> set[int]:
     """The first layers (in order) whose blocks' Gram matrices, `folds` of each, fit together in `budget` bytes."""
     layers = decoder_layers(dense, spec)
     held: set[int] = set()
@@ -323,9 +329,9 @@ def _one_shot(dense: nn.Module, plan: Plan, samples: torch.Tensor, cfg: Reconstr
     spec = get_spec(dense)
     device = next(dense.parameters()).device
     layers = decoder_layers(dense, spec)
-    wanted = [(i, b) for i, _ in _layer_map(plan) for b in _wanted(plan, cfg, i)]
+    wanted = refit_blocks(plan, cfg)
     k = max(cfg.cv_folds, 1)
-    held = _held_layers(dense, spec, wanted, k, free_bytes(device) // 2)
+    held = held_layers(dense, spec, wanted, k, free_bytes(device) // 2)
     first = [(i, b) for i, b in wanted if i in held]
     rest = [(i, b) for i, b in wanted if i not in held]
     folds: list[dict[tuple[int, str], NormalEquations]] = [{} for _ in range(k)]
