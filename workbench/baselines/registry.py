@@ -47,10 +47,7 @@ from workbench.plans.allocation import LayerwiseConfig, layerwise_plan, owl_plan
 from workbench.plans.normalize import ScoringConfig
 from workbench.plans.plan import Plan, PlanProvenance, check_achieved
 from workbench.plans.rescore import Rescorer
-from workbench.plans.selection import (
-    SelectionConfig,
-    select,
-)
+from workbench.plans.selection import SelectionConfig, select
 from workbench.scoring.methods import IMPORTANCE_METHODS, Importance
 from workbench.surgery.reconstruct import ReconstructConfig
 
