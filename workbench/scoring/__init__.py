@@ -59,6 +59,7 @@ from workbench.scoring.refit import (
     recorded_inputs,
     refit_scores,
     removal_order,
+    replayed_grams,
     solve_ridge,
 )
 from workbench.scoring.removal import INPUT_CACHE_BYTES, block_removal_loss, bypassed, mean_loss, removal_losses
@@ -102,6 +103,7 @@ __all__ = [
     "call_layer",
     "gram_sums",
     "layer_grams",
+    "replayed_grams",
     "removal_order",
     "pooled",
     "refit_scores",

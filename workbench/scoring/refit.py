@@ -226,12 +226,35 @@ def layer_grams(model: nn.Module, samples: torch.Tensor | None, batch_size: int 
         if samples is None:
             raise ValueError("layer_grams needs the samples or their recorded inputs")
         recorded = recorded_inputs(model, samples, batch_size)
+    for i, folds in replayed_grams(model, recorded, lambda layer, block: True, len(layers), progress=progress,
+                                   desc="re-fit scores (layer by layer)"):
+        yield i, folds[0]
+
+
+@torch.no_grad()
+def replayed_grams(model: nn.Module, recorded: Recorded, wanted: Callable[[int, str], bool], n_layers: int, *,
+                   folds: int = 1, progress: bool = True, desc: str = "layer by layer"
+                   ) -> Iterator[tuple[int, list[dict[str, NormalEquations]]]]:
+    """(layer, per fold {block: Gram}) for the first `n_layers` decoder layers, replayed one at a time on the
+    recorded inputs (`recording`); forward call n goes to fold n mod `folds`, and only the blocks `wanted(layer,
+    block)` accepts are summed. Each layer's Grams are yielded before the next layer runs, so the caller can
+    solve and free them: one layer's Grams live at a time."""
+    layers = decoder_layers(model, get_spec(model))
     hidden, calls = recorded
     with eval_mode(model):
-        for i in tqdm(range(len(layers)), desc="re-fit scores (layer by layer)", disable=not progress, leave=False):
-            with gram_sums(model, BLOCKS, lambda layer, block, i=i: layer == i) as sums:
-                hidden = [call_layer(layers[i], h, c[i]) for h, c in zip(hidden, calls)]
-            yield i, {block: ne for (_, block), ne in sums.items()}
+        for i in tqdm(range(n_layers), desc=desc, disable=not progress, leave=False):
+            sums: list[dict[tuple[int, str], NormalEquations]] = [{} for _ in range(folds)]
+            replayed = []
+            for n, (h, c) in enumerate(zip(hidden, calls)):
+                with gram_sums(model, BLOCKS, lambda layer, block, i=i: layer == i and wanted(layer, block),
+                               into=sums[n % folds]):
+                    replayed.append(call_layer(layers[i], h, c[i]))
+            hidden = replayed
+            out = [{block: ne for (_, block), ne in fold.items()} for fold in sums]
+            del sums
+            yield i, out
+            for fold in out:  # the caller is done with this layer: its Grams go before the next layer's are made
+                fold.clear()
 
 
 @contextlib.contextmanager
@@ -406,5 +429,5 @@ def refit_scores(model: nn.Module, samples: torch.Tensor | None, output_fisher: 
             scale = 0.5 / ne.tokens  # ½ΔE summed over tokens -> the mean loss's increase
             scores[block][i] = (pooled(order, marginal) * scale).float()
             raw[block][i] = (per_unit * scale).float()
-        del grams
+            del ne  # with the generator's dicts cleared, nothing holds this layer's Grams into the next
     return scores, raw

@@ -74,6 +74,7 @@ from workbench.scoring.refit import (
     gram_sums,
     recorded_inputs,
     recording,
+    replayed_grams,
     solve_ridge,
 )
 from workbench.surgery.prune import PruneReport, add_output_bias, apply_plan, check_plan
@@ -343,19 +344,11 @@ def _one_shot(dense: nn.Module, plan: Plan, samples: torch.Tensor, cfg: Reconstr
                 dense(input_ids=samples[s : s + cfg.batch_size].to(device), use_cache=False)
     out = {(i, b): _solve([f[i, b] for f in folds], layers[i], spec, plan, i, b, cfg) for i, b in first}
     del folds
-    with eval_mode(dense):
-        for i in tqdm(range(max((i for i, _ in rest), default=-1) + 1), desc="reconstruction (layer by layer)",
-                      disable=not progress or not rest, leave=False):
-            blocks = [b for j, b in rest if j == i]
-            layer_folds: list[dict[tuple[int, str], NormalEquations]] = [{} for _ in range(k)]
-            replayed = []
-            for n, (h, c) in enumerate(zip(hidden, calls)):
-                with gram_sums(dense, cfg.blocks, lambda layer, block: layer == i and block in blocks,
-                               into=layer_folds[n % k]):
-                    replayed.append(call_layer(layers[i], h, c[i]))
-            hidden = replayed
-            for b in blocks:
-                out[(i, b)] = _solve([f[i, b] for f in layer_folds], layers[i], spec, plan, i, b, cfg)
+    last = max((i for i, _ in rest), default=-1) + 1
+    for i, layer_folds in replayed_grams(dense, (hidden, calls), lambda layer, block: (layer, block) in rest, last,
+                                         folds=k, progress=progress, desc="reconstruction (layer by layer)"):
+        for b in layer_folds[0]:
+            out[(i, b)] = _solve([f[b] for f in layer_folds], layers[i], spec, plan, i, b, cfg)
     return {key: out[key] for key in wanted}
 
 
